@@ -1,0 +1,289 @@
+"""Configuration dataclasses, one per BLT component (paper §3), composed into `BLTConfig`.
+
+Every field is explicit and JSON-serialisable; `BLTConfig.to_json` / `from_json` round-trip
+exactly. Presets are plain functions selected by name in `PRESETS`.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blt.tokens import VOCAB_SIZE
+
+PATCH_MODES = ("entropy", "monotonic", "combined", "static", "space", "byte")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model."""
+
+
+def _ffn_hidden(dim: int) -> int:
+    # LLaMA-style SwiGLU width 8/3·d, the default of the official code and the HF port.
+    return int(8 * dim / 3)
+
+
+@dataclass
+class TransformerConfig:
+    """A stack of pre-norm transformer layers (RMSNorm, RoPE attention, SwiGLU)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    ffn_hidden: int | None = None  # None = int(8/3 · dim)
+    window: int | None = None  # sliding-window size in positions (self included); None = full causal
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_hidden or _ffn_hidden(self.dim)
+
+    def validate(self, name: str) -> None:
+        if self.dim <= 0 or self.n_layers < 0 or self.n_heads <= 0:
+            raise ConfigError(f"{name}: dim, n_layers and n_heads must be positive")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"{name}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{name}: head_dim {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"{name}: n_heads {self.n_heads} not divisible by n_kv_heads {self.kv_heads}")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"{name}: window must be >= 1 or null")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{name}: dropout must be in [0, 1)")
+
+
+@dataclass
+class EntropyModelConfig(TransformerConfig):
+    """The small byte LM whose next-byte entropy places patch boundaries (paper §2.3)."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    window: int | None = 512
+    rope_theta: float = 10000.0  # the official entropy model (and the HF port's patcher) use 1e4
+
+
+@dataclass
+class PatcherConfig:
+    """How bytes are grouped into patches (paper §2).
+
+    mode: entropy   -- byte t opens a patch when H(x_t | x_<t) > threshold (global rule, eq. 2)
+          monotonic -- when H_t - H_{t-1} > threshold (approximate monotonic rule, eq. 3)
+          combined  -- when both H_t > threshold and H_t - H_{t-1} > threshold_add
+          static    -- every `patch_size` bytes (after BOS)
+          space     -- after a space-like byte that ends a word (see patcher.py)
+          byte      -- every byte is a patch
+    """
+
+    mode: str = "entropy"
+    threshold: float = 1.335442066192627  # the HF port's default; calibrate with patcher.calibrate_threshold
+    threshold_add: float = 0.0
+    patch_size: int = 4
+    max_patch_length: int | None = None
+
+    def validate(self) -> None:
+        if self.mode not in PATCH_MODES:
+            raise ConfigError(f"patcher.mode must be one of {PATCH_MODES}, got {self.mode!r}")
+        if self.patch_size < 1:
+            raise ConfigError("patcher.patch_size must be >= 1")
+        if self.max_patch_length is not None and self.max_patch_length < 1:
+            raise ConfigError("patcher.max_patch_length must be >= 1 or null")
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.mode in ("entropy", "monotonic", "combined")
+
+
+@dataclass
+class LocalEncoderConfig(TransformerConfig):
+    """Byte-level encoder: windowed byte attention + hash n-grams + cross-attention pooling (§3.2)."""
+
+    dim: int = 384
+    n_layers: int = 1
+    n_heads: int = 6
+    window: int | None = 512
+    ngram_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    hash_rows: int = 50002  # rows per (hash function, n) table
+    hash_functions: int = 1
+    cross_attn_all_layers: bool = False  # False: one cross-attention after the last layer
+    cross_attn_window: int | None = None  # None: a patch query sees only its own bytes
+
+
+@dataclass
+class GlobalConfig(TransformerConfig):
+    """The latent transformer, causal over patches (§3.1)."""
+
+    dim: int = 768
+    n_layers: int = 6
+    n_heads: int = 12
+    window: int | None = None
+
+
+@dataclass
+class LocalDecoderConfig(TransformerConfig):
+    """Byte-level decoder: cross-attends from bytes to patch outputs, predicts the next byte (§3.3)."""
+
+    dim: int = 384
+    n_layers: int = 4
+    n_heads: int = 6
+    window: int | None = 512
+    cross_attn_all_layers: bool = True  # False: only before the first layer
+    cross_attn_window: int | None = None  # None: a byte sees only its latest complete patch
+
+
+@dataclass
+class BLTConfig:
+    entropy_model: EntropyModelConfig = field(default_factory=EntropyModelConfig)
+    patcher: PatcherConfig = field(default_factory=PatcherConfig)
+    encoder: LocalEncoderConfig = field(default_factory=LocalEncoderConfig)
+    global_model: GlobalConfig = field(default_factory=GlobalConfig)
+    decoder: LocalDecoderConfig = field(default_factory=LocalDecoderConfig)
+    cross_attn_k: int = 2  # queries (encoder) / keys (decoder) per patch
+    vocab_size: int = VOCAB_SIZE
+    # Where the released weights and the HF port differ from the paper (BLT_LLM.md, deviations):
+    cross_attn_double_residual: bool = False  # True: x + (x + attn(x)), as the released code
+    hash_embed_mean: bool = True  # True: paper eq. 6 divides the sum by (#tables + 1); code: plain sum
+
+    def validate(self) -> "BLTConfig":
+        self.entropy_model.validate("entropy_model")
+        self.patcher.validate()
+        self.encoder.validate("encoder")
+        self.global_model.validate("global_model")
+        self.decoder.validate("decoder")
+        if self.cross_attn_k < 1:
+            raise ConfigError("cross_attn_k must be >= 1")
+        if self.vocab_size != VOCAB_SIZE:
+            raise ConfigError(f"vocab_size must be {VOCAB_SIZE} (256 bytes + 4 special ids)")
+        if not self.encoder.ngram_sizes or min(self.encoder.ngram_sizes) < 1:
+            raise ConfigError("encoder.ngram_sizes must be a non-empty list of positive sizes")
+        if self.encoder.hash_rows < 1 or self.encoder.hash_functions < 1:
+            raise ConfigError("encoder.hash_rows and encoder.hash_functions must be >= 1")
+        if self.encoder.n_layers < 1 or self.decoder.n_layers < 1:
+            raise ConfigError("encoder and decoder need at least one layer")
+        return self
+
+    @property
+    def global_input_dim(self) -> int:
+        """Width of a pooled patch (k queries of the encoder's width)."""
+        return self.cross_attn_k * self.encoder.dim
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BLTConfig":
+        sub = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in sub:
+                raise ConfigError(f"unknown BLT config field {key!r}")
+            kwargs[key] = _build(_SUBCONFIGS.get(key), value, key)
+        return cls(**kwargs).validate()
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "BLTConfig":
+        return cls.from_dict(load_json(path, "config"))
+
+
+_SUBCONFIGS = {
+    "entropy_model": EntropyModelConfig,
+    "patcher": PatcherConfig,
+    "encoder": LocalEncoderConfig,
+    "global_model": GlobalConfig,
+    "decoder": LocalDecoderConfig,
+}
+
+
+def _build(klass, value, name):
+    if klass is None:
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config field {name!r} must be an object")
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = set(value) - names
+    if unknown:
+        raise ConfigError(f"unknown field(s) {sorted(unknown)} in config section {name!r}")
+    return klass(**value)
+
+
+def entropy_config_from_dict(d: dict) -> EntropyModelConfig:
+    cfg = _build(EntropyModelConfig, d, "entropy_model")
+    cfg.validate("entropy_model")
+    return cfg
+
+
+def load_json(path: str | Path, what: str) -> dict:
+    """Read a JSON file or raise a one-line ConfigError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} file {path} is not valid JSON ({e})") from None
+
+
+# ---- presets ----------------------------------------------------------------------------
+
+
+def tiny() -> BLTConfig:
+    """Seconds-fast shapes for tests."""
+    return BLTConfig(
+        entropy_model=EntropyModelConfig(dim=32, n_layers=2, n_heads=2, window=64),
+        patcher=PatcherConfig(mode="entropy", threshold=1.5, max_patch_length=8),
+        encoder=LocalEncoderConfig(dim=32, n_layers=1, n_heads=2, window=64, hash_rows=257),
+        global_model=GlobalConfig(dim=64, n_layers=2, n_heads=4),
+        decoder=LocalDecoderConfig(dim=32, n_layers=2, n_heads=2, window=64),
+        cross_attn_k=2,
+    ).validate()
+
+
+def bench() -> BLTConfig:
+    """The shape the speed benchmarks compare against transformers' BltForCausalLM."""
+    return BLTConfig(
+        entropy_model=EntropyModelConfig(dim=256, n_layers=4, n_heads=4, window=512),
+        patcher=PatcherConfig(mode="entropy"),
+        encoder=LocalEncoderConfig(dim=384, n_layers=1, n_heads=6, window=512, hash_rows=50002),
+        global_model=GlobalConfig(dim=768, n_layers=6, n_heads=12),
+        decoder=LocalDecoderConfig(dim=384, n_layers=4, n_heads=6, window=512),
+        cross_attn_k=2,
+    ).validate()
+
+
+def blt_1b() -> BLTConfig:
+    """The released 1B shape (facebook/blt-1b); flags set as the released weights need."""
+    return BLTConfig(
+        entropy_model=EntropyModelConfig(dim=768, n_layers=14, n_heads=12, window=512, ffn_hidden=2048),
+        patcher=PatcherConfig(mode="entropy"),
+        encoder=LocalEncoderConfig(dim=1024, n_layers=1, n_heads=16, window=512, hash_rows=500002),
+        global_model=GlobalConfig(dim=2048, n_layers=25, n_heads=16, ffn_hidden=5632),
+        decoder=LocalDecoderConfig(dim=1024, n_layers=9, n_heads=16, window=512, ffn_hidden=2816),
+        cross_attn_k=2,
+        cross_attn_double_residual=True,
+        hash_embed_mean=False,
+    ).validate()
+
+
+PRESETS = {"tiny": tiny, "bench": bench, "blt-1b": blt_1b}
+
+
+def preset(name: str) -> BLTConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()

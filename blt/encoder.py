@@ -1,0 +1,84 @@
+"""Local encoder (paper §3.2): byte embeddings + hash n-gram embeddings, a few windowed
+causal transformer layers over bytes, then cross-attention pooling of bytes into patches.
+
+Pooling (§3.2.2): each patch gets k queries, initialised by max-pooling its bytes' states and
+projecting D -> k·D; they cross-attend to the bytes of their own patch only (or to the
+bytes of the last `cross_attn_window` patches). The result, (B, P, k·D), feeds the global model.
+"""
+
+import torch
+from torch import nn
+
+from blt.config import BLTConfig
+from blt.layers import CrossAttention, Rotary, TransformerBlock, init_block, init_linear, trunc_normal_
+from blt.ngram_hash import HashNgramEmbedding
+from blt.tokens import VOCAB_SIZE
+
+
+def max_pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B,T,D) byte states -> (B,P,D) elementwise max over each patch's bytes (zeros if empty)."""
+    B, _, D = h.shape
+    out = h.new_zeros(B, num_patches, D)
+    index = patch_ids.clamp(0, num_patches - 1)[..., None].expand_as(h)
+    return out.scatter_reduce(1, index, h, reduce="amax", include_self=False)
+
+
+class LocalEncoder(nn.Module):
+    def __init__(self, cfg: BLTConfig):
+        super().__init__()
+        e = self.cfg = cfg.encoder
+        self.k = cfg.cross_attn_k
+        self.double_residual = cfg.cross_attn_double_residual
+        self.hash_mean = cfg.hash_embed_mean
+        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, e.dim)
+        self.hash_embeddings = HashNgramEmbedding(e.dim, e.ngram_sizes, e.hash_rows, e.hash_functions)
+        self.rope = Rotary(e.head_dim, e.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(e) for _ in range(e.n_layers))
+        self.cross_attn = nn.ModuleList(CrossAttention(e) for _ in range(e.n_layers if e.cross_attn_all_layers else 1))
+        self.patch_proj = nn.Linear(e.dim, e.dim * self.k, bias=False)
+        self.dropout = nn.Dropout(e.dropout)
+
+    def init_weights(self):
+        std = self.cfg.dim ** -0.5
+        trunc_normal_(self.tok_embeddings.weight, std)
+        trunc_normal_(self.hash_embeddings.weight, std)
+        for m in (*self.layers, *self.cross_attn):
+            init_block(m)
+        init_linear(self.patch_proj)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,T) -> (B,T,D): byte embedding plus its hash n-gram embeddings (eq. 6)."""
+        h = self.tok_embeddings(tokens) + self.hash_embeddings(tokens)
+        if self.hash_mean:
+            h = h / (self.hash_embeddings.num_tables + 1)
+        return h
+
+    def has_cross_attn(self, i: int) -> bool:
+        return self.cfg.cross_attn_all_layers or i == len(self.layers) - 1
+
+    def cross_attend(self, i: int, queries: torch.Tensor, h: torch.Tensor, mask) -> torch.Tensor:
+        """One pooling cross-attention step with its residual(s)."""
+        ca = self.cross_attn[i if self.cfg.cross_attn_all_layers else 0]
+        out = queries + ca(queries, h, mask)
+        return out + queries if self.double_residual else out
+
+    def init_queries(self, h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """(B,T,D) -> (B,P·k,D) pooling queries: max over each patch, projected D -> k·D."""
+        B, _, D = h.shape
+        return self.patch_proj(max_pool_patches(h, patch_ids, num_patches)).view(B, num_patches * self.k, D)
+
+    def forward(self, tokens, patch_ids, num_patches, self_mask, cross_mask, positions=None, caches=None):
+        """tokens (B,T), patch_ids (B,T) -> byte states (B,T,D), patch states (B,P,k·D)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        rope = self.rope(positions)
+        h = self.dropout(self.embed(tokens))
+        queries = None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, self_mask, None if caches is None else caches[i])
+            if self.has_cross_attn(i):
+                if queries is None:  # initialised once by pooling, as the official code
+                    queries = self.init_queries(h, patch_ids, num_patches)
+                queries = self.cross_attend(i, queries, h, cross_mask)
+        return h, queries.view(B, num_patches, -1)

@@ -1,0 +1,60 @@
+"""The entropy model (paper §2.3): a small causal byte-level transformer whose next-byte
+entropy H(x_i | x_<i) decides where patches start. It is trained separately, then frozen.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blt.config import EntropyModelConfig
+from blt.layers import RMSNorm, Rotary, TransformerBlock, init_block, init_linear, trunc_normal_
+from blt.masks import causal_mask, default_backend
+from blt.tokens import VOCAB_SIZE
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of softmax(logits) over the last dim, computed in float32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class EntropyModel(nn.Module):
+    def __init__(self, cfg: EntropyModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, cfg.dim)
+        self.rope = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, VOCAB_SIZE, bias=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Embedding std dim^-0.5, blocks as layers.init_block, output std dim^-0.5."""
+        trunc_normal_(self.tok_embeddings.weight, self.cfg.dim ** -0.5)
+        for layer in self.layers:
+            init_block(layer)
+        nn.init.ones_(self.norm.weight)
+        init_linear(self.output)
+
+    def forward(self, tokens, positions=None, mask=None, caches=None):
+        """tokens (B,T) -> logits (B,T,260); logits[:, t] predict byte t+1.
+
+        positions/mask/caches let the generator run it incrementally; by default the
+        whole window is processed with a sliding-window causal mask.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        if mask is None:
+            mask = causal_mask(T, self.cfg.window, default_backend(tokens.device), tokens.device)
+        rope = self.rope(positions)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, None if caches is None else caches[i])
+        return self.output(self.norm(h))
+
+    @torch.no_grad()
+    def entropies(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,T) -> (B,T) entropy of the prediction made at each position (for the next byte)."""
+        return entropy(self(tokens))

@@ -1,0 +1,193 @@
+"""Transformer building blocks shared by every BLT component (paper §3, following Llama:
+pre-norm RMSNorm, rotary position embeddings, SwiGLU feed-forward) and the single
+attention entry point with its two backends.
+
+Shape symbols: B batch, H heads, Q queries, K keys, T bytes, P patches, D width.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from blt.config import TransformerConfig
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask):
+    """FlexAttention, compiled once per process on CUDA (eager elsewhere, for tests)."""
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    else:
+        fn = flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Scaled dot-product attention, q (B,H,Q,Dh), k/v (B,Hkv,K,Dh) -> (B,H,Q,Dh).
+
+    mask: None (every query sees every key), a boolean tensor broadcastable to (B,H,Q,K)
+    (True = may attend; dense SDPA backend), or a FlexAttention BlockMask. A query row with no
+    visible key outputs zeros in both backends (FlexAttention's convention) instead of NaN.
+    """
+    if isinstance(mask, BlockMask):
+        return _flex(q, k, v, mask)
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    visible = mask.any(dim=-1, keepdim=True)  # (B,1,Q,1)
+    if bool(visible.all()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible)
+    return out * visible.to(out.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (bf16 training), scale in the input dtype, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings with interleaved pairs (x[2m], x[2m+1]), as Meta's code."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B,T) -> cos, sin of shape (..., T, Dh/2), float32."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B,H,T,Dh); rope from Rotary.forward with (T,Dh/2) or (B,T,Dh/2) tables."""
+    cos, sin = rope
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, rope, mask, cache=None):
+        """x (B,T,D). cache, if given, is a callable (k, v) -> (k_all, v_all) that stores the new
+        keys/values and returns everything the queries may attend (incremental generation)."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache(k, v)
+        out = attend(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention between bytes and patches (§3.2.2, §3.3.1): RMSNorm on queries and on
+    keys/values, no positional embedding; the mask alone says who sees whom."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, kv, mask):
+        """x (B,Q,D) queries, kv (B,K,D) -> (B,Q,D); the caller adds the residual."""
+        B, Q, _ = x.shape
+        q = self.wq(self.q_norm(x)).view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_norm(kv)
+        k = self.wk(kv).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(kv).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
+        out = attend(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(B, Q, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.dim, cfg.hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+def trunc_normal_(w: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+def init_block(block: nn.Module) -> None:
+    """Init table of the official code (std truncated at ±3σ):
+
+    | weight                           | std            |
+    |----------------------------------|----------------|
+    | attention wq/wk/wv/wo            | dim^-0.5       |
+    | feed-forward w1, w3 (inputs)     | dim^-0.5       |
+    | feed-forward w2 (output)         | hidden^-0.5    |
+    | norms                            | 1              |
+    """
+    for m in block.modules():
+        if isinstance(m, (SelfAttention, CrossAttention)):
+            std = m.wq.in_features ** -0.5
+            for lin in (m.wq, m.wk, m.wv, m.wo):
+                trunc_normal_(lin.weight, std)
+        elif isinstance(m, FeedForward):
+            trunc_normal_(m.w1.weight, m.w1.in_features ** -0.5)
+            trunc_normal_(m.w3.weight, m.w3.in_features ** -0.5)
+            trunc_normal_(m.w2.weight, m.w2.in_features ** -0.5)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+
+
+def init_linear(lin: nn.Linear) -> None:
+    trunc_normal_(lin.weight, lin.in_features ** -0.5)
+

@@ -1,0 +1,152 @@
+"""The Byte Latent Transformer (paper §3, Figure 2): local encoder -> global transformer over
+patches -> local decoder, with a frozen entropy model deciding the patches.
+
+How bytes, patches and targets line up for one row (k = 1):
+
+    tokens    BOS  O  n  c  e  _  u  p  o  n          (B,T) inputs
+    targets    O   n  c  e  _  u  p  o  n  _          (B,T) = the next byte of each input
+    patches   [BOS][O  n  c  e  _][u  p  o  n]         patch_lengths = [1, 5, 4]
+    encoder   byte states h (B,T,D) and pooled patches (B,P,k·D)
+    global    causal over patches -> (B,P,D_global)
+    decoder   byte t reads the latest patch whose bytes are all <= t and predicts target t
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blt import masks as M
+from blt.config import BLTConfig
+from blt.decoder import LocalDecoder
+from blt.encoder import LocalEncoder
+from blt.entropy_model import EntropyModel
+from blt.global_transformer import GlobalTransformer
+from blt.patcher import Patching, patch
+from blt.tokens import BOE_ID, VOCAB_SIZE
+
+LN2 = 0.6931471805599453
+
+
+@dataclass
+class BLTOutput:
+    logits: torch.Tensor  # (B,T,260)
+    patching: Patching
+    loss: torch.Tensor | None = None  # mean nats per target byte (BOE targets ignored)
+
+    @property
+    def bpb(self) -> float:
+        return float(self.loss) / LN2
+
+
+class BLT(nn.Module):
+    def __init__(self, cfg: BLTConfig, entropy_model: EntropyModel | None = None):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.encoder = LocalEncoder(cfg)
+        self.global_model = GlobalTransformer(cfg)
+        self.decoder = LocalDecoder(cfg)
+        self.entropy_model = None
+        self.init_weights()
+        if entropy_model is not None:
+            self.set_entropy_model(entropy_model)
+
+    def init_weights(self):
+        """Truncated normal (±3σ), as the official code:
+
+        | weight                               | std              |
+        |--------------------------------------|------------------|
+        | byte and hash n-gram embeddings      | d_encoder^-0.5   |
+        | attention wq, wk, wv, wo             | d^-0.5           |
+        | feed-forward w1, w3 / w2             | d^-0.5 / hidden^-0.5 |
+        | projections, output                  | fan_in^-0.5      |
+        | RMSNorm weights                      | 1                |
+        """
+        self.encoder.init_weights()
+        self.global_model.init_weights()
+        self.decoder.init_weights()
+
+    def set_entropy_model(self, entropy_model: EntropyModel) -> None:
+        """Attach the frozen entropy model used for entropy-based patching."""
+        entropy_model.eval().requires_grad_(False)
+        self.entropy_model = entropy_model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.entropy_model is not None:
+            self.entropy_model.eval()  # frozen: no dropout, ever
+        return self
+
+    @torch.no_grad()
+    def patch(self, tokens: torch.Tensor) -> Patching:
+        return patch(tokens, self.cfg.patcher, self.entropy_model)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        patch_lengths: torch.Tensor | None = None,
+        next_starts_patch: torch.Tensor | None = None,
+        backend: str | None = None,
+    ) -> BLTOutput:
+        """tokens (B,T) -> BLTOutput. Without patch_lengths the patcher decides the patches;
+        with them, next_starts_patch (B,) says whether the window's last patch is complete
+        (None: complete, as the official code and the HF port assume)."""
+        B, T = tokens.shape
+        if patch_lengths is None:
+            patching = self.patch(tokens)
+        else:
+            patching = Patching(patch_lengths, next_starts_patch)
+        backend = backend or M.default_backend(tokens.device)
+        patch_ids = M.patch_ids_from_lengths(patching.patch_lengths, T)
+        dec_ids = M.decoder_patch_ids(patch_ids, patching.next_starts_patch)
+        P = patching.patch_lengths.shape[1]
+        c = self.cfg
+        masks = M.build_masks(
+            patch_ids, dec_ids, P, c.cross_attn_k,
+            enc_window=c.encoder.window, dec_window=c.decoder.window, patch_window=c.global_model.window,
+            enc_cross_window=c.encoder.cross_attn_window, dec_cross_window=c.decoder.cross_attn_window,
+            backend=backend,
+        )  # fmt: skip
+        h, patches = self.encoder(tokens, patch_ids, P, masks.enc_self, masks.enc_cross)
+        patch_out = self.global_model(patches, masks.patch_self)
+        logits = self.decoder(h, patch_out, masks.dec_self, masks.dec_cross)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=BOE_ID)
+        return BLTOutput(logits, patching, loss)
+
+    # ---- parameters ----------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts by part (the entropy model is counted separately)."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        hash_ = self.encoder.hash_embeddings.weight.numel()
+        out = {
+            "global": count(self.global_model),
+            "local": count(self.encoder) + count(self.decoder) - hash_,
+            "hash_tables": hash_,
+            "entropy_model": count(self.entropy_model) if self.entropy_model is not None else 0,
+        }
+        out["total_blt"] = out["global"] + out["local"] + out["hash_tables"]
+        return out
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "BLT":
+        """Load one of our checkpoint folders, or a Hugging Face `BltForCausalLM` folder."""
+        from blt.checkpoint import load_model
+
+        return load_model(path, device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from blt.checkpoint import save_model
+
+        save_model(self, path)
+
+    def generate(self, prompts, **kwargs):
+        """Sample continuations; see blt.generate.generate for the arguments."""
+        from blt.generate import generate
+
+        return generate(self, prompts, **kwargs)

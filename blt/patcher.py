@@ -1,0 +1,139 @@
+"""Patching (paper §2): group bytes into patches; pure functions, vectorised over the batch.
+
+Pipeline: tokens (+ entropies from the caller's frozen entropy model) -> `patch_starts`,
+a (B, T+1) boolean "byte p opens a patch" -> `Patching` (patch lengths, and whether the
+byte after the window would open a patch, which the decoder's causal mask needs; see
+masks.py). Position T is the next, not yet seen byte: every rule decides "p opens a patch"
+from bytes < p only, so it can be decided for p = T too.
+
+Rows are patched independently (the official patcher flattens a batch into one sequence,
+so rows change each other's entropies). Positions 0 (BOS) and 1 always open patches, so
+BOS is a patch of its own, as in the official code.
+
+Rules, with H[q] = entropy of the prediction made at q (that is, of byte q+1):
+    entropy    p opens a patch iff H[p-1] > θ                         (global, eq. 2)
+    monotonic  iff H[p-1] - H[p-2] > θ                                (eq. 3)
+    combined   iff H[p-1] > θ and H[p-1] - H[p-2] > θ_add             (official "global and monotonic")
+    static     every patch_size bytes after BOS
+    space      iff byte p-1 is space-like and byte p-2 is not: a word patch closes at the first
+               space-like byte after it. The official rule waits for the run's end, which
+               needs byte p itself and would leak it to the decoder (BLT_LLM.md, deviations).
+    byte       every byte
+`max_patch_length` then splits any longer patch into pieces of that length from its start.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from blt.config import PatcherConfig
+from blt.tokens import OFFSET
+
+
+@dataclass
+class Patching:
+    patch_lengths: torch.Tensor  # (B,P) long, zero-padded on the right; each row sums to T
+    next_starts_patch: torch.Tensor  # (B,) bool: would byte T open a new patch?
+    entropies: torch.Tensor | None = None  # (B,T) float, entropy-based modes only
+
+    @property
+    def bytes_per_patch(self) -> float:
+        n = (self.patch_lengths > 0).sum().item()
+        return self.patch_lengths.sum().item() / max(n, 1)
+
+
+def _is_word_byte(tokens: torch.Tensor) -> torch.Tensor:
+    b = tokens - OFFSET
+    alnum = ((b >= 48) & (b <= 57)) | ((b >= 65) & (b <= 90)) | ((b >= 97) & (b <= 122))
+    return alnum | (b >= 128)  # non-ASCII bytes belong to words (letters of other scripts)
+
+
+def patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropies: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,T) tokens -> (B,T+1) bool, True where byte p opens a patch (p = T: the next byte)."""
+    B, T = tokens.shape
+    starts = torch.zeros(B, T + 1, dtype=torch.bool, device=tokens.device)
+    if cfg.mode == "byte":
+        starts[:] = True
+    elif cfg.mode == "static":
+        p = torch.arange(T + 1, device=tokens.device)
+        starts[:] = ((p - 1) % cfg.patch_size == 0)[None]
+    elif cfg.mode == "space":
+        space = ~_is_word_byte(tokens)
+        starts[:, 2:] = space[:, 1:] & ~space[:, :-1]
+    else:
+        if entropies is None:
+            raise ValueError(f"patching mode {cfg.mode!r} needs entropies from the entropy model")
+        H = entropies.float()
+        dH = torch.zeros_like(H)
+        dH[:, 1:] = H[:, 1:] - H[:, :-1]
+        if cfg.mode == "entropy":
+            starts[:, 1:] = H > cfg.threshold
+        elif cfg.mode == "monotonic":
+            starts[:, 2:] = dH[:, 1:] > cfg.threshold
+        else:  # combined
+            starts[:, 2:] = (H[:, 1:] > cfg.threshold) & (dH[:, 1:] > cfg.threshold_add)
+    starts[:, : min(2, T + 1)] = True
+    if cfg.max_patch_length is not None:
+        starts |= _forced_splits(starts, cfg.max_patch_length)
+    return starts
+
+
+def _forced_splits(starts: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Extra starts every max_len bytes inside each patch, counted from the patch's start."""
+    p = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
+    patch_start = torch.where(starts, p, torch.zeros_like(p)).cummax(dim=1).values
+    return (p - patch_start) % max_len == 0
+
+
+def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
+    """(B,T) bool starts (column 0 True) -> (B,P) patch lengths, zero-padded on the right."""
+    ids = starts.long().cumsum(1) - 1  # (B,T) patch id of each byte
+    P = int(ids[:, -1].max().item()) + 1
+    lengths = torch.zeros(starts.shape[0], P, dtype=torch.long, device=starts.device)
+    return lengths.scatter_add_(1, ids, torch.ones_like(ids))
+
+
+def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None) -> Patching:
+    """Patch a batch. Entropy-based modes run `entropy_model` (frozen, no grad) on the window."""
+    entropies = None
+    if cfg.needs_entropy:
+        if entropy_model is None:
+            raise ValueError(f"patching mode {cfg.mode!r} needs an entropy model")
+        entropies = entropy_model.entropies(tokens)
+    starts = patch_starts(tokens, cfg, entropies)
+    T = tokens.shape[1]
+    return Patching(lengths_from_starts(starts[:, :T]), starts[:, T], entropies)
+
+
+def mean_bytes_per_patch(entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig) -> float:
+    starts = patch_starts(tokens, cfg, entropies)[:, : tokens.shape[1]]
+    return tokens.numel() / starts.sum().item()
+
+
+def calibrate_threshold(
+    entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig, target: float, iters: int = 60
+) -> tuple[float, float]:
+    """Bisect θ so the mean patch size on (tokens, entropies) is closest to `target` bytes.
+
+    Patch size grows monotonically with θ for the entropy-based rules. Returns (θ, achieved).
+    """
+    if not cfg.needs_entropy:
+        raise ValueError("only entropy-based modes have a threshold to calibrate")
+    H = entropies.float()
+    lo, hi = float(H.min()) - 1.0, float(H.max()) + 1.0
+    if cfg.mode != "entropy":
+        span = float((H[:, 1:] - H[:, :-1]).abs().max()) if H.shape[1] > 1 else 1.0
+        lo, hi = -span - 1.0, span + 1.0
+
+    def size(theta):
+        trial = PatcherConfig(**{**cfg.__dict__, "threshold": theta})
+        return mean_bytes_per_patch(H, tokens, trial)
+
+    best = (lo, size(lo))
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        s = size(mid)
+        if abs(s - target) < abs(best[1] - target):
+            best = (mid, s)
+        lo, hi = (mid, hi) if s < target else (lo, mid)
+    return best
