@@ -12,8 +12,10 @@ Byte 4 ('_') is the last byte of patch 1, so the decoder at 4 (predicting 'c') m
 patch 1; the decoder at 3 ('e') may not, because patch 1 also holds byte 4. At the last
 byte of the window (7) the patcher says whether byte 8 would open a new patch
 (`next_starts_patch`); if so patch 2 is complete and visible, otherwise byte 7 sees patch 1.
-The official code and the HF port always treat the window's last patch as complete; pass
-`next_starts_patch=None` for that behaviour.
+`next_starts_patch=None` treats the window's last patch as complete. The official code and
+the HF port, given lengths that sum to T, never show the last patch to any byte
+(`next_starts_patch=False`); their entropy patcher appends a zero-length patch when byte T
+would open one, which amounts to our `next_starts_patch=True`.
 
 Four masks (True = may attend):
     enc_self, dec_self (T, T)  causal, sliding window over bytes (encoder, decoder)
@@ -28,7 +30,10 @@ FlexAttention BlockMasks (CUDA; no T×T tensor is materialised).
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+BLOCK = 128  # FlexAttention's block size
+_causal_cache: dict = {}  # (T, window, device) -> BlockMask; these depend on shapes only
 
 
 def patch_ids_from_lengths(patch_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -69,11 +74,16 @@ def _window_ok(diff, window):
 def causal_mask(T: int, window: int | None, backend: str, device, kv_len: int | None = None):
     """Causal (sliding-window) self-attention over T positions."""
     if backend == "flex":
+        key = (T, window, str(device))
+        if key not in _causal_cache:
 
-        def mod(b, h, q, kv):
-            return (kv <= q) & _window_ok(q - kv, window)
+            def mod(b, h, q, kv):
+                return (kv <= q) & _window_ok(q - kv, window)
 
-        return create_block_mask(mod, None, None, T, T, device=device)
+            if len(_causal_cache) > 256:
+                _causal_cache.clear()
+            _causal_cache[key] = create_block_mask(mod, None, None, T, T, device=device)
+        return _causal_cache[key]
     q = torch.arange(T, device=device)[:, None]
     kv = torch.arange(T, device=device)[None, :]
     return ((kv <= q) & _window_ok(q - kv, window))[None, None]
@@ -109,8 +119,7 @@ def build_masks(
             d = dec_ids[b, q] - kv // k
             return (d >= 0) & (d < dw)
 
-        enc = create_block_mask(enc_mod, B, None, num_patches * k, T, device=device)
-        dec = create_block_mask(dec_mod, B, None, T, num_patches * k, device=device)
+        enc, dec = _cross_block_masks(enc_mod, dec_mod, patch_ids, dec_ids, num_patches, k, ew, dw)
     else:
         qp = torch.arange(num_patches * k, device=device) // k  # (P·k,)
         d = qp[None, :, None] - patch_ids[:, None, :]  # (B, P·k, T)
@@ -118,6 +127,44 @@ def build_masks(
         d = dec_ids[:, :, None] - qp[None, None, :]  # (B, T, P·k)
         dec = ((d >= 0) & (d < dw))[:, None]
     return BLTMasks(enc_self, enc, patch_self, dec, dec_self)
+
+
+def _from_ranges(mask_mod, lo: torch.Tensor, hi: torch.Tensor, Q: int, K: int) -> BlockMask:
+    """BlockMask whose query block i may touch key positions lo[:, i]..hi[:, i] (inclusive)."""
+    nkb = -(-K // BLOCK)
+    lo_b, hi_b = lo.clamp(min=0) // BLOCK, hi.clamp(max=K - 1) // BLOCK
+    num = torch.where(hi >= lo, hi_b - lo_b + 1, 0).clamp(0, nkb)
+    idx = (lo_b[..., None] + torch.arange(nkb, device=lo.device)).clamp(max=nkb - 1)
+    return BlockMask.from_kv_blocks(
+        num[:, None].int(), idx[:, None].int(), BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Q, K)
+    )
+
+
+def _cross_block_masks(enc_mod, dec_mod, patch_ids, dec_ids, P, k, ew, dw):
+    """Encoder/decoder cross-attention BlockMasks built straight from patch ranges.
+
+    create_block_mask would evaluate the mask at all B·P·k·T points; patches are contiguous
+    byte ranges, so each query block's key range follows from a few gathers instead.
+    """
+    B, T = patch_ids.shape
+    dev = patch_ids.device
+    counts = torch.zeros(B, P + 1, dtype=torch.long, device=dev).scatter_add_(
+        1, patch_ids.clamp(min=0), torch.ones_like(patch_ids)
+    )[:, :P]
+    ends = counts.cumsum(1) - 1  # last byte of each patch
+    starts = ends - counts + 1
+    # encoder: query block rows q0..q1 hold patches q0//k..q1//k, which read bytes of patches p0-ew+1..p1
+    q0 = torch.arange(0, P * k, BLOCK, device=dev)
+    q1 = (q0 + BLOCK - 1).clamp(max=P * k - 1)
+    p0, p1 = (q0 // k - ew + 1).clamp(min=0), q1 // k
+    enc = _from_ranges(enc_mod, starts[:, p0], ends[:, p1], P * k, T)
+    # decoder: bytes t0..t1 read patch keys of patches dec[t0]-dw+1 .. dec[t1] (dec ids never decrease)
+    t0 = torch.arange(0, T, BLOCK, device=dev)
+    t1 = (t0 + BLOCK - 1).clamp(max=T - 1)
+    lo = (dec_ids[:, t0] - dw + 1).clamp(min=0) * k
+    hi = (dec_ids[:, t1] + 1) * k - 1
+    dec = _from_ranges(dec_mod, lo, hi, T, P * k)
+    return enc, dec
 
 
 def default_backend(device) -> str:

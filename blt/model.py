@@ -93,7 +93,7 @@ class BLT(nn.Module):
     ) -> BLTOutput:
         """tokens (B,T) -> BLTOutput. Without patch_lengths the patcher decides the patches;
         with them, next_starts_patch (B,) says whether the window's last patch is complete
-        (None: complete, as the official code and the HF port assume)."""
+        (None: complete; False: the official code's and the HF port's reading of lengths)."""
         B, T = tokens.shape
         if patch_lengths is None:
             patching = self.patch(tokens)

@@ -1,0 +1,121 @@
+"""Training throughput: our BLT vs transformers' BltForCausalLM, same shapes, one GPU.
+
+    python bench/train_throughput.py [--batch-size 8] [--seq-len 4096] [--steps 10] [--warmup 3]
+
+Both models get the `bench` preset's shapes (encoder 1x384, global 6x768, decoder 4x384, k=2,
+hash n=3..8 with 50,002 rows, entropy model 4x256), the same weights (converted), bf16
+autocast, AdamW, random bytes, and patches from the same entropy model at the same
+threshold (calibrated to ~4.5 bytes/patch): each timed step includes the entropy model's
+forward, the BLT forward/backward and the optimizer step. Prints bytes/s, MFU (model FLOPs
+from blt.flops over the H200's 989 TFLOP/s dense bf16 peak), peak memory and the ratio.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blt.config import bench  # noqa: E402
+from blt.entropy_model import EntropyModel  # noqa: E402
+from blt.flops import blt_flops_per_byte  # noqa: E402
+from blt.model import BLT  # noqa: E402
+from blt.patcher import calibrate_threshold  # noqa: E402
+
+PEAK_BF16 = 989e12
+
+
+def timed(step, steps, warmup):
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30
+
+
+def random_batch(B, T, device):
+    x = torch.randint(4, 260, (B, T + 1), device=device)
+    x[:, 0] = 1
+    return x[:, :-1], x[:, 1:]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    dev = "cuda"
+    B, T = args.batch_size, args.seq_len
+    torch.manual_seed(0)
+    cfg = bench()
+    entropy_model = EntropyModel(cfg.entropy_model).to(dev)
+    x, y = random_batch(B, T, dev)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        H = entropy_model.entropies(x)
+    cfg.patcher.threshold, achieved = calibrate_threshold(H.float(), x, cfg.patcher, 4.5)
+    model = BLT(cfg, entropy_model).to(dev)
+    if not args.no_compile:
+        for part in (model.encoder, model.global_model, model.decoder, model.entropy_model):
+            for block in part.layers:
+                block.compile(dynamic=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                            weight_decay=0.1, fused=True)
+
+    def ours_step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(x, y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        bpp = model.patch(x).bytes_per_patch
+    flops = blt_flops_per_byte(cfg, bpp, T).train
+    rows = []
+    sec, mem = timed(ours_step, args.steps, args.warmup)
+    rows.append(("blt (ours)", B * T / sec, mem))
+
+    if not args.skip_hf:
+        from blt.convert_hf import to_hf_model
+
+        hf = to_hf_model(model.float()).to(dev)
+        del model, opt
+        torch.cuda.empty_cache()
+        hf.train()
+        hf.model.patcher.eval()
+        hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4,
+                                   betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+        def hf_step():
+            with torch.autocast("cuda", torch.bfloat16):
+                out = hf(input_ids=x, labels=x)
+            out.loss.backward()
+            hf_opt.step()
+            hf_opt.zero_grad(set_to_none=True)
+
+        sec, mem = timed(hf_step, max(2, args.steps // 2), 1)
+        rows.append(("transformers BltForCausalLM", B * T / sec, mem))
+
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
+    print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
+    print(f"{'model':30s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s}")
+    for name, bps, mem in rows:
+        print(f"{name:30s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f}")
+    if len(rows) == 2:
+        print(f"speed-up: {rows[0][1] / rows[1][1]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""Byte-level data: text documents -> cached token-id shards -> training and eval batches.
+
+Sources (`resolve_source`). `tinystories` / `train` and `valid` name the TinyStories
+V2-GPT4 train and valid files on the Hugging Face hub; other names are URLs
+(`hf://`, `https://`, `file://`), local files, directories or globs of `.txt`, `.txt.gz`
+and `.txt.xz` files. In every file, a line that is exactly `<|endoftext|>` ends a
+document.
+
+One reader for all of them. Each file is opened as a binary stream, and everything
+after that is the same code for the hub and for local files: split into lines, group
+lines into documents, encode, shard. Only the opening differs. A URL is downloaded into
+the Hugging Face cache with `datasets.DownloadManager`, or with `streaming=True` read as
+it arrives through `fsspec`. A local path is opened with `gzip` / `lzma` / `open`. The
+tests read `file://` URLs, which go through the hub code, and check that they match the
+local path. So local files never need `datasets` (a GPU box without it can still train
+on local data), and URLs ask for it only when read.
+
+Why not `datasets.load_dataset("text", sample_by="document")`? It makes one Arrow
+string per file, and Arrow strings stop at 2 GiB. TinyStoriesV2-GPT4-train.txt is
+bigger than that. The text loader also decodes to `str`: invalid UTF-8 then raises,
+and its `encoding=` option is ignored when streaming compressed or remote files.
+
+Byte policy: bytes are bytes. Documents are raw `bytes` from start to finish. Invalid
+UTF-8, CR characters and anything else are kept exactly. The only changes are the
+CR/LF trimmed from each end of a document. The separator line may end in CRLF. Empty
+documents are dropped.
+
+Encoding: each document becomes BOS, (byte + 4)..., EOS (see `blt.tokens`). The
+documents are packed end to end into one stream, and training windows cross document
+boundaries.
+
+Held-out split: a document is held out if a keyed hash of its bytes is below
+`valid_fraction`. The split is deterministic, needs one pass only (so it works when
+streaming), and puts identical documents on the same side, so duplicates cannot leak
+from train into held-out. If a separate validation source is given, it is the held-out
+set and the fraction is not used.
+
+Shard format: a flat little-endian uint16 array of token ids (`*.bin`), memory-mapped,
+plus `meta.json`. See `SHARD_DTYPE` for why it is uint16. Shards live in
+`cache_dir/<name>-<key>/`. The key is a hash of the data files (path, size and mtime
+for local files; the URL for remote ones) and of the split settings. A re-run with
+the same inputs reuses the shards. Every file is written to a temporary name and then
+renamed into place with `os.replace`. `meta.json` is written last, so its presence
+means the shards are complete. With several processes, call `prepare_data` on one rank
+first, then a barrier.
+
+Batches: `Batcher` draws random windows of T+1 tokens and returns (B, T+1) int64
+tensors: inputs = [:, :-1], targets = [:, 1:]. The global batch at step k depends only
+on (seed, k). Rank r takes rows [r*B, (r+1)*B), so any world size with the same global
+batch sees the same data. `iter_eval_batches` walks the held-out stream once, in
+non-overlapping windows, so that held-out bits per byte is exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import importlib
+import json
+import lzma
+import os
+import re
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .tokens import BOE_ID, BOS_ID, EOS_ID, OFFSET
+
+HUB_FILES = {
+    "train": "hf://datasets/roneneldan/TinyStories/TinyStoriesV2-GPT4-train.txt",
+    "valid": "hf://datasets/roneneldan/TinyStories/TinyStoriesV2-GPT4-valid.txt",
+}
+ALIASES = {
+    "tinystories": "train",
+    "tinystories-train": "train",
+    "train": "train",
+    "tinystories-valid": "valid",
+    "valid": "valid",
+}
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
+DOC_SEPARATOR = b"<|endoftext|>"
+
+# Why uint16 token ids and not uint8 bytes? Ids go up to 259, so they do not fit in a
+# byte. Storing uint8 bytes plus an int64 array of document offsets would halve the disk
+# space, but every window would then need a searchsorted over the offsets to put back
+# BOS/EOS. With uint16, the file is exactly the stream the model sees, and a batch is one
+# fancy index. TinyStories takes about 4.4 GB as uint16, which is fine here.
+SHARD_DTYPE = np.dtype("<u2")
+FORMAT_VERSION = 1  # bump when the shard contents change; it is part of the cache key
+
+_READ_CHUNK = 1 << 20  # bytes read per call when splitting a file into lines
+_WRITE_CHUNK = 1 << 24  # text bytes gathered before encoding and writing a shard piece
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+
+
+class DataError(ValueError):
+    """Bad data source: missing file, no documents, corrupt file, impossible split."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def resolve_source(name: str) -> list[str]:
+    """Turn a source name into the list of data files it stands for.
+
+    Checked in this order:
+    * an alias: `tinystories`, `tinystories-train` or `train` means the TinyStories
+      V2-GPT4 train file on the hub; `tinystories-valid` or `valid` means its valid file.
+      Aliases come before local paths, so write `./train` for a local file called `train`;
+    * a URL (`hf://`, `https://`, `file://`, ...): returned as is;
+    * a directory: its `.txt`, `.txt.gz` and `.txt.xz` files (not recursive), sorted;
+    * a path with glob characters (`*?[`, `**` recursive): the files it matches, sorted;
+    * a file: that file.
+    Local paths are returned absolute. Raises DataError when nothing matches.
+    """
+    if name in ALIASES:
+        return [HUB_FILES[ALIASES[name]]]
+    if _URL.match(name):
+        return [name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        if not files:
+            raise DataError(f"directory {name} has no {'/'.join(TEXT_SUFFIXES)} files")
+    elif any(c in name for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
+        if not files:
+            raise DataError(f"glob {name} matches no files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"no such file or directory: {name}")
+    return [str(p.resolve()) for p in files]
+
+
+def load_documents(source: str, streaming: bool = False) -> Iterator[bytes]:
+    """Yield the documents of a source (see `resolve_source`) as raw bytes, in file order.
+
+    The name is resolved right away, so a missing file fails at the call. The file
+    contents are read lazily. `streaming` only matters for URLs: True reads them while
+    they download and caches nothing; False first downloads them into the Hugging Face
+    cache.
+    """
+    return _documents(source, resolve_source(source), streaming)
+
+
+def _documents(label: str, files: list[str], streaming: bool) -> Iterator[bytes]:
+    count = 0
+    for file in files:
+        for doc in _file_documents(file, streaming):
+            count += 1
+            yield doc
+    if count == 0:
+        raise DataError(f"no documents in {label}: its files are empty or hold only separators")
+
+
+def _file_documents(file: str, streaming: bool) -> Iterator[bytes]:
+    """One file's documents. Each file is split on its own: a document never spans two."""
+    try:
+        with _open_binary(file, streaming) as f:
+            yield from documents_from_lines(_iter_lines(f))
+    except _READ_ERRORS as e:
+        raise DataError(f"cannot read {file}: corrupt or unreadable ({type(e).__name__}: {e})") from e
+
+
+def _open_binary(file: str, streaming: bool):
+    """Open a data file for reading bytes, decompressing by suffix; usable with `with`."""
+    if not _URL.match(file):
+        return _open_local(file, file)
+    if streaming:
+        fsspec = _require("fsspec", file)
+        return fsspec.open(file, "rb", compression="infer")
+    datasets = _require("datasets", file)
+    return _open_local(datasets.DownloadManager().download(file), file)
+
+
+def _open_local(path: str, name: str):
+    """Open a local file; `name` (the original path or URL) decides the decompression."""
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+def _require(module: str, file: str):
+    """Import an optional dependency, needed only to read URLs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"reading {file} needs the `{module}` package (local files do not)") from None
+
+
+def _iter_lines(f) -> Iterator[bytes]:
+    """Yield the lines of a binary stream, without their LF, reading in large chunks.
+
+    A line that spans chunks is collected as pieces and joined once, so a very long
+    line takes linear time, not quadratic.
+    """
+    partial: list[bytes] = []
+    while chunk := f.read(_READ_CHUNK):
+        *lines, last = chunk.split(b"\n")
+        if lines:
+            lines[0] = b"".join(partial) + lines[0]
+            partial = []
+            yield from lines
+        partial.append(last)
+    tail = b"".join(partial)
+    if tail:
+        yield tail
+
+
+def documents_from_lines(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """Group lines (without their LF) into documents.
+
+    A line that is exactly `<|endoftext|>` ends a document (`<|endoftext|>` plus CR is
+    accepted too, for CRLF files). Each document is trimmed of CR/LF at both ends, and
+    empty ones are dropped. All other bytes are kept as they are.
+    """
+    current: list[bytes] = []
+    for line in lines:
+        if line == DOC_SEPARATOR or line == DOC_SEPARATOR + b"\r":
+            yield from _finish(current)
+            current = []
+        else:
+            current.append(line)
+    yield from _finish(current)
+
+
+def _finish(lines: list[bytes]) -> Iterator[bytes]:
+    doc = b"\n".join(lines).strip(b"\r\n")
+    if doc:
+        yield doc
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode_documents(docs: Sequence[bytes]) -> np.ndarray:
+    """Encode documents as one packed stream: BOS, (byte + 4)..., EOS for each (uint16)."""
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    ends = np.cumsum(lengths + 2)  # one past each document's EOS
+    starts = ends - lengths - 2  # each document's BOS
+    out = np.empty(int(ends[-1]) if len(docs) else 0, dtype=SHARD_DTYPE)
+    is_byte = np.ones(len(out), dtype=bool)
+    is_byte[starts] = False
+    is_byte[ends - 1] = False
+    out[is_byte] = np.frombuffer(b"".join(docs), dtype=np.uint8).astype(SHARD_DTYPE) + OFFSET
+    out[starts] = BOS_ID
+    out[ends - 1] = EOS_ID
+    return out
+
+
+def is_heldout(doc: bytes, valid_fraction: float, seed: int) -> bool:
+    """Hold out a document when a keyed hash of its bytes, mapped to [0, 1), is below the fraction.
+
+    `seed` must be >= 0; it is the hash key.
+    """
+    digest = hashlib.blake2b(doc, digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") < valid_fraction * 2**64
+
+
+# ------------------------------------------------------------------------------ shards
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a shard file holds."""
+
+    docs: int
+    tokens: int
+
+
+class ShardWriter:
+    """Write encoded documents to a shard in one pass, atomically.
+
+    The data goes to a temporary file in the same directory. On a clean exit from the
+    `with` block that file is renamed onto `path`. On an error it is deleted, and any
+    older `path` is left as it was. Writing no documents raises DataError.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self.docs = 0
+        self.tokens = 0
+
+    def add(self, doc: bytes) -> None:
+        self._pending.append(doc)
+        self._pending_bytes += len(doc)
+        self.docs += 1
+        self.tokens += len(doc) + 2
+        if self._pending_bytes >= _WRITE_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._file.write(encode_documents(self._pending).tobytes())
+        self._pending, self._pending_bytes = [], 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.docs == 0:
+            self._abort()
+            if exc_type is None:
+                raise DataError(f"no documents to write to {self.path}")
+            return
+        self._flush()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def _abort(self) -> None:
+        self._file.close()
+        os.unlink(self._tmp)
+
+    @property
+    def info(self) -> ShardInfo:
+        return ShardInfo(docs=self.docs, tokens=self.tokens)
+
+
+def build_shard(docs: Iterable[bytes], path: str | os.PathLike) -> ShardInfo:
+    """Encode documents into a uint16 shard at `path` (atomically) and return what it holds."""
+    with ShardWriter(path) as writer:
+        for doc in docs:
+            writer.add(doc)
+    return writer.info
+
+
+def open_shard(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a shard as a read-only uint16 array of token ids."""
+    return np.memmap(path, dtype=SHARD_DTYPE, mode="r")
+
+
+# ------------------------------------------------------------------------ prepare_data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is split."""
+
+    source: str = "tinystories"
+    valid_source: str | None = None  # if set, this is the held-out set; valid_fraction is unused
+    valid_fraction: float = 0.01  # share of the source's documents held out when there is no valid_source
+    split_seed: int = 0  # the hash key of the split (>= 0)
+    cache_dir: str = "data_cache"
+    streaming: bool = False  # URLs only: read while downloading, without caching the raw file
+
+
+@dataclass(frozen=True, eq=False)
+class ByteDataset:
+    """Train and held-out token streams, memory-mapped from the shard cache."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    directory: Path
+
+
+def prepare_data(config: DataConfig) -> ByteDataset:
+    """Build the train/held-out shards for a config, or reuse cached ones, and map them."""
+    train_files = resolve_source(config.source)
+    valid_files = resolve_source(config.valid_source) if config.valid_source else None
+    if valid_files is None and not 0 < config.valid_fraction < 1:
+        raise DataError(f"valid_fraction must be in (0, 1) without a valid_source, got {config.valid_fraction}")
+    if config.split_seed < 0:
+        raise DataError(f"split_seed must be >= 0, got {config.split_seed}")
+    directory = Path(config.cache_dir) / f"{_slug(config.source)}-{_cache_key(config, train_files, valid_files)}"
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        meta = _build_shards(config, train_files, valid_files, directory)
+        _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+    return ByteDataset(
+        train=open_shard(directory / "train.bin"), valid=open_shard(directory / "valid.bin"), directory=directory
+    )
+
+
+def _build_shards(config: DataConfig, train_files: list[str], valid_files: list[str] | None, directory: Path) -> dict:
+    """Write train.bin and valid.bin, and return the metadata that describes them."""
+    docs = _documents(config.source, train_files, config.streaming)
+    if valid_files is not None:
+        train = build_shard(docs, directory / "train.bin")
+        valid = build_shard(_documents(config.valid_source, valid_files, config.streaming), directory / "valid.bin")
+    else:
+        train, valid = _build_split_shards(docs, directory, config.valid_fraction, config.split_seed)
+    return {
+        "format": FORMAT_VERSION,
+        "dtype": SHARD_DTYPE.str,
+        "train_files": train_files,
+        "valid_files": valid_files,
+        "split": None if valid_files else {"valid_fraction": config.valid_fraction, "seed": config.split_seed},
+        "train": asdict(train),
+        "valid": asdict(valid),
+    }
+
+
+def _build_split_shards(docs: Iterable[bytes], directory: Path, fraction: float, seed: int) -> tuple[ShardInfo, ShardInfo]:
+    """Write train.bin and valid.bin in one pass, holding out documents with `is_heldout`."""
+    with ShardWriter(directory / "train.bin") as train, ShardWriter(directory / "valid.bin") as valid:
+        for doc in docs:
+            (valid if is_heldout(doc, fraction, seed) else train).add(doc)
+        for name, writer in (("held-out", valid), ("train", train)):
+            if writer.docs == 0:
+                raise DataError(
+                    f"the {name} split is empty ({train.docs + valid.docs} documents, valid_fraction={fraction}): "
+                    "change valid_fraction or give a valid_source"
+                )
+    return train.info, valid.info
+
+
+def _cache_key(config: DataConfig, train_files: list[str], valid_files: list[str] | None) -> str:
+    """Hash of everything the shard contents depend on. The streaming flag is not part of it."""
+    spec = {
+        "format": FORMAT_VERSION,
+        "train": [_fingerprint(f) for f in train_files],
+        "valid": [_fingerprint(f) for f in valid_files] if valid_files else None,
+        "split": None if valid_files else [config.valid_fraction, config.split_seed],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fingerprint(file: str) -> list:
+    """A local file is identified by path, size and mtime; a URL by itself."""
+    if _URL.match(file):
+        return [file]
+    stat = os.stat(file)
+    return [file, stat.st_size, stat.st_mtime_ns]
+
+
+def _slug(name: str) -> str:
+    """A readable, filesystem-safe prefix for the cache directory."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name.rstrip("/")).name or name)[:40] or "data"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class Batcher:
+    """Random training windows from a token stream; resumable and split across ranks.
+
+    Step k's global batch is `global_batch_size` windows of `seq_len + 1` tokens. The
+    start of each window is drawn uniformly by a generator seeded with (seed, k), so the
+    batch is a pure function of (seed, k). Rank r returns rows [r*B, (r+1)*B) as a
+    (B, seq_len+1) int64 tensor, where B = `batch_size` is the per-rank batch. The rows
+    of all ranks together are exactly the batch a single process would draw with
+    batch_size = B * world_size. Each step costs one numpy fancy index into the memory map.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"the token stream has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.global_batch_size = batch_size * world_size
+        self.step = 0
+
+    def batch_at(self, step: int) -> torch.Tensor:
+        """This rank's rows of the global batch at `step` (it does not change `self.step`)."""
+        rng = np.random.default_rng((self.seed, step))
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch_size)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        windows = self.tokens[mine[:, None] + np.arange(self.seq_len + 1)]
+        return torch.from_numpy(np.asarray(windows, dtype=np.int64))
+
+    def __iter__(self) -> Batcher:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step, "global_batch_size": self.global_batch_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved step. The world size may change, but the global batch and seq_len must not."""
+        for key in ("global_batch_size", "seq_len"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: saved {key}={state[key]}, this batcher has {getattr(self, key)}")
+        self.seed = state["seed"]
+        self.step = state["step"]
+
+
+def iter_eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+) -> Iterator[torch.Tensor]:
+    """Walk a held-out stream once, for exact bits per byte.
+
+    Window i is tokens[i*T : i*T + T + 1]. So the targets ([:, 1:]) of all windows
+    together are tokens[1:], each exactly once. tokens[0] is a BOS, which is never a
+    target. The last window is padded with BOE_ID (0), and the loss must ignore targets
+    equal to 0. Batches hold up to `batch_size` windows, and the last one may hold fewer.
+    With several ranks, rank r takes windows r, r + world_size, ...; their union is the
+    whole stream.
+    """
+    n = len(tokens)
+    starts = np.arange(0, n - 1, seq_len)[rank::world_size]
+    offsets = np.arange(seq_len + 1)
+    for i in range(0, len(starts), batch_size):
+        idx = starts[i : i + batch_size, None] + offsets
+        windows = np.where(idx < n, tokens[np.minimum(idx, n - 1)], BOE_ID)
+        yield torch.from_numpy(windows.astype(np.int64))
