@@ -83,7 +83,7 @@ class PatcherConfig:
           monotonic -- when H_t - H_{t-1} > threshold (approximate monotonic rule, eq. 3)
           combined  -- when both H_t > threshold and H_t - H_{t-1} > threshold_add
           static    -- every `patch_size` bytes (after BOS)
-          space     -- after a space-like byte that ends a word (see patcher.py)
+          space     -- a patch opens after the first space-like byte that follows a word (see patcher.py)
           byte      -- every byte is a patch
     """
 
@@ -170,6 +170,9 @@ class BLTConfig:
             raise ConfigError("encoder.ngram_sizes must be a non-empty list of positive sizes")
         if self.encoder.hash_rows < 1 or self.encoder.hash_functions < 1:
             raise ConfigError("encoder.hash_rows and encoder.hash_functions must be >= 1")
+        if self.encoder.dim != self.decoder.dim:
+            raise ConfigError(f"encoder.dim {self.encoder.dim} must equal decoder.dim {self.decoder.dim}: "
+                              "the decoder reads the encoder's byte states")
         if self.encoder.n_layers < 1 or self.decoder.n_layers < 1:
             raise ConfigError("encoder and decoder need at least one layer")
         return self
@@ -280,7 +283,20 @@ def blt_1b() -> BLTConfig:
     ).validate()
 
 
-PRESETS = {"tiny": tiny, "bench": bench, "blt-1b": blt_1b}
+def tinystories() -> BLTConfig:
+    """The shape shipped for TinyStories: small enough to train on a 6 GB GPU and to sample fast
+    on a laptop CPU. k·d_encoder = 2·256 = d_global, so no projection into the global model."""
+    return BLTConfig(
+        entropy_model=EntropyModelConfig(dim=192, n_layers=3, n_heads=3, window=512),
+        patcher=PatcherConfig(mode="entropy"),
+        encoder=LocalEncoderConfig(dim=256, n_layers=1, n_heads=4, window=512, ngram_sizes=[3, 4, 5, 6, 7, 8], hash_rows=4099),
+        global_model=GlobalConfig(dim=512, n_layers=8, n_heads=8),
+        decoder=LocalDecoderConfig(dim=256, n_layers=4, n_heads=4, window=512),
+        cross_attn_k=2,
+    ).validate()
+
+
+PRESETS = {"tiny": tiny, "bench": bench, "blt-1b": blt_1b, "tinystories": tinystories}
 
 
 def preset(name: str) -> BLTConfig:

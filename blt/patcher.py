@@ -15,9 +15,9 @@ Rules, with H[q] = entropy of the prediction made at q (that is, of byte q+1):
     monotonic  iff H[p-1] - H[p-2] > θ                                (eq. 3)
     combined   iff H[p-1] > θ and H[p-1] - H[p-2] > θ_add             (official "global and monotonic")
     static     every patch_size bytes after BOS
-    space      iff byte p-1 is space-like and byte p-2 is not: a word patch closes at the first
-               space-like byte after it. The official rule waits for the run's end, which
-               needs byte p itself and would leak it to the decoder (BLT_LLM.md, deviations).
+    space      iff byte p-1 is space-like and byte p-2 is not: the first space-like byte after a
+               word closes it (the official rule; it counts UTF-8 lead bytes as space-like,
+               we count all bytes >= 0x80 as word bytes so multi-byte letters stay whole)
     byte       every byte
 `max_patch_length` then splits any longer patch into pieces of that length from its start.
 """
@@ -121,7 +121,7 @@ def calibrate_threshold(
         raise ValueError("only entropy-based modes have a threshold to calibrate")
     H = entropies.float()
     lo, hi = float(H.min()) - 1.0, float(H.max()) + 1.0
-    if cfg.mode != "entropy":
+    if cfg.mode == "monotonic":  # combined thresholds H itself, like entropy
         span = float((H[:, 1:] - H[:, :-1]).abs().max()) if H.shape[1] > 1 else 1.0
         lo, hi = -span - 1.0, span + 1.0
 
