@@ -54,12 +54,15 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our step")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev = "cuda"
     B, T = args.batch_size, args.seq_len
     torch.manual_seed(0)
     cfg = bench()
+    # the layout of the released weights, so that the same weights load into BltForCausalLM
+    cfg.cross_attn_double_residual, cfg.hash_embed_mean = True, False
     entropy_model = EntropyModel(cfg.entropy_model).to(dev)
     x, y = random_batch(B, T, dev)
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
@@ -68,8 +71,7 @@ def main():
     model = BLT(cfg, entropy_model).to(dev)
     if not args.no_compile:
         for part in (model.encoder, model.global_model, model.decoder, model.entropy_model):
-            for block in part.layers:
-                block.compile(dynamic=True)
+            part.compile(dynamic=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                             weight_decay=0.1, fused=True)
 
@@ -86,6 +88,13 @@ def main():
     rows = []
     sec, mem = timed(ours_step, args.steps, args.warmup)
     rows.append(("blt (ours)", B * T / sec, mem))
+    print(f"ours: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                ours_step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
     if not args.skip_hf:
         from blt.convert_hf import to_hf_model

@@ -52,8 +52,10 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _contiguous(sd: dict) -> dict:
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+def _contiguous(sd: dict, dtype: torch.dtype | None = None) -> dict:
+    """CPU, contiguous tensors; floating ones cast to dtype if given (e.g. bf16 to ship small)."""
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
+    return {k: cast(v.detach()).contiguous().cpu() for k, v in sd.items()}
 
 
 def model_state_dict(model) -> dict:
@@ -61,17 +63,18 @@ def model_state_dict(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("entropy_model.")}
 
 
-def write_model_files(model, folder: Path) -> None:
-    """Write config + weights of `model` (a BLT, possibly wrapped by compile) into folder."""
+def write_model_files(model, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Write config + weights of `model` (a BLT, possibly wrapped by compile) into folder.
+    Weights stored in another dtype (bf16) are cast back to the model's dtype on load."""
     model.cfg.to_json(folder / CONFIG)
-    save_file(_contiguous(model_state_dict(model)), folder / WEIGHTS)
+    save_file(_contiguous(model_state_dict(model), dtype), folder / WEIGHTS)
     if model.entropy_model is not None:
-        save_file(_contiguous(model.entropy_model.state_dict()), folder / ENTROPY_WEIGHTS)
+        save_file(_contiguous(model.entropy_model.state_dict(), dtype), folder / ENTROPY_WEIGHTS)
 
 
-def save_model(model, path: str | Path, extra_json: dict[str, dict] | None = None) -> None:
+def save_model(model, path: str | Path, extra_json: dict[str, dict] | None = None, dtype: torch.dtype | None = None) -> None:
     def write(tmp):
-        write_model_files(model, tmp)
+        write_model_files(model, tmp, dtype)
         for name, obj in (extra_json or {}).items():
             write_json(tmp / name, obj)
 
@@ -102,10 +105,15 @@ def load_weights(module: torch.nn.Module, sd: dict, what: str) -> None:
     module.load_state_dict(sd)
 
 
+def write_entropy_model_files(model, folder: Path) -> None:
+    """Write config + weights of an EntropyModel into folder."""
+    write_json(folder / ENTROPY_CONFIG, model.cfg.__dict__)
+    save_file(_contiguous(model.state_dict()), folder / ENTROPY_WEIGHTS)
+
+
 def save_entropy_model(model, path: str | Path, extra_json: dict[str, dict] | None = None) -> None:
     def write(tmp):
-        write_json(tmp / ENTROPY_CONFIG, model.cfg.__dict__)
-        save_file(_contiguous(model.state_dict()), tmp / ENTROPY_WEIGHTS)
+        write_entropy_model_files(model, tmp)
         for name, obj in (extra_json or {}).items():
             write_json(tmp / name, obj)
 

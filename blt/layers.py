@@ -16,11 +16,13 @@ _compiled_flex = None
 
 
 def _flex(q, k, v, block_mask):
-    """FlexAttention, compiled once per process on CUDA (eager elsewhere, for tests)."""
+    """FlexAttention, compiled on CUDA (eager elsewhere, for tests). Sequence lengths change
+    with every batch's patch count, so the kernel is compiled for dynamic shapes: a static one
+    would hit the recompile limit and fall back to the slow unfused path."""
     global _compiled_flex
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
         fn = _compiled_flex
     else:
         fn = flex_attention

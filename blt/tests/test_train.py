@@ -1,0 +1,307 @@
+"""blt.train, blt.train_entropy and blt.eval end to end on the fixture stories (CPU, tiny shapes).
+
+Most runs call `main(argv)` in-process (no interpreter start-up); the SIGTERM, torchrun and
+traceback checks need real processes. Everything runs on one thread: these models are far too
+small to gain from more, and a second thread on a busy 2-core machine is much slower.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from blt import eval as blt_eval
+from blt import train, train_entropy
+from blt.checkpoint import load_entropy_model
+from blt.data import encode_documents, load_documents
+from blt.model import BLT
+from blt.tokens import VOCAB_SIZE
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = str(Path(__file__).parent / "fixtures" / "stories.txt")
+STEPS = 12
+# Constant learning rate after warmup (min-lr = lr): the schedule then does not depend on
+# --steps, so a run cut short with --steps k and resumed with --steps N must repeat the losses.
+COMMON = ["--data", FIXTURE, "--valid-data", FIXTURE, "--seq-len", "64", "--grad-accum", "2", "--lr", "3e-3",
+          "--min-lr", "3e-3", "--warmup", "3", "--log-every", "1", "--eval-every", "0", "--eval-batches", "0",
+          "--save-every", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def entropy_dir(work) -> Path:
+    out = work / "entropy"
+    train_entropy.main([*COMMON, "--cache-dir", str(work / "cache"), "--out", str(out), "--steps", "15",
+                        "--batch-size", "4", "--dim", "32", "--layers", "2", "--heads", "2", "--window", "64"])  # fmt: skip
+    return out
+
+
+def blt_argv(work, entropy_dir, out, steps, batch_size=4, *extra) -> list[str]:
+    return ["--config", "tiny", "--entropy-model", str(entropy_dir), *COMMON, "--cache-dir", str(work / "cache"),
+            "--out", str(out), "--steps", str(steps), "--batch-size", str(batch_size), *extra]  # fmt: skip
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in rows(out) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(work, entropy_dir) -> Path:
+    """An uninterrupted single-process run: STEPS steps, global batch 4."""
+    out = work / "reference"
+    train.main(blt_argv(work, entropy_dir, out, STEPS))
+    return out
+
+
+def run_cli(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+# ---- train_entropy ---------------------------------------------------------------------------
+
+
+def test_train_entropy_writes_calibrated_model(entropy_dir):
+    model_dir = entropy_dir / "model"
+    assert {p.name for p in model_dir.iterdir()} == {"entropy_config.json", "entropy_model.safetensors", "patcher_threshold.json"}
+    model = load_entropy_model(model_dir)
+    assert (model.cfg.dim, model.cfg.n_layers, model.cfg.n_heads, model.cfg.window) == (32, 2, 2, 64)
+    cal = json.loads((model_dir / "patcher_threshold.json").read_text())
+    assert set(cal) == {"threshold", "mode", "target_bytes_per_patch", "achieved_bytes_per_patch", "data", "bytes"}
+    assert cal["mode"] == "entropy" and cal["target_bytes_per_patch"] == 4.5 and cal["data"] == FIXTURE
+    assert abs(cal["achieved_bytes_per_patch"] - 4.5) < 0.25
+    assert cal["bytes"] > 3000  # the whole fixture, in rows of --seq-len
+    train_loss = losses(entropy_dir)
+    assert len(train_loss) == 15 and train_loss[-1] < train_loss[0] - 1.0
+    assert (entropy_dir / "checkpoint" / "train_state.pt").is_file()
+
+
+# ---- train -----------------------------------------------------------------------------------
+
+
+def test_train_blt_learns_and_writes_checkpoint_and_model(reference, entropy_dir):
+    loss = losses(reference)
+    assert len(loss) == STEPS
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.5
+    train_rows = [r for r in rows(reference) if "loss" in r]
+    assert set(train_rows[0]) == {"step", "loss", "bpb", "lr", "bytes", "bytes_per_s", "bytes_per_patch", "grad_norm", "elapsed"}
+    assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
+    assert train_rows[-1]["bytes"] == STEPS * 4 * 2 * 64
+    assert all(1.0 <= r["bytes_per_patch"] <= 8.0 for r in train_rows)  # tiny preset: max_patch_length 8
+    (final_eval,) = [r for r in rows(reference) if "eval_bpb" in r]
+    assert final_eval["step"] == STEPS and 0 < final_eval["eval_bpb"] < 8
+
+    ckpt, model_dir = reference / "checkpoint", reference / "model"
+    assert {p.name for p in ckpt.iterdir()} == {"config.json", "model.safetensors", "entropy_model.safetensors", "train_state.pt"}
+    assert {p.name for p in model_dir.iterdir()} == {"config.json", "model.safetensors", "entropy_model.safetensors", "patcher_threshold.json"}
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    assert state["step"] == STEPS and state["batcher"]["step"] == STEPS * 2
+    assert set(state["rng"][0]) == {"torch", "cuda", "numpy", "python"}
+    model = BLT.from_pretrained(model_dir)
+    theta = json.loads((entropy_dir / "model" / "patcher_threshold.json").read_text())["threshold"]
+    assert model.cfg.patcher.threshold == theta and model.cfg.patcher.mode == "entropy"
+    a, b = load_file(ckpt / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_repeats_the_uninterrupted_losses(work, entropy_dir, reference):
+    out = work / "resumed"
+    train.main(blt_argv(work, entropy_dir, out, 5))
+    train.main(blt_argv(work, entropy_dir, out, STEPS, 4, "--resume"))
+    assert losses(out) == losses(reference)  # exact, CPU fp32
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(work, entropy_dir, reference):
+    out = work / "sigterm"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blt.train", *blt_argv(work, entropy_dir, out, 100000)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by a signal" in stdout and "Traceback" not in stderr
+    step = torch.load(out / "checkpoint" / "train_state.pt", weights_only=False)["step"]
+    assert step == len(losses(out)) >= 2
+    train.main(blt_argv(work, entropy_dir, out, step + 2, 4, "--resume"))
+    n = min(step + 2, STEPS)
+    assert losses(out)[:n] == losses(reference)[:n]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distributed_matches_single_process(work, entropy_dir, reference, mode):
+    """2 processes x batch 2 (gloo) = 1 process x batch 4. FSDP runs in two parts, so that its
+    sharded checkpoint is saved and resumed too."""
+    out = work / mode
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "blt.train"]  # a free port
+    parts = [STEPS] if mode == "ddp" else [STEPS // 2, STEPS]
+    for i, steps in enumerate(parts):
+        extra = ["--dist", mode] + (["--resume"] if i else [])
+        result = run_cli(*torchrun, *blt_argv(work, entropy_dir, out, steps, 2, *extra), timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-5)
+    final_evals = [[r["eval_bpb"] for r in rows(run) if "eval_bpb" in r][-1] for run in (out, reference)]
+    assert final_evals[0] == pytest.approx(final_evals[1], abs=1e-5)  # the ranks' sums add up to the exact bpb
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+# ---- eval ------------------------------------------------------------------------------------
+
+
+def direct_bpb(model_dir: Path, seq_len: int, windows: int | None = None) -> tuple[float, int]:
+    """bpb of the first `windows` windows (default all), window by window, without padding or batching."""
+    model = BLT.from_pretrained(model_dir)
+    tokens = torch.from_numpy(encode_documents(list(load_documents(FIXTURE))).astype("int64"))
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for start in list(range(0, len(tokens) - 1, seq_len))[:windows]:
+            window = tokens[start : start + seq_len + 1][None]
+            logits = model(window[:, :-1]).logits
+            nats += F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), window[0, 1:], reduction="sum").item()
+            count += window.shape[1] - 1
+    return nats / math.log(2) / count, count
+
+
+def parse_last_line(text: str) -> dict:
+    last = text.strip().splitlines()[-1]
+    fields = dict(item.split("=") for item in last.split(" "))
+    assert list(fields) == ["bpb", "bytes", "bytes_per_patch"], last
+    return {"bpb": float(fields["bpb"]), "bytes": int(fields["bytes"]), "bytes_per_patch": float(fields["bytes_per_patch"])}
+
+
+def test_eval_prints_exact_bpb(reference, entropy_dir, capsys):
+    blt_eval.main(["--checkpoint", str(reference / "model"), "--data", FIXTURE, "--seq-len", "100", "--batch-size", "3"])
+    got = parse_last_line(capsys.readouterr().out)
+    want_bpb, want_bytes = direct_bpb(reference / "model", 100)
+    assert got["bytes"] == want_bytes == len(encode_documents(list(load_documents(FIXTURE)))) - 1
+    assert got["bpb"] == pytest.approx(want_bpb, rel=1e-5)
+    assert 1.0 < got["bytes_per_patch"] <= 8.0
+
+    blt_eval.main(["--checkpoint", str(entropy_dir / "model"), "--data", FIXTURE])  # the byte LM
+    byte_lm = parse_last_line(capsys.readouterr().out)
+    assert byte_lm["bytes"] == want_bytes and byte_lm["bytes_per_patch"] == 1.0 and 0 < byte_lm["bpb"] < 9
+
+
+def test_train_time_eval_is_exact(reference):
+    train_bpb = [r["eval_bpb"] for r in rows(reference) if "eval_bpb" in r][-1]  # --eval-batches 0: all
+    assert train_bpb == pytest.approx(direct_bpb(reference / "model", 64)[0], rel=1e-5)
+    model = BLT.from_pretrained(reference / "model")
+    valid = encode_documents(list(load_documents(FIXTURE)))
+    args = Namespace(seq_len=64, batch_size=4, eval_batches=2)
+    first_two = train.evaluate(model, valid, args, 0, 1, torch.device("cpu"), None)
+    assert first_two == pytest.approx(direct_bpb(reference / "model", 64, windows=8)[0], rel=1e-5)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "-3"], "--steps must be >= 1"),
+        (["--seq-len", "1"], "--seq-len must be >= 2"),
+        (["--config", "nope"], "unknown preset 'nope'"),
+        (["--patch-mode", "words"], "invalid choice: 'words'"),
+        (["--config", "tiny"], "needs --entropy-model"),
+        (["--config", "tiny", "--entropy-model", "/no/such/dir"], "no entropy model there"),
+        (["--config", "tiny", "--patch-mode", "static", "--patch-size", "0"], "--patch-size must be >= 1"),
+        (["--dtype", "bf16", "--device", "cpu"], "needs --device cuda"),
+        (["--dist", "ddp"], "needs torchrun"),
+    ],
+)
+def test_bad_cli_values_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dim", "30", "--heads", "4"], "not divisible"),
+        (["--target-bytes-per-patch", "0.5"], "--target-bytes-per-patch must be >= 1"),
+        (["--config", "/no/such.json"], "not found"),
+    ],
+)
+def test_bad_train_entropy_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_entropy.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_resume_refuses_a_different_run(work, entropy_dir, reference, capsys):
+    out = work / "mismatch"
+    shutil.copytree(reference / "checkpoint", out / "checkpoint")
+    cases = [
+        (["--resume", "--max-patch-length", "4"], "different model config (patcher.max_patch_length: checkpoint has 8, this run has 4)"),
+        (["--resume", "--seq-len", "32"], "checkpoint has --seq-len 64, this run has 32"),
+        ([], "exists: pass --resume"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(blt_argv(work, entropy_dir, out, STEPS, 4, *extra))
+        assert exit_info.value.code == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and message in line
+    with pytest.raises(SystemExit):
+        train.main(blt_argv(work, entropy_dir, work / "nothing-here", STEPS, 4, "--resume"))
+    assert "error: --resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_errors_reach_the_shell_without_traceback(tmp_path):
+    result = run_cli("-m", "blt.train", "--steps", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("error: --steps must be >= 1")
+    result = run_cli("-m", "blt.eval", "--checkpoint", str(tmp_path / "missing"), "--data", FIXTURE)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: checkpoint folder not found: {tmp_path / 'missing'}"]
+    result = run_cli("-m", "blt.eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "none.txt"))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- the learning-rate schedule --------------------------------------------------------------
+
+
+def test_lr_schedules():
+    args = Namespace(lr=1.0, min_lr=0.1, warmup=10, steps=110, schedule="cosine", decay_frac=0.2)
+    lrs = [train.lr_at(s, args) for s in range(args.steps)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    args.schedule = "wsd"
+    lrs = [train.lr_at(s, args) for s in range(args.steps)]
+    assert set(lrs[9:88]) == {1.0} and lrs[88] < 1.0 and lrs[-1] == pytest.approx(0.1)

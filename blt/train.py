@@ -1,0 +1,685 @@
+"""Train a Byte Latent Transformer: `python -m blt.train --entropy-model runs/entropy/model`.
+
+This file is also the training core of `blt.train_entropy` (the byte LM used as entropy model
+and as the plain byte-transformer baseline). Both share the flags of `add_common_args` and the
+loop of `train`; they differ only in how the model is built and how the final one is exported.
+
+A run, top to bottom:
+    check the flags -> build the model (with --resume: check it against out/checkpoint, load it)
+    -> torch.distributed if launched by torchrun -> byte shards (blt.data)
+    -> activation checkpointing, compile, DDP or FSDP2 -> AdamW
+    -> loop: micro-batches, loss, clip, step; log, evaluate, checkpoint
+    -> final checkpoint, model folder, held-out bits per byte, peak memory, MFU.
+
+Output folder (--out):
+    metrics.jsonl   one JSON row per log step {"step","loss","bpb","lr","bytes","bytes_per_s",
+                    "bytes_per_patch","grad_norm","elapsed"} and per evaluation
+                    {"step","eval_bpb","bytes","elapsed"}; `bytes` counts training bytes so far,
+                    `elapsed` the seconds spent in training steps (all resumes, evals excluded)
+    checkpoint/     the latest checkpoint, replaced atomically: a model folder (what
+                    blt.checkpoint writes) + train_state.pt (optimizer, step, RNG states,
+                    batcher state, the flags)
+    model/          the final model folder, for BLT.from_pretrained, blt.eval and blt.generate
+
+Resuming: the batch at step k is a pure function of (--seed, k) (blt.data.Batcher) and the
+checkpoint holds everything else that changes, so a resumed CPU fp32 run repeats the losses
+of an uninterrupted one exactly. The learning rate is a function of (step, --steps): resume
+with the same --steps, or extend a run with `--schedule wsd` before its decay starts.
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit (a second signal kills).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from blt.checkpoint import (
+    CONFIG,
+    ENTROPY_CONFIG,
+    THRESHOLD,
+    CheckpointError,
+    atomic_dir_write,
+    load_entropy_model,
+    load_model,
+    save_model,
+    write_entropy_model_files,
+    write_model_files,
+)
+from blt.config import PATCH_MODES, PRESETS, BLTConfig, ConfigError, entropy_config_from_dict, load_json
+from blt.data import Batcher, DataConfig, DataError, iter_eval_batches, prepare_data
+from blt.entropy_model import EntropyModel
+from blt.eval import eval_sums, logits_and_patching
+from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
+from blt.model import BLT
+from blt.tokens import BOE_ID, VOCAB_SIZE
+
+LN2 = math.log(2)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU
+TRAIN_STATE = "train_state.pt"
+# Flags that must not change on --resume: they decide which bytes each step sees.
+RESUME_FIXED = ("data", "valid_data", "valid_fraction", "seq_len", "grad_accum", "seed")
+
+
+# ---- flags -------------------------------------------------------------------------------
+
+
+def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags shared by blt.train and blt.train_entropy."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="tinystories", help="train|valid|tinystories (TinyStories splits) or a path/dir/glob")
+    g.add_argument("--valid-data", help="held-out source; default: a --valid-fraction split of --data")
+    g.add_argument("--valid-fraction", type=float, default=0.01, help="share of --data documents held out")
+    g.add_argument("--cache-dir", default="data_cache", help="where the byte shards are cached")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=10000, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per process and micro-step")
+    g.add_argument("--seq-len", type=int, default=2048, help="bytes per sequence")
+    g.add_argument("--grad-accum", type=int, default=4, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the decay")
+    g.add_argument("--warmup", type=int, default=500, help="linear warmup steps")
+    g.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
+                   help="cosine decay after warmup, or warmup-stable-decay (linear decay over --decay-frac)")
+    g.add_argument("--decay-frac", type=float, default=0.2, help="wsd: share of --steps spent decaying")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices and embeddings")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"))
+    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--dropout", type=float, help="dropout of the trained model (default: its config's)")
+    g.add_argument("--seed", type=int, default=0, help="model init and data order")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16 autocast (CUDA only; its default) or fp32 (CPU default)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none", help="data parallelism under torchrun")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=out, help="output folder")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    g.add_argument("--eval-every", type=int, default=500, help="held-out bpb every N steps (0: only at the end)")
+    g.add_argument("--eval-batches", type=int, default=32, help="held-out batches per evaluation (0: all)")
+    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--log-every", type=int, default=10, help="metrics row every N steps")
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line parser errors for values no run can use; resolves --device and --dtype."""
+    checks = [
+        (args.steps >= 1, "--steps must be >= 1"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.seq_len >= 2, "--seq-len must be >= 2 (one input and one target byte)"),
+        (args.grad_accum >= 1, "--grad-accum must be >= 1"),
+        (args.lr > 0 and 0 <= args.min_lr <= args.lr, "need --lr > 0 and 0 <= --min-lr <= --lr"),
+        (args.warmup >= 0, "--warmup must be >= 0"),
+        (0 < args.decay_frac <= 1, "--decay-frac must be in (0, 1]"),
+        (args.weight_decay >= 0 and args.clip >= 0 and args.eps > 0, "--weight-decay and --clip must be >= 0, --eps > 0"),
+        (all(0 <= b < 1 for b in args.betas), "--betas must be in [0, 1)"),
+        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.seed >= 0, "--seed must be >= 0"),
+        (0 < args.valid_fraction < 1, "--valid-fraction must be in (0, 1)"),
+        (args.log_every >= 1, "--log-every must be >= 1"),
+        (min(args.eval_every, args.eval_batches, args.save_every) >= 0, "--eval-every, --eval-batches and --save-every must be >= 0"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.dtype == "bf16" and args.device != "cuda":
+        p.error("--dtype bf16 needs --device cuda (CPU runs are fp32)")
+    launched = "RANK" in os.environ
+    if args.dist == "none" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        p.error("launched with several processes: pass --dist ddp or --dist fsdp")
+    if args.dist != "none" and not launched:
+        p.error(f"--dist {args.dist} needs torchrun (python -m torch.distributed.run ...)")
+
+
+def blt_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m blt.train", description="Train a Byte Latent Transformer.")
+    add_common_args(p, out="runs/blt")
+    g = p.add_argument_group("model")
+    g.add_argument("--config", default="tinystories", help=f"preset ({', '.join(PRESETS)}) or BLTConfig JSON file")
+    g.add_argument("--entropy-model", help="blt.train_entropy output (its --out or its model/ folder)")
+    g.add_argument("--threshold", type=float, help="entropy threshold θ (default: the entropy model's patcher_threshold.json)")
+    g.add_argument("--patch-mode", choices=PATCH_MODES, help="override the config's patching mode")
+    g.add_argument("--patch-size", type=int, help="static patching: bytes per patch")
+    g.add_argument("--max-patch-length", type=int, help="split longer patches")
+    return p
+
+
+def entropy_model_dir(path: str) -> Path:
+    """Accept train_entropy's --out folder as well as its model/ folder."""
+    path = Path(path)
+    return path / "model" if not (path / ENTROPY_CONFIG).exists() and (path / "model").is_dir() else path
+
+
+def blt_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[BLTConfig, Path | None]:
+    """The run's BLTConfig (preset or JSON, then the flag overrides) and the entropy model folder."""
+    try:
+        if args.config in PRESETS:
+            cfg = PRESETS[args.config]()
+        elif args.config.endswith(".json") or Path(args.config).is_file():
+            cfg = BLTConfig.from_json(args.config)
+        else:
+            p.error(f"unknown preset {args.config!r}: choose from {', '.join(PRESETS)} or give a JSON file")
+        pc = cfg.patcher
+        pc.mode = args.patch_mode or pc.mode
+        pc.patch_size = args.patch_size if args.patch_size is not None else pc.patch_size
+        pc.max_patch_length = args.max_patch_length if args.max_patch_length is not None else pc.max_patch_length
+        if args.dropout is not None:
+            cfg.encoder.dropout = cfg.global_model.dropout = cfg.decoder.dropout = args.dropout
+        cfg.validate()
+    except ConfigError as e:
+        p.error(str(e))
+    if not cfg.patcher.needs_entropy:
+        if args.entropy_model:
+            p.error(f"--entropy-model is only used by entropy-based patching, not --patch-mode {cfg.patcher.mode}")
+        return cfg, None
+    if not args.entropy_model:
+        p.error(f"patch mode {cfg.patcher.mode!r} needs --entropy-model DIR (blt.train_entropy's output)")
+    folder = entropy_model_dir(args.entropy_model)
+    if not (folder / ENTROPY_CONFIG).is_file():
+        p.error(f"--entropy-model {args.entropy_model}: no entropy model there (entropy_config.json missing)")
+    try:
+        cfg.entropy_model = entropy_config_from_dict(load_json(folder / ENTROPY_CONFIG, "entropy model config"))
+        pc.threshold = args.threshold if args.threshold is not None else calibrated_threshold(folder, pc.mode)
+    except (CheckpointError, ConfigError) as e:
+        p.error(str(e))
+    return cfg, folder
+
+
+def calibrated_threshold(folder: Path, mode: str) -> float:
+    cal = load_json(folder / THRESHOLD, "patcher threshold (pass --threshold instead)")
+    if cal.get("mode") != mode:
+        raise ConfigError(f"{folder / THRESHOLD} was calibrated for mode {cal.get('mode')!r}, not {mode!r}: pass --threshold")
+    return float(cal["threshold"])
+
+
+# ---- the BLT: build and export -----------------------------------------------------------
+
+
+def build_blt(cfg: BLTConfig, entropy_dir: Path | None, checkpoint: Path | None) -> BLT:
+    if checkpoint is not None:
+        check_same_config(cfg.to_dict(), load_json(checkpoint / CONFIG, "checkpoint config"), checkpoint)
+        return load_model(checkpoint)
+    return BLT(cfg, load_entropy_model(entropy_dir) if entropy_dir else None)
+
+
+def export_blt(model: BLT, entropy_dir: Path | None, out: Path) -> None:
+    """The final model folder, with the entropy model's calibration record when there is one."""
+    extra = {THRESHOLD: load_json(entropy_dir / THRESHOLD, "threshold")} if entropy_dir and (entropy_dir / THRESHOLD).exists() else None
+    save_model(model, out, extra_json=extra)
+
+
+def check_same_config(wanted: dict, saved: dict, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint of a different model, naming the first difference."""
+    def first_diff(a, b, path=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                diff = first_diff(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+                if diff:
+                    return diff
+            return None
+        return None if a == b else f"{path}: checkpoint has {b!r}, this run has {a!r}"
+
+    diff = first_diff(json.loads(json.dumps(wanted)), saved)  # JSON round trip: tuples -> lists
+    if diff:
+        raise CheckpointError(f"cannot resume from {checkpoint}: different model config ({diff})")
+
+
+# ---- distributed setup -------------------------------------------------------------------
+
+
+def init_distributed(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    if args.dist == "none":
+        return 0, 1, torch.device(args.device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device(args.device, local) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum over ranks, in place."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def prepare(args, rank: int, world: int):
+    """Byte shards: rank 0 builds (or finds) the cache, then the others map it."""
+    cfg = DataConfig(source=args.data, valid_source=args.valid_data, valid_fraction=args.valid_fraction, cache_dir=args.cache_dir)
+    if rank == 0:
+        data = prepare_data(cfg)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        data = prepare_data(cfg)
+    return data
+
+
+# ---- model wrapping ----------------------------------------------------------------------
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The trained blocks (transformer layers and cross-attentions): the unit of activation
+    checkpointing, compilation and FSDP sharding. A BLT's frozen entropy model is not among them."""
+    if isinstance(model, BLT):
+        e, d = model.encoder, model.decoder
+        return [e.layers, e.cross_attn, model.global_model.layers, d.layers, d.cross_attn]
+    return [model.layers]
+
+
+def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
+    """Activation checkpointing, then compile, then FSDP2 or DDP (torchtitan's order).
+
+    checkpoint_wrapper's state-dict hooks hide its `_checkpoint_wrapped_module.` prefix and
+    Module.compile() compiles in place, so state-dict keys stay those of a plain BLT.
+    FSDP keeps fp32 parameters and runs under the same bf16 autocast as DDP (no
+    MixedPrecisionPolicy), so both modes compute the same thing; at these model sizes the fp32
+    all-gathers are cheap. The frozen entropy model is replicated (ignored_params), not sharded.
+    """
+    for blocks in block_lists(model):
+        for i, block in enumerate(blocks):
+            if args.activation_checkpointing:
+                block = checkpoint_wrapper(block)
+            if args.compile:
+                block.compile()
+            if args.dist == "fsdp":
+                fully_shard(block)
+            blocks[i] = block
+    frozen = model.entropy_model if isinstance(model, BLT) else None
+    if args.compile and frozen is not None:
+        for block in frozen.layers:
+            block.compile()
+    if args.dist == "fsdp":
+        fully_shard(model, ignored_params=set(frozen.parameters()) if frozen is not None else None)
+    elif args.dist == "ddp":
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def full_copy(raw: nn.Module, rank: int) -> nn.Module | None:
+    """A plain model with full weights, for writing model folders. Only FSDP needs a copy (its
+    parameters are shards); every rank must call this, rank 0 gets the model, others None."""
+    if not isinstance(raw, FSDPModule):
+        return raw if rank == 0 else None
+    sd = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    if isinstance(raw, BLT):
+        plain = BLT(raw.cfg)
+        plain.load_state_dict({k: v for k, v in sd.items() if not k.startswith("entropy_model.")})
+        if raw.entropy_model is not None:
+            plain.set_entropy_model(raw.entropy_model)
+        return plain
+    plain = EntropyModel(raw.cfg)
+    plain.load_state_dict(sd)
+    return plain
+
+
+def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings (>= 2-D), not on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps, fused=device.type == "cuda")
+
+
+def lr_at(step: int, args) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to --lr, then cosine to
+    --min-lr at the last step, or (wsd) constant until the last --decay-frac of the steps and
+    linear to --min-lr."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "cosine":
+        progress = (step - args.warmup) / max(1, args.steps - 1 - args.warmup)
+        return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
+    decay_start = max(args.warmup, args.steps - round(args.decay_frac * args.steps))
+    if step < decay_start:
+        return args.lr
+    progress = (step + 1 - decay_start) / max(1, args.steps - decay_start)
+    return args.lr - min(progress, 1.0) * (args.lr - args.min_lr)
+
+
+def grad_sync(model: nn.Module, enabled: bool):
+    """Reduce gradients only on the last micro-step of an accumulation."""
+    if isinstance(model, DDP):
+        return nullcontext() if enabled else model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, raw, optimizer, step, batcher, args, elapsed, rank, world, device) -> None:
+    """Model folder + train_state.pt, written together atomically. Collective (FSDP state dicts,
+    every rank's RNG state); rank 0 writes."""
+    optim_state = get_optimizer_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rngs = [rng_state(device)]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(device))
+    plain = full_copy(raw, rank)
+    if rank == 0:
+        state = {"step": step, "optimizer": optim_state, "batcher": batcher.state_dict(), "rng": rngs,
+                 "args": vars(args), "elapsed": elapsed, "world_size": world}  # fmt: skip
+
+        def write(tmp: Path) -> None:
+            write_weights(plain, tmp)
+            torch.save(state, tmp / TRAIN_STATE)
+
+        atomic_dir_write(path, write)
+    if world > 1:
+        dist.barrier()
+
+
+def write_weights(model, folder: Path) -> None:
+    (write_model_files if isinstance(model, BLT) else write_entropy_model_files)(model, folder)
+
+
+def load_train_state(path: Path, args, world: int) -> dict:
+    """train_state.pt of a checkpoint, after checking that this run may continue it."""
+    if not (path / TRAIN_STATE).is_file():
+        raise CheckpointError(f"cannot resume: {path / TRAIN_STATE} not found")
+    state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)
+    saved = state["args"]
+    for key in RESUME_FIXED:
+        if saved[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"cannot resume: checkpoint has {flag} {saved[key]}, this run has {getattr(args, key)}")
+    if saved["batch_size"] * state["world_size"] != args.batch_size * world:
+        raise CheckpointError(
+            f"cannot resume: checkpoint's global batch is {saved['batch_size']} x {state['world_size']} processes, "
+            f"this run's is {args.batch_size} x {world} (keep --batch-size x processes the same)"
+        )
+    return state
+
+
+# ---- metrics -----------------------------------------------------------------------------
+
+
+class Metrics:
+    """metrics.jsonl, written by rank 0. On resume, rows after the checkpoint's step (logged by
+    the interrupted run after its last save) are dropped, so every step appears once."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.file = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(row + "\n" for row in rows))
+        elif resume_step is None:
+            path.write_text("")
+        self.file = path.open("a")
+
+    def write(self, **row) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# ---- the shared loop ---------------------------------------------------------------------
+
+
+def run(args, build, export) -> None:
+    """Train, then export. build(checkpoint_dir | None) -> model (CPU, fp32): fresh, or loaded
+    from the checkpoint after checking it is the same model; export(model, data, device) writes
+    out/model on rank 0. Known errors become one `error: ...` line and exit code 1."""
+    try:
+        train(args, build, export)
+    except (CheckpointError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        # Only after train() returned: DDP's reducer must be freed while its process group lives
+        # (the other order can hang at exit).
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopOnSignal:
+    """Inside the `with` block the first SIGINT/SIGTERM is only recorded, so the loop can finish
+    its step and save; the handler then steps aside, so a second signal acts as usual."""
+
+    def __enter__(self):
+        self.caught = []
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.caught.append(signal.Signals(signum).name)
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train_step(model, raw, optimizer, batcher, args, device, amp_dtype) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad norm)."""
+    loss_sum, bpp = torch.zeros((), device=device), 0.0
+    for micro in range(args.grad_accum):
+        batch = next(batcher).to(device, non_blocking=True)
+        with grad_sync(model, micro == args.grad_accum - 1):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits, patching = logits_and_patching(model, batch[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID)
+            (loss / args.grad_accum).backward()
+        loss_sum += loss.detach()
+        bpp += patching.bytes_per_patch if patching is not None else 1.0  # a byte LM steps once per byte
+    norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / args.grad_accum, bpp / args.grad_accum, norm
+
+
+def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
+    """Held-out bits per byte over the first --eval-batches batches of every rank (0: all)."""
+    model.eval()
+    n_windows = math.ceil((len(valid) - 1) / args.seq_len)
+    # Every rank runs the same number of batches (FSDP forwards are collective): rank 0 has the
+    # most windows; the others pad with all-BOE windows, which add nothing to the sums.
+    n = math.ceil(math.ceil(n_windows / world) / args.batch_size)
+    n = min(n, args.eval_batches) if args.eval_batches else n
+    mine = iter_eval_batches(valid, args.batch_size, args.seq_len, rank, world)
+    batches = (next(mine, torch.zeros(1, args.seq_len + 1, dtype=torch.long)) for _ in range(n))
+    nats, targets, _, _ = all_reduce(eval_sums(model, batches, device, amp_dtype), world).tolist()
+    model.train()
+    return nats / LN2 / targets
+
+
+def train(args, build, export) -> None:
+    out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoint"
+    if args.resume and not (ckpt_dir / TRAIN_STATE).is_file():
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+    if not args.resume and ckpt_dir.exists():
+        raise CheckpointError(f"{ckpt_dir} exists: pass --resume to continue it, or choose another --out")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    raw = build(ckpt_dir if args.resume else None)
+    rank, world, device = init_distributed(args)
+    master = rank == 0
+    state = load_train_state(ckpt_dir, args, world) if args.resume else None
+    data = prepare(args, rank, world)
+    batcher = Batcher(data.train, args.batch_size, args.seq_len, seed=args.seed, rank=rank, world_size=world)
+
+    raw.to(device).train()
+    model = parallelize(raw, args, device)
+    optimizer = make_optimizer(raw, args, device)
+    step, elapsed = 0, 0.0
+    torch.manual_seed(args.seed + rank)  # dropout: different masks on different ranks
+    if state is not None:
+        set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        batcher.load_state_dict(state["batcher"])
+        step, elapsed = state["step"], state["elapsed"]
+        if len(state["rng"]) == world:  # else (new world size) keep the fresh per-rank seeds
+            set_rng_state(state["rng"][rank], device)
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
+    metrics = Metrics(out / "metrics.jsonl", step if state else None, master)
+    if master:
+        print(f"{type(raw).__name__}: {describe(raw)}; {world} process(es) on {device}, {args.dtype}; "
+              f"{bytes_per_step} bytes per step; train {len(data.train)} / held-out {len(data.valid)} tokens")  # fmt: skip
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_dir, raw, optimizer, step, batcher, args, elapsed, rank, world, device)
+
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    window = np.zeros(3)  # since the last metrics row: loss, bytes/patch, seconds
+    window_steps = 0
+    run_steps, run_bpp, timed_s = 0, 0.0, 0.0  # this run; timed_s skips its first step (warm-up, compilation)
+    stop = False
+    with StopOnSignal() as signals:
+        while step < args.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, bpp, norm = train_step(model, raw, optimizer, batcher, args, device, amp_dtype)
+            step += 1
+            # One small all-reduce per step: mean loss and bytes/patch over ranks, and whether any
+            # rank was signalled (all ranks must stop at the same step, or collectives would hang).
+            synced = torch.tensor([loss.item(), bpp, float(bool(signals.caught))], dtype=torch.float64, device=device)
+            loss_v, bpp_v, stop = all_reduce(synced, world).tolist()
+            loss_v, bpp_v, stop = loss_v / world, bpp_v / world, stop > 0
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            seconds = time.perf_counter() - t0
+            elapsed += seconds
+            timed_s += seconds if run_steps else 0.0
+            run_steps, run_bpp = run_steps + 1, run_bpp + bpp_v
+            window += (loss_v, bpp_v, seconds)
+            window_steps += 1
+            bar.update()
+            bar.set_postfix({"loss": f"{loss_v:.3f}", "bpb": f"{loss_v / LN2:.3f}", "bytes/s": f"{bytes_per_step / seconds:.3g}",
+                             "bytes/patch": f"{bpp_v:.2f}"})  # fmt: skip
+
+            if step % args.log_every == 0 or step == args.steps or stop:
+                mean_loss, mean_bpp, secs = window / [window_steps, window_steps, 1]
+                metrics.write(step=step, loss=mean_loss, bpb=mean_loss / LN2, lr=lr, bytes=step * bytes_per_step,
+                              bytes_per_s=window_steps * bytes_per_step / secs, bytes_per_patch=mean_bpp,
+                              grad_norm=grad_norm, elapsed=elapsed)  # fmt: skip
+                window[:], window_steps = 0, 0
+            if step == args.steps or stop:
+                break
+            if args.eval_every and step % args.eval_every == 0:
+                eval_bpb = evaluate(model, data.valid, args, rank, world, device, amp_dtype)
+                metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
+                bar.write(f"step {step}: held-out bpb {eval_bpb:.4f}")
+            if args.save_every and step % args.save_every == 0:
+                checkpoint()
+    bar.close()
+
+    checkpoint()
+    if stop and step < args.steps:
+        if master:
+            print(f"stopped by a signal after step {step}; checkpoint in {ckpt_dir}; continue with --resume")
+    else:
+        eval_bpb = evaluate(model, data.valid, args, rank, world, device, amp_dtype)
+        metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
+        plain = full_copy(raw, rank)
+        if master:
+            export(plain, data, device)
+            print(f"done: {step} steps, {step * bytes_per_step} training bytes, held-out bpb {eval_bpb:.4f}; model in {out / 'model'}")
+    metrics.close()
+    if master:
+        bytes_per_s = (run_steps - 1) * bytes_per_step / timed_s if run_steps > 1 else None
+        print(summary(raw, args, device, world, bytes_per_s, run_bpp / max(1, run_steps)))
+    if world > 1:
+        dist.barrier()  # leave together: rank 0 was still writing files
+
+
+def describe(model: nn.Module) -> str:
+    if isinstance(model, BLT):
+        return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items())
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+
+
+def summary(raw, args, device, world, bytes_per_s, bytes_per_patch) -> str:
+    """Peak GPU memory and MFU (model FLOPs per byte from blt.flops at the measured patch size)."""
+    if device.type != "cuda":
+        return "peak GPU memory: n/a (CPU); MFU: n/a (CPU)"
+    memory = f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peak is None or bytes_per_s is None:
+        return f"{memory}; MFU: n/a ({name if peak is None else 'too few steps to time'})"
+    if isinstance(raw, BLT):
+        flops = blt_flops_per_byte(raw.cfg, bytes_per_patch, args.seq_len).train
+    else:
+        flops = 3 * transformer_flops_per_byte(raw.cfg, args.seq_len)
+    mfu = flops * bytes_per_s / (peak * world)
+    return f"{memory}; MFU: {100 * mfu:.1f}% ({flops:.3g} FLOPs/byte x {bytes_per_s:.3g} bytes/s over {world} x {peak:.3g} FLOP/s)"
+
+
+def main(argv=None) -> None:
+    parser = blt_parser()
+    args = parser.parse_args(argv)
+    check_common_args(parser, args)
+    for flag in ("patch_size", "max_patch_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    cfg, entropy_dir = blt_config(parser, args)
+    run(
+        args,
+        build=lambda checkpoint: build_blt(cfg, entropy_dir, checkpoint),
+        export=lambda model, data, device: export_blt(model, entropy_dir, Path(args.out) / "model"),
+    )
+
+
+if __name__ == "__main__":
+    main()

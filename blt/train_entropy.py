@@ -1,0 +1,99 @@
+"""Train the byte-level LM: `python -m blt.train_entropy`.
+
+It is BLT's entropy model (paper §2.3). After training, the entropy threshold θ is calibrated
+so that --calibrate-mode patching of held-out text gives --target-bytes-per-patch bytes per
+patch on average, and saved as patcher_threshold.json next to the weights, where
+`blt.train --entropy-model` finds it. Trained bigger, the same model is the plain byte-level
+transformer baseline (blt.eval reads its folder too).
+
+Flags and outputs are blt.train's (same loop, see there), plus the model shape (--dim
+--layers --heads --window, over --config, a JSON file of EntropyModelConfig; default: the
+tinystories preset's entropy model) and the calibration target. out/model/ holds
+entropy_config.json, entropy_model.safetensors and patcher_threshold.json.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blt.checkpoint import ENTROPY_CONFIG, THRESHOLD, load_entropy_model, save_entropy_model
+from blt.config import ConfigError, PatcherConfig, entropy_config_from_dict, load_json, tinystories
+from blt.entropy_model import EntropyModel
+from blt.patcher import calibrate_threshold
+from blt.train import add_common_args, check_common_args, check_same_config, run
+
+CALIBRATION_TOKENS = 256 * 1024  # the first 256 KiB of the held-out stream
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
+    p = argparse.ArgumentParser(prog="python -m blt.train_entropy", description="Train the byte LM / entropy model.")
+    add_common_args(p, out="runs/entropy")
+    g = p.add_argument_group("model")
+    g.add_argument("--config", help="EntropyModelConfig JSON file (default: the tinystories preset's entropy model)")
+    g.add_argument("--dim", type=int, help="width")
+    g.add_argument("--layers", type=int, help="transformer layers")
+    g.add_argument("--heads", type=int, help="attention heads")
+    g.add_argument("--window", type=int, help="sliding attention window in bytes (0: full causal)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--target-bytes-per-patch", type=float, default=4.5, help="mean patch size θ is calibrated to")
+    g.add_argument("--calibrate-mode", choices=("entropy", "monotonic", "combined"), default="entropy")
+    args = p.parse_args(argv)
+    check_common_args(p, args)
+    if args.target_bytes_per_patch < 1:
+        p.error("--target-bytes-per-patch must be >= 1")
+    try:
+        cfg = entropy_config_from_dict(load_json(args.config, "entropy model config")) if args.config else tinystories().entropy_model
+        shape = {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "dropout": args.dropout}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in shape.items() if v is not None})
+        if args.window is not None:
+            cfg.window = args.window or None
+        cfg.validate("entropy model")
+    except ConfigError as e:
+        p.error(str(e))
+    return args, cfg
+
+
+def build(cfg, checkpoint: Path | None) -> EntropyModel:
+    if checkpoint is not None:
+        check_same_config(cfg.__dict__, load_json(checkpoint / ENTROPY_CONFIG, "checkpoint config"), checkpoint)
+        return load_entropy_model(checkpoint)
+    return EntropyModel(cfg)
+
+
+@torch.no_grad()
+def calibrate(model: EntropyModel, valid: np.ndarray, args, device) -> dict:
+    """θ for --calibrate-mode on the first CALIBRATION_TOKENS of the held-out stream, cut into
+    rows of --seq-len (one shorter row if the stream is shorter than that)."""
+    n = min(len(valid), CALIBRATION_TOKENS)
+    T = min(args.seq_len, n)
+    tokens = torch.from_numpy(valid[: n // T * T].astype(np.int64)).view(-1, T)
+    model.to(device).eval()
+    entropies = torch.cat([model.entropies(rows.to(device)).cpu() for rows in tokens.split(args.batch_size)])
+    theta, achieved = calibrate_threshold(entropies, tokens, PatcherConfig(mode=args.calibrate_mode), args.target_bytes_per_patch)
+    return {
+        "threshold": theta,
+        "mode": args.calibrate_mode,
+        "target_bytes_per_patch": args.target_bytes_per_patch,
+        "achieved_bytes_per_patch": achieved,
+        "data": args.valid_data or f"{args.data} (held-out split, fraction {args.valid_fraction})",
+        "bytes": tokens.numel(),
+    }
+
+
+def export(model: EntropyModel, data, device, args) -> None:
+    record = calibrate(model, data.valid, args, device)
+    save_entropy_model(model, Path(args.out) / "model", extra_json={THRESHOLD: record})
+    print(f"θ = {record['threshold']:.4f} gives {record['achieved_bytes_per_patch']:.3f} bytes/patch "
+          f"({record['mode']} patching, {record['bytes']} held-out bytes)")  # fmt: skip
+
+
+def main(argv=None) -> None:
+    args, cfg = parse_args(argv)
+    run(args, build=lambda checkpoint: build(cfg, checkpoint), export=lambda model, data, device: export(model, data, device, args))
+
+
+if __name__ == "__main__":
+    main()
