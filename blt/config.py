@@ -6,6 +6,8 @@ exactly. Presets are plain functions selected by name in `PRESETS`.
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,8 @@ class TransformerConfig:
             raise ConfigError(f"{name}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"{name}: head_dim {self.head_dim} must be even for RoPE")
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            raise ConfigError(f"{name}: n_kv_heads must be >= 1 or null")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"{name}: n_heads {self.n_heads} not divisible by n_kv_heads {self.kv_heads}")
         if self.window is not None and self.window < 1:
@@ -188,7 +192,10 @@ class BLTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BLTConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a BLT config must be a JSON object, got {type(d).__name__}")
         sub = {f.name: f.type for f in dataclasses.fields(cls)}
+        _check_types(d, cls, "")
         kwargs = {}
         for key, value in d.items():
             if key not in sub:
@@ -213,6 +220,32 @@ _SUBCONFIGS = {
 }
 
 
+def _type_ok(value, annotation) -> bool:
+    """JSON value against a field annotation (int, float, bool, str, list[int], X | None)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for t in options:
+        if t is type(None) and value is None:
+            return True
+        if t is bool and isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t is str and isinstance(value, str):
+            return True
+        if typing.get_origin(t) is list and isinstance(value, list):
+            return all(_type_ok(v, typing.get_args(t)[0]) for v in value)
+    return False
+
+
+def _check_types(values: dict, klass, section: str) -> None:
+    hints = typing.get_type_hints(klass)
+    for key, value in values.items():
+        if key in hints and key not in _SUBCONFIGS and not _type_ok(value, hints[key]):
+            raise ConfigError(f"config field {section}{key} has the wrong type: {value!r} (expected {hints[key]})")
+
+
 def _build(klass, value, name):
     if klass is None:
         return value
@@ -222,6 +255,7 @@ def _build(klass, value, name):
     unknown = set(value) - names
     if unknown:
         raise ConfigError(f"unknown field(s) {sorted(unknown)} in config section {name!r}")
+    _check_types(value, klass, f"{name}.")
     return klass(**value)
 
 

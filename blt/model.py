@@ -38,7 +38,7 @@ class BLTOutput:
 
     @property
     def bpb(self) -> float:
-        return float(self.loss) / LN2
+        return self.loss.item() / LN2
 
 
 class BLT(nn.Module):

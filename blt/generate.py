@@ -1,0 +1,1038 @@
+"""Byte generation for BLT: an exact KV-cached engine, the plain uncached oracle, and a CLI.
+
+    python -m blt.generate --prompt "Once upon a time" --max-new 300 --temperature 0.7 --stats
+
+The engine (`Engine`) produces, byte for byte, what `generate_uncached` produces by running
+`BLT.forward` over the whole prefix for every new byte (logits equal to float noise, ~1e-6),
+but per byte it runs only:
+
+  1. the entropy model, one position (KV cache)   -> H_t; with H_{t-1}, the last two bytes,
+     the position and the current patch length it decides whether byte t+1 opens a patch,
+     with exactly `patcher.patch_starts`' rules for every mode (and max_patch_length);
+  2. the local encoder, one position (KV cache; the hash n-grams need the last max(n) ids);
+     the byte's state after each pooling layer goes into a small per-row patch buffer;
+  3. only when byte t+1 opens a patch (byte t's patch is complete): max-pool the patch's
+     bytes, the encoder's cross-attention over them (or over the last `cross_attn_window`
+     patches), ONE global-transformer step for that patch (KV cache over patches), and
+     `decoder.patch_keys` -> the decoder's cross-attention keys/values (projected once per
+     patch, per cross-attention layer, kept for the last `dec cross_attn_window` patches);
+  4. the local decoder, one position (KV cache; cross-attention over the latest complete
+     patch, as masks.decoder_patch_ids) -> logits for byte t+1.
+
+Cache layout (all preallocated, batch-first, per-row positions):
+  * entropy model / encoder / decoder self-attention: rings of exactly `window` slots per
+    layer, slot = position % window, with each slot's position stored; memory is bounded
+    by the window however long the text gets (window None: one slot per position).
+  * global transformer: one slot per patch, slot = patch index (grows by doubling only
+    when needed; a ring of `window` slots if global_model.window is set).
+  * encoder patch buffer: the byte states of the current patch (plus the previous w-1 with
+    an encoder cross_attn_window w), a ring over byte positions that doubles if a patch
+    outgrows it (never, with max_patch_length).
+  * decoder patch store: k·w_dec projected keys/values per cross-attention layer.
+
+compile=True (CUDA only; ignored elsewhere): the whole byte step -- steps 1-4, with the patch
+step of 3 run every byte and its results kept only where a patch completes -- is compiled
+with torch.compile(mode="reduce-overhead") into one CUDA graph over static cache tensors;
+one host round trip per byte remains (the sampled byte and the patch flags).
+
+Batching: every row has its own position counter and its own patching, and each cache
+slot records the position it holds, so the masks are built per row from those positions
+(no padding anywhere: rows of different lengths never see each other's slots or
+positions). Prompts are prefilled one row at a time with the model's own full-forward
+pieces (so a row's numbers never depend on the batch), then the rows step together. When
+some rows complete a patch and others do not, the global step runs for the whole batch and
+the other rows' results are dropped (their cache write lands in the slot their own next
+patch will overwrite before reading it). Rows finish independently (EOS or a stop string)
+and are then dropped from the batch (compiled: they keep stepping, ignored). Sampling uses
+one torch.Generator per row (seed + row), so a row samples the same bytes in a batch as alone.
+
+Prompts: text is encoded as BOS + UTF-8 bytes; an empty prompt generates from BOS alone.
+Id lists are used as given (an empty one becomes [BOS]). There is no length limit: the
+prompt is prefilled with one forward pass (dense masks up to PREFILL_DENSE_MAX bytes, O(L^2)
+in memory; FlexAttention beyond that on CUDA), after which the entropy model and the local
+models see only their sliding windows (bounded memory) and the global model sees every
+patch so far (its cache grows by one slot per patch, as BLT.forward's global context would).
+
+The sampler never emits the ids BOE, BOS and BPE (they are not text); EOS ends a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from blt import masks as M
+from blt.entropy_model import entropy
+from blt.patcher import _is_word_byte, lengths_from_starts, patch_starts
+from blt.tokens import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET, VOCAB_SIZE, StreamDecoder, encode
+
+DEFAULT_STOP = ("<|endoftext|>",)
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints"
+NEVER_SAMPLED = (BOE_ID, BOS_ID, BPE_ID)
+# Prompts up to this many bytes are prefilled with dense masks on every device (FlexAttention
+# would compile anew for every prompt length); longer ones use the device's default backend.
+PREFILL_DENSE_MAX = 4096
+
+
+@dataclass
+class GenerationStats:
+    bytes: int  # bytes sampled, all rows (a stop string's bytes included, EOS not)
+    seconds: float  # prefill + generation, wall clock
+    bytes_per_s: float
+    patches: int  # patches completed while generating, all rows (prompt patches not counted)
+    global_steps: int  # one-patch global-transformer calls while generating (batched: one per call)
+
+    def line(self) -> str:
+        return (f"bytes={self.bytes} seconds={self.seconds:.4f} bytes_per_s={self.bytes_per_s:.2f} "
+                f"patches={self.patches} global_steps={self.global_steps}")
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+def check_sampling_args(max_new, temperature, top_k, top_p) -> None:
+    """Raise a one-line ValueError for an unusable sampling setting."""
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
+        raise ValueError(f"max_new must be an integer >= 0, got {max_new!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generators=None) -> torch.Tensor:
+    """(B,V) logits -> (B,) ids. temperature 0: greedy. generators: one torch.Generator per row
+    (or None for torch's default generator). BOE/BOS/BPE are never sampled."""
+    logits = logits.float().clone()
+    logits[:, list(NEVER_SAMPLED)] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest head reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).view(-1)
+    return torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g).view(-1) for b, g in enumerate(generators)])
+
+
+# ---- caches ---------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys/values of one transformer stack for B rows at per-row positions.
+
+    window w: a ring of w slots (slot = position % w); window None: slot = position, with
+    `ensure` growing the capacity. `pos` holds each slot's position (-1: empty), from which
+    the per-row attention masks are built, so rows never need aligned positions.
+    """
+
+    def __init__(self, n_layers, B, n_kv, head_dim, window, capacity, device, dtype):
+        self.window = window
+        cap = window if window is not None else capacity
+        self.k = [torch.zeros(B, n_kv, cap, head_dim, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.pos = torch.full((B, cap), -1, dtype=torch.long, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[1]
+
+    def ensure(self, needed: int) -> None:
+        """Room for slot index needed-1 (full caches only; rings never grow)."""
+        if self.window is not None or needed <= self.capacity:
+            return
+        extra = max(needed, 2 * self.capacity) - self.capacity
+        self.k = [F.pad(t, (0, 0, 0, extra)) for t in self.k]
+        self.v = [F.pad(t, (0, 0, 0, extra)) for t in self.v]
+        self.pos = F.pad(self.pos, (0, extra), value=-1)
+
+    def slot(self, pos):
+        return pos % self.capacity if self.window is not None else pos
+
+    def begin(self, pos, rows):
+        """Claim the slot of position pos (B,) for every row; -> (slot (B,), mask (B,1,1,S))."""
+        slot = self.slot(pos)
+        self.pos[rows, slot] = pos
+        vis = (self.pos >= 0) & (self.pos <= pos[:, None])
+        if self.window is not None:
+            vis &= (pos[:, None] - self.pos) < self.window
+        return slot, vis[:, None, None, :]
+
+    def fill(self, row: int, ks, vs, n: int) -> None:
+        """Prefill row `row` with positions 0..n-1 from per-layer (Hkv, >=n, Dh) tensors; a ring
+        keeps the last `window` of them."""
+        first = max(0, n - self.capacity) if self.window is not None else 0
+        if self.window is None:
+            self.ensure(n)
+        p = torch.arange(first, n, device=self.pos.device)
+        s = self.slot(p)
+        for layer, (k, v) in enumerate(zip(ks, vs)):
+            self.k[layer][row, :, s] = k[:, first:n].to(self.k[layer].dtype)
+            self.v[layer][row, :, s] = v[:, first:n].to(self.v[layer].dtype)
+        self.pos[row, s] = p
+
+    def select(self, idx) -> None:
+        self.k = [t.index_select(0, idx) for t in self.k]
+        self.v = [t.index_select(0, idx) for t in self.v]
+        self.pos = self.pos.index_select(0, idx)
+
+
+class _Recorder:
+    """A SelfAttention cache callable that records the full prompt's keys/values (prefill)."""
+
+    def __call__(self, k, v):
+        self.k, self.v = k, v
+        return k, v
+
+
+# ---- one-position building blocks (mirror layers.py with cached keys/values) ---------------
+
+
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class _Block:
+    """A TransformerBlock's weights arranged for one-position steps: q/k/v and the two SwiGLU
+    input projections fused into one matmul each (same dot products, fewer kernel calls)."""
+
+    def __init__(self, block):
+        a = block.attn
+        self.attn_norm, self.ffn_norm, self.wo, self.w2 = block.attn_norm, block.ffn_norm, a.wo, block.ffn.w2
+        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
+        self.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).detach()
+        self.w13 = torch.cat([block.ffn.w1.weight, block.ffn.w3.weight]).detach()
+        self.split = (a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim)
+
+
+def _rope_step(rotary, pos):
+    """Rotary tables for one position per row, (B,1,1,Dh) each, laid out so that
+    x·cos + swap(x)·sin equals layers.apply_rotary exactly (same products, same sums)."""
+    cos, sin = rotary(pos[:, None])  # (B,1,Dh/2)
+    cos2 = cos.repeat_interleave(2, dim=-1)[:, None]
+    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)[:, None]
+    return cos2, sin2
+
+
+def _rotate(x, rope):
+    cos2, sin2 = rope
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos2 + swapped * sin2).to(x.dtype)
+
+
+def _block_step(blk: _Block, x, rope, cache: KVCache, layer: int, rows, slot, mask):
+    """TransformerBlock.forward for one new position per row (eval mode: no dropout)."""
+    B = x.shape[0]
+    q, k, v = F.linear(blk.attn_norm(x), blk.wqkv).split(blk.split, dim=-1)
+    qk = _rotate(torch.cat((q, k), dim=-1).view(B, blk.n_heads + blk.n_kv, 1, blk.head_dim), rope)
+    q, k = qk[:, : blk.n_heads], qk[:, blk.n_heads :]
+    cache.k[layer][rows, :, slot] = k[:, :, 0]
+    cache.v[layer][rows, :, slot] = v.view(B, blk.n_kv, blk.head_dim)
+    out = _sdpa(q, cache.k[layer], cache.v[layer], mask)
+    x = x + blk.wo(out.transpose(1, 2).reshape(B, 1, -1))
+    g, u = F.linear(blk.ffn_norm(x), blk.w13).chunk(2, dim=-1)
+    return x + blk.w2(F.silu(g) * u)
+
+
+class _HashStep:
+    """LocalEncoder.embed for the newest position only. Each (function, n) table's rolling hash
+    of the last n ids is one row of an int64 coefficient matrix over the last max(n) ids
+    (zeros for older ids); int64 products and sums wrap exactly as ngram_hash's do."""
+
+    def __init__(self, enc, nmax, device):
+        he = enc.hash_embeddings
+        rows = []
+        from blt.ngram_hash import PRIMES
+
+        for f in range(he.functions):
+            prime = PRIMES[f % len(PRIMES)]
+            for n in he.ngram_sizes:
+                powers = torch.tensor(prime, dtype=torch.long) ** torch.arange(n)  # as ngram_hash
+                rows.append(torch.cat([torch.zeros(nmax - n, dtype=torch.long), powers]))
+        self.coef = torch.stack(rows).to(device)  # (tables, nmax)
+        self.offset = torch.arange(len(rows), device=device) * he.rows
+        self.rows, self.he, self.tok, self.enc = he.rows, he, enc.tok_embeddings, enc
+
+    def __call__(self, win):
+        """win (B, nmax) last ids (left-padded with 0) -> (B,1,D)."""
+        idx = (win[:, None, :] * self.coef).sum(-1) % self.rows + self.offset  # (B, tables)
+        h = self.tok(win[:, -1:]) + F.embedding(idx, self.he.weight).sum(dim=-2, keepdim=True)
+        if self.enc.hash_mean:
+            h = h / (self.he.num_tables + 1)
+        return h
+
+
+def _cross_kv(ca, kv):
+    """CrossAttention's keys/values for (B,K,D) inputs -> (B,Hkv,K,Dh) each."""
+    B = kv.shape[0]
+    kv = ca.kv_norm(kv)
+    k = ca.wk(kv).view(B, -1, ca.n_kv, ca.head_dim).transpose(1, 2)
+    v = ca.wv(kv).view(B, -1, ca.n_kv, ca.head_dim).transpose(1, 2)
+    return k, v
+
+
+def _cross(ca, x, k, v, mask):
+    """CrossAttention.forward with precomputed keys/values (the caller adds the residual)."""
+    B, Q, _ = x.shape
+    q = ca.wq(ca.q_norm(x)).view(B, Q, ca.n_heads, ca.head_dim).transpose(1, 2)
+    return ca.wo(_sdpa(q, k, v, mask).transpose(1, 2).reshape(B, Q, -1))
+
+
+# ---- the engine -----------------------------------------------------------------------------
+
+
+@dataclass
+class _RowPrefill:
+    logits: torch.Tensor  # (V,) prediction for the byte after the prompt
+    L: int
+    ent_kv: list | None
+    H_last: torch.Tensor | None
+    enc_kv: list
+    glob_kv: list
+    dec_kv: list
+    cross_h: list  # per encoder pooling layer: (L, D) byte states
+    patch_ids: torch.Tensor  # (L,)
+    dec_keys: torch.Tensor  # (P·k, D) decoder cross-attention inputs (patch_keys)
+    P_complete: int
+    cur_len: int  # bytes of the open patch before position L
+    recent_starts: list  # start positions of the last w_enc patches (the open one included)
+
+
+class Engine:
+    """Incremental BLT inference for B rows. `prefill()` -> (B,V) logits for each row's next
+    byte; `step(ids)` feeds one byte per row and returns the logits for the byte after it."""
+
+    def __init__(self, model, prompts: list[list[int]], max_new: int, compile: bool = False,
+                 fuse: bool | None = None):  # fmt: skip
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token id")
+        if model.training:
+            raise ValueError("Engine needs a model in eval mode (model.eval())")
+        self.model = model
+        cfg = self.cfg = model.cfg
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.B = len(prompts)
+        self.prompts = [list(p) for p in prompts]
+        self.max_new = max_new
+        pc = self.pc = cfg.patcher
+        if pc.needs_entropy and model.entropy_model is None:
+            raise ValueError(f"patching mode {pc.mode!r} needs an entropy model")
+        enc, dec = model.encoder, model.decoder
+        self.k = cfg.cross_attn_k
+        self.ew = cfg.encoder.cross_attn_window or 1
+        self.dw = cfg.decoder.cross_attn_window or 1
+        self.enc_cross = [i for i in range(len(enc.layers)) if enc.has_cross_attn(i)]
+        self.dec_cross = [i for i in range(len(dec.layers)) if dec.has_cross_attn(i)]
+        self.nmax = max(cfg.encoder.ngram_sizes)
+        self.patches = 0  # completed while stepping
+        self.global_steps = 0
+        self.active: list[bool] = [True] * self.B
+        self.compiled = bool(compile) and self.device.type == "cuda"
+        # fuse: run the patch step every byte, masked (one graph per byte; default: when compiled)
+        self.fuse = self.compiled if fuse is None else bool(fuse)
+        self._fused = self._fused_impl
+        if self.compiled:
+            self._fused = torch.compile(self._fused_impl, mode="reduce-overhead", dynamic=False)
+
+    # ---- prefill ------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        rows = [self._prefill_row(p) for p in self.prompts]
+        self._allocate(rows)
+        return torch.stack([r.logits for r in rows])
+
+    def _prefill_row(self, ids: list[int]) -> _RowPrefill:
+        """One row through the model's own full-forward pieces (exactly BLT.forward), recording
+        every self-attention key/value and the encoder's byte states."""
+        m, cfg = self.model, self.cfg
+        dev = self.device
+        t = torch.tensor([ids], dtype=torch.long, device=dev)
+        L = len(ids)
+        ent_kv, H = None, None
+        if self.pc.needs_entropy:
+            recs = [_Recorder() for _ in m.entropy_model.layers]
+            w, backend = cfg.entropy_model.window, "dense" if L <= PREFILL_DENSE_MAX else M.default_backend(dev)
+            H = entropy(m.entropy_model(t, mask=M.causal_mask(L, w, backend, dev), caches=recs))
+            ent_kv = [(r.k[0], r.v[0]) for r in recs]
+        starts = patch_starts(t, self.pc, H)
+        lengths = lengths_from_starts(starts[:, :L])
+        nsp = starts[:, L]
+        patch_ids = M.patch_ids_from_lengths(lengths, L)
+        dec_ids = M.decoder_patch_ids(patch_ids, nsp)
+        P = lengths.shape[1]
+        masks = M.build_masks(
+            patch_ids, dec_ids, P, self.k,
+            enc_window=cfg.encoder.window, dec_window=cfg.decoder.window, patch_window=cfg.global_model.window,
+            enc_cross_window=cfg.encoder.cross_attn_window, dec_cross_window=cfg.decoder.cross_attn_window,
+            backend="dense" if L <= PREFILL_DENSE_MAX else M.default_backend(dev),
+        )  # fmt: skip
+        # encoder (LocalEncoder.forward, keeping each pooling layer's byte states)
+        enc = m.encoder
+        rope = enc.rope(torch.arange(L, device=dev))
+        h = enc.embed(t)
+        enc_recs = [_Recorder() for _ in enc.layers]
+        queries, cross_h = None, []
+        for i, layer in enumerate(enc.layers):
+            h = layer(h, rope, masks.enc_self, enc_recs[i])
+            if enc.has_cross_attn(i):
+                cross_h.append(h[0])
+                if queries is None:
+                    queries = enc.init_queries(h, patch_ids, P)
+                queries = enc.cross_attend(i, queries, h, masks.enc_cross)
+        g_recs = [_Recorder() for _ in m.global_model.layers]
+        patch_out = m.global_model(queries.view(1, P, -1), masks.patch_self, caches=g_recs)
+        d_recs = [_Recorder() for _ in m.decoder.layers]
+        logits = m.decoder(h, patch_out, masks.dec_self, masks.dec_cross, caches=d_recs)
+        complete = bool(nsp[0])
+        P_complete = P if complete else P - 1
+        starts_pos = (lengths[0].cumsum(0) - lengths[0]).tolist() + ([L] if complete else [])
+        return _RowPrefill(
+            logits=logits[0, -1], L=L, ent_kv=ent_kv, H_last=None if H is None else H[0, -1],
+            enc_kv=[(r.k[0], r.v[0]) for r in enc_recs],
+            glob_kv=[(r.k[0], r.v[0]) for r in g_recs],
+            dec_kv=[(r.k[0], r.v[0]) for r in d_recs],
+            cross_h=cross_h, patch_ids=patch_ids[0], dec_keys=m.decoder.patch_keys(patch_out)[0],
+            P_complete=P_complete, cur_len=0 if complete else int(lengths[0, P - 1]),
+            recent_starts=starts_pos[-self.ew :],
+        )  # fmt: skip
+
+    def _allocate(self, rows: list[_RowPrefill]) -> None:
+        m, cfg, B, dev, dt = self.model, self.cfg, self.B, self.device, self.dtype
+        Lmax = max(r.L for r in rows)
+        full_cap = Lmax + self.max_new + 1  # local stacks without a window: one slot per position
+
+        def stack(c, n_layers):
+            return KVCache(n_layers, B, c.kv_heads, c.head_dim, c.window, full_cap, dev, dt)
+
+        self.rows_idx = torch.arange(B, device=dev)
+        self.ent = stack(cfg.entropy_model, cfg.entropy_model.n_layers) if self.pc.needs_entropy else None
+        self.enc = stack(cfg.encoder, cfg.encoder.n_layers)
+        self.dec = stack(cfg.decoder, cfg.decoder.n_layers)
+        g = cfg.global_model
+        pmax = max(r.P_complete for r in rows)
+        # a patch completes at most once per byte: compiled graphs get that bound up front
+        extra = self.max_new + 1 if self.fuse else min(self.max_new, 256) + 1
+        self.glob = KVCache(g.n_layers, B, g.kv_heads, g.head_dim, g.window, pmax + extra, dev, dt)
+        for b, r in enumerate(rows):
+            if self.ent is not None:
+                self.ent.fill(b, *zip(*r.ent_kv), r.L)
+            self.enc.fill(b, *zip(*r.enc_kv), r.L)
+            self.dec.fill(b, *zip(*r.dec_kv), r.L)
+            self.glob.fill(b, *zip(*r.glob_kv), r.P_complete)
+
+        # per-row scalars, updated in place by the step functions
+        self.pos = torch.tensor([r.L for r in rows], dtype=torch.long, device=dev)
+        self.cur_patch = torch.tensor([r.P_complete for r in rows], dtype=torch.long, device=dev)
+        self.cur_len = torch.tensor([r.cur_len for r in rows], dtype=torch.long, device=dev)
+        self.H_prev = torch.stack([r.H_last for r in rows]).float() if self.ent is not None else None
+        win = torch.zeros(B, self.nmax, dtype=torch.long, device=dev)
+        prev = torch.zeros(B, dtype=torch.long, device=dev)
+        for b, p in enumerate(self.prompts):
+            tail = p[-(self.nmax - 1) :] if self.nmax > 1 else []
+            if tail:
+                win[b, self.nmax - len(tail) :] = torch.tensor(tail, device=dev)
+            prev[b] = p[-1]
+        self.win, self.prev_tok = win, prev  # win[:, -1] is the last byte seen
+        # host bookkeeping (what the buffer must keep; no device reads needed)
+        self.h_pos = [r.L for r in rows]
+        self.h_starts = [deque(r.recent_starts, maxlen=self.ew) for r in rows]
+        self.h_patches = [r.P_complete for r in rows]
+
+        # encoder patch buffer: ring over byte positions
+        D = cfg.encoder.dim
+        need = max(r.L - r.recent_starts[0] + 1 for r in rows)
+        base = self.ew * (self.pc.max_patch_length or 16)
+        C = max(base, 1 << (need - 1).bit_length())
+        self.buf = [torch.zeros(B, C, D, device=dev, dtype=dt) for _ in self.enc_cross]
+        self.buf_pos = torch.full((B, C), -1, dtype=torch.long, device=dev)
+        self.buf_patch = torch.full((B, C), -1, dtype=torch.long, device=dev)
+        for b, r in enumerate(rows):
+            p = torch.arange(r.recent_starts[0], r.L, device=dev)
+            s = p % C
+            for j, hs in enumerate(r.cross_h):
+                self.buf[j][b, s] = hs[p]
+            self.buf_pos[b, s] = p
+            self.buf_patch[b, s] = r.patch_ids[p]
+
+        # decoder patch store: the last dw complete patches, k keys each, per cross layer
+        dec = m.decoder
+        self.dec_mods = [dec.cross_attn[i if cfg.decoder.cross_attn_all_layers else 0] for i in self.dec_cross]
+        dc = cfg.decoder
+        S = self.dw * self.k
+        self.store_k = [torch.zeros(B, dc.kv_heads, S, dc.head_dim, device=dev, dtype=dt) for _ in self.dec_mods]
+        self.store_v = [torch.zeros_like(t) for t in self.store_k]
+        self.store_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        self.store_ring = torch.arange(S, device=dev) // self.k  # ring index of each slot
+        for b, r in enumerate(rows):
+            for c in range(max(0, r.P_complete - self.dw), r.P_complete):
+                keys = r.dec_keys[c * self.k : (c + 1) * self.k][None]
+                sl = slice((c % self.dw) * self.k, (c % self.dw + 1) * self.k)
+                for j, ca in enumerate(self.dec_mods):
+                    kk, vv = _cross_kv(ca, keys)
+                    self.store_k[j][b, :, sl] = kk[0]
+                    self.store_v[j][b, :, sl] = vv[0]
+                self.store_valid[b, sl] = True
+        self.ent_blocks = [_Block(b) for b in m.entropy_model.layers] if self.ent is not None else []
+        self.enc_blocks = [_Block(b) for b in m.encoder.layers]
+        self.glob_blocks = [_Block(b) for b in m.global_model.layers]
+        self.dec_blocks = [_Block(b) for b in m.decoder.layers]
+        self.hash_step = _HashStep(m.encoder, self.nmax, dev)
+        self.enc_mods = [m.encoder.cross_attn[i if cfg.encoder.cross_attn_all_layers else 0] for i in self.enc_cross]
+        if self.compiled:
+            self._mark_static()
+
+    def _mark_static(self) -> None:
+        """CUDA graphs: the tensors the compiled steps read or update in place keep their
+        addresses for the whole generation, so the graphs use them directly, without copies."""
+        ts = [self.pos, self.cur_patch, self.cur_len, self.win, self.prev_tok, self.rows_idx, self.buf_pos,
+              self.buf_patch, self.store_valid, self.store_ring, self.hash_step.coef, self.hash_step.offset,
+              *self.buf, *self.store_k, *self.store_v]  # fmt: skip
+        if self.H_prev is not None:
+            ts.append(self.H_prev)
+        for c in (self.ent, self.enc, self.dec, self.glob):
+            if c is not None:
+                ts += [c.pos, *c.k, *c.v]
+        for blk in (*self.ent_blocks, *self.enc_blocks, *self.glob_blocks, *self.dec_blocks):
+            ts += [blk.wqkv, blk.w13]
+        for t in ts:
+            torch._dynamo.mark_static_address(t)
+
+    # ---- one byte per row -----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B,) long: the byte at each row's next position -> (B,V) logits for the byte after."""
+        ids = ids.to(self.device, torch.long).view(self.B)
+        self._ensure_buffer()
+        if self.glob.window is None:
+            self.glob.ensure(max(self.h_patches) + 1)  # every row writes its open patch's slot
+        if self.fuse:
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits, start_next = self._fused(ids)
+            flags = start_next.tolist()
+            logits = logits.clone()
+        else:
+            start_next, h = self._front_impl(ids)
+            flags = start_next.tolist()
+            if any(flags):
+                self._patch_step(start_next)
+            logits = self._back_impl(h, start_next)
+        if any(flags):
+            self.global_steps += 1
+            self.patches += sum(1 for f, a in zip(flags, self.active) if f and a)
+        for b, f in enumerate(flags):
+            self.h_pos[b] += 1
+            if f:
+                self.h_starts[b].append(self.h_pos[b])
+                self.h_patches[b] += 1
+        return logits
+
+    def _fused_impl(self, ids):
+        """The compiled step: the patch step runs every byte, its results kept only for rows
+        whose patch completes (on a GPU this costs less than a host round trip and a branch)."""
+        start_next, h = self._front_impl(ids)
+        self._patch_step(start_next)
+        return self._back_impl(h, start_next), start_next
+
+    def _ensure_buffer(self) -> None:
+        """Grow the encoder patch buffer if a row's needed bytes would not fit (host-side check)."""
+        C = self.buf_pos.shape[1]
+        need = max(p - s[0] + 1 for p, s in zip(self.h_pos, self.h_starts))
+        if need <= C:
+            return
+        C2 = max(2 * C, 1 << (need - 1).bit_length())
+        valid = self.buf_pos >= 0
+        slot = torch.where(valid, self.buf_pos % C2, torch.full_like(self.buf_pos, C2))
+        B = self.B
+
+        def move(src, fill):
+            shape = (B, C2 + 1) + tuple(src.shape[2:])
+            out = torch.full(shape, fill, dtype=src.dtype, device=src.device)
+            idx = slot.view(B, C, *([1] * (src.dim() - 2))).expand_as(src)
+            return out.scatter(1, idx, src)[:, :C2]
+
+        self.buf = [move(t, 0) for t in self.buf]
+        self.buf_pos, self.buf_patch = move(self.buf_pos, -1), move(self.buf_patch, -1)
+        if self.compiled:
+            self._mark_static()
+
+    def _decide(self, ids, H):
+        """patcher.patch_starts for p = pos+1 (the next byte), from bytes <= pos only."""
+        pc = self.pc
+        nxt = self.pos + 1
+        if pc.mode == "byte":
+            s = torch.ones_like(nxt, dtype=torch.bool)
+        elif pc.mode == "static":
+            s = (nxt - 1) % pc.patch_size == 0
+        elif pc.mode == "space":
+            s = ~_is_word_byte(ids) & _is_word_byte(self.prev_tok)
+        elif pc.mode == "entropy":
+            s = H > pc.threshold
+        elif pc.mode == "monotonic":
+            s = (H - self.H_prev) > pc.threshold
+        else:  # combined
+            s = (H > pc.threshold) & ((H - self.H_prev) > pc.threshold_add)
+        s = s | (nxt <= 1)
+        if pc.max_patch_length is not None:
+            s = s | (self.cur_len + 1 == pc.max_patch_length)
+        return s
+
+    def _front_impl(self, ids):
+        """Entropy model step, patch decision, encoder step, patch-buffer write."""
+        m, rows, pos = self.model, self.rows_idx, self.pos
+        H = None
+        if self.ent is not None:
+            em = m.entropy_model
+            rope = _rope_step(em.rope, pos)
+            slot, mask = self.ent.begin(pos, rows)
+            x = em.tok_embeddings(ids[:, None])
+            for i, blk in enumerate(self.ent_blocks):
+                x = _block_step(blk, x, rope, self.ent, i, rows, slot, mask)
+            H = entropy(em.output(em.norm(x)))[:, 0]
+        start_next = self._decide(ids, H)
+        if H is not None:
+            self.H_prev.copy_(H)
+        self.prev_tok.copy_(ids)
+        self.win.copy_(torch.cat([self.win[:, 1:], ids[:, None]], dim=1))
+        enc = m.encoder
+        x = self.hash_step(self.win)
+        rope = _rope_step(enc.rope, pos)
+        slot, mask = self.enc.begin(pos, rows)
+        bslot = pos % self.buf_pos.shape[1]
+        j = 0
+        for i, blk in enumerate(self.enc_blocks):
+            x = _block_step(blk, x, rope, self.enc, i, rows, slot, mask)
+            if enc.has_cross_attn(i):
+                self.buf[j][rows, bslot] = x[:, 0]
+                j += 1
+        self.buf_pos[rows, bslot] = pos
+        self.buf_patch[rows, bslot] = self.cur_patch
+        return start_next, x
+
+    def _patch_step(self, start_next):
+        """Pool the current patch of every row, one global step, store the decoder keys; rows
+        whose patch is not complete compute too but their results are not kept."""
+        m, rows, cur, k = self.model, self.rows_idx, self.cur_patch, self.k
+        enc = m.encoder
+        B = self.B
+        own = self.buf_patch == cur[:, None]
+        seen = (self.buf_pos >= 0) & (self.buf_patch <= cur[:, None]) & (self.buf_patch > (cur - self.ew)[:, None])
+        seen = seen[:, None, None, :]
+        queries = None
+        for j, i in enumerate(self.enc_cross):
+            hb = self.buf[j]
+            if queries is None:
+                pooled = hb.masked_fill(~own[..., None], float("-inf")).amax(1)
+                queries = enc.patch_proj(pooled).view(B, k, -1)
+            kk, vv = _cross_kv(self.enc_mods[j], hb)
+            out = queries + _cross(self.enc_mods[j], queries, kk, vv, seen)
+            queries = out + queries if enc.double_residual else out
+        gm = m.global_model
+        x = queries.reshape(B, 1, -1)
+        x = gm.in_proj(x) if gm.in_proj is not None else x
+        rope = _rope_step(gm.rope, cur)
+        slot, mask = self.glob.begin(cur, rows)
+        for i, blk in enumerate(self.glob_blocks):
+            x = _block_step(blk, x, rope, self.glob, i, rows, slot, mask)
+        keys = m.decoder.patch_keys(x)  # (B,k,D)
+        write = start_next[:, None] & (self.store_ring[None] == (cur % self.dw)[:, None])  # (B,S)
+        w4 = write[:, None, :, None]
+        for j, ca in enumerate(self.dec_mods):
+            kk, vv = _cross_kv(ca, keys)
+            self.store_k[j].copy_(torch.where(w4, kk.repeat(1, 1, self.dw, 1), self.store_k[j]))
+            self.store_v[j].copy_(torch.where(w4, vv.repeat(1, 1, self.dw, 1), self.store_v[j]))
+        self.store_valid |= write
+
+    def _back_impl(self, h, start_next):
+        """Decoder step -> logits; then advance the per-row counters."""
+        m, rows, pos = self.model, self.rows_idx, self.pos
+        dec = m.decoder
+        rope = _rope_step(dec.rope, pos)
+        slot, mask = self.dec.begin(pos, rows)
+        cmask = self.store_valid[:, None, None, :]
+        j = 0
+        for i, blk in enumerate(self.dec_blocks):
+            if dec.has_cross_attn(i):
+                out = h + _cross(self.dec_mods[j], h, self.store_k[j], self.store_v[j], cmask)
+                h = out + h if dec.double_residual else out
+                j += 1
+            h = _block_step(blk, h, rope, self.dec, i, rows, slot, mask)
+        logits = dec.output(dec.norm(h))[:, 0]
+        self.cur_len.copy_(torch.where(start_next, torch.zeros_like(self.cur_len), self.cur_len + 1))
+        self.cur_patch.add_(start_next.long())
+        self.pos.add_(1)
+        return logits
+
+    # ---- batch management -------------------------------------------------------------------
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (finished rows), keeping the order given. Not with
+        compile=True: CUDA graphs keep their batch size (finished rows just keep stepping)."""
+        if self.compiled:
+            raise RuntimeError("Engine.keep is not available with compile=True")
+        if rows == list(range(self.B)):
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for c in (self.ent, self.enc, self.dec, self.glob):
+            if c is not None:
+                c.select(idx)
+        sel = lambda t: t.index_select(0, idx)  # noqa: E731
+        self.pos, self.cur_patch, self.cur_len = sel(self.pos), sel(self.cur_patch), sel(self.cur_len)
+        if self.H_prev is not None:
+            self.H_prev = sel(self.H_prev)
+        self.win, self.prev_tok = sel(self.win), sel(self.prev_tok)
+        self.buf = [sel(t) for t in self.buf]
+        self.buf_pos, self.buf_patch = sel(self.buf_pos), sel(self.buf_patch)
+        self.store_k = [sel(t) for t in self.store_k]
+        self.store_v = [sel(t) for t in self.store_v]
+        self.store_valid = sel(self.store_valid)
+        self.h_pos = [self.h_pos[r] for r in rows]
+        self.h_starts = [self.h_starts[r] for r in rows]
+        self.h_patches = [self.h_patches[r] for r in rows]
+        self.active = [self.active[r] for r in rows]
+        self.B = len(rows)
+        self.rows_idx = torch.arange(self.B, device=self.device)
+
+
+# ---- the generation loop ----------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    ids: list[list[int]]  # generated ids per row (no EOS; a matched stop string removed)
+    texts: list[str]
+    stats: GenerationStats
+    logits: list[torch.Tensor] | None = None  # per row (n_steps, V): logits of every sampled byte
+
+
+class _Row:
+    def __init__(self, stop_bytes, stream=None):
+        self.out = bytearray()
+        self.ids: list[int] = []
+        self.done = False
+        self.stop_bytes = stop_bytes
+        self.stream = stream
+        self.sent = 0
+        self.decoder = StreamDecoder() if stream is not None else None
+        self.logits: list[torch.Tensor] = []
+
+    def push(self, tok: int) -> None:
+        if tok == EOS_ID:
+            self.finish()
+            return
+        self.ids.append(tok)
+        self.out.append(tok - OFFSET)
+        for s in self.stop_bytes:
+            if self.out.endswith(s):
+                del self.out[-len(s) :]
+                del self.ids[-len(s) :]
+                self.finish()
+                return
+        self._emit(final=False)
+
+    def finish(self) -> None:
+        self.done = True
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        if self.stream is None:
+            return
+        end = len(self.out)
+        if not final:  # hold back a tail that may still become a stop string
+            for j in range(min(len(self.out), max((len(s) for s in self.stop_bytes), default=1) - 1), 0, -1):
+                tail = bytes(self.out[-j:])
+                if any(s.startswith(tail) for s in self.stop_bytes):
+                    end -= j
+                    break
+        piece = self.decoder.push([b + OFFSET for b in self.out[self.sent : end]])
+        self.sent = max(self.sent, end)
+        if final:
+            piece += self.decoder.flush()
+        if piece:
+            self.stream(piece)
+
+
+def _generators(n, seed, device):
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    max_new: int = 300,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop=DEFAULT_STOP,
+    stream=None,
+    return_logits: bool = False,
+    compile: bool = False,
+) -> GenerationResult:
+    """The cached generation loop over token-id prompts (see `generate` for the arguments)."""
+    check_sampling_args(max_new, temperature, top_k, top_p)
+    stop_bytes = _stop_bytes(stop)
+    was_training = model.training
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        B = len(prompts)
+        rows = [_Row(stop_bytes, stream if b == 0 else None) for b in range(B)]
+        gens = _generators(B, seed, device) if temperature > 0 else None
+        eng = Engine(model, prompts, max_new, compile=compile)
+        live = list(range(B))  # engine row -> original row
+        logits = eng.prefill() if max_new > 0 else None
+        n_bytes = 0
+        for s in range(max_new):
+            tok = sample_next(logits, temperature, top_k, top_p, None if gens is None else [gens[r] for r in live])
+            toks = tok.tolist()
+            for e, r in enumerate(live):
+                if rows[r].done:  # compiled engines keep finished rows in the batch
+                    continue
+                if return_logits:
+                    rows[r].logits.append(logits[e].detach().float().cpu())
+                t = toks[e]
+                n_bytes += t != EOS_ID
+                rows[r].push(t)
+            if s == max_new - 1:
+                break
+            still = [e for e, r in enumerate(live) if not rows[r].done]
+            if not still:
+                break
+            if len(still) < len(live) and not eng.compiled:
+                eng.keep(still)
+                live = [live[e] for e in still]
+                tok = tok[still]
+            eng.active = [not rows[r].done for r in live]
+            logits = eng.step(tok)
+        for r in rows:
+            if not r.done:
+                r.finish()
+        seconds = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    stats = GenerationStats(n_bytes, seconds, n_bytes / seconds if seconds > 0 else 0.0, eng.patches, eng.global_steps)
+    texts = [bytes(r.out).decode("utf-8", errors="replace") for r in rows]
+    lg = [torch.stack(r.logits) if r.logits else torch.empty(0, VOCAB_SIZE) for r in rows] if return_logits else None
+    return GenerationResult([r.ids for r in rows], texts, stats, lg)
+
+
+def _stop_bytes(stop) -> list[bytes]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = (stop,)
+    return [s.encode("utf-8") for s in stop if s]
+
+
+def _prompt_ids(prompts) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)):
+        prompts = [prompts]
+    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(i, int) for i in prompts):
+        prompts = [prompts]  # one id list
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a string, a non-empty list of strings or a list of id lists")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(encode(p))
+        elif isinstance(p, (bytes, bytearray)):
+            out.append(encode(bytes(p)))
+        else:
+            ids = [int(i) for i in p] or [BOS_ID]
+            if any(not 0 <= i < VOCAB_SIZE for i in ids):
+                raise ValueError(f"token ids must be in [0, {VOCAB_SIZE})")
+            out.append(ids)
+    return out
+
+
+def generate(
+    model,
+    prompts,
+    max_new: int = 300,
+    temperature: float = 0.7,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop=DEFAULT_STOP,
+    stream=None,
+    return_stats: bool = False,
+    compile: bool = False,
+):
+    """Continue each prompt by up to `max_new` bytes; returns the continuations (prompt not
+    included), one string per prompt, or (texts, GenerationStats) with return_stats.
+
+    prompts: a string, a list of strings (each encoded as BOS + UTF-8 bytes; "" = BOS alone)
+        or a list of token-id lists (used as given).
+    temperature: 0 = greedy; top_k: keep the k most likely bytes (0/None: off); top_p:
+        nucleus sampling (None/1: off); seed: row i samples with a torch.Generator seeded
+        seed + i (reproducible, and the same bytes as that row alone).
+    stop: strings that end a row (not returned); EOS ends a row too.
+    stream: callback receiving row 0's text as it is generated, in valid UTF-8 pieces (a
+        split multi-byte character, or a tail that may become a stop string, is held back).
+    compile: torch.compile(mode="reduce-overhead") the per-byte step functions; CUDA only
+        (ignored on other devices).
+    """
+    check_sampling_args(max_new, temperature, top_k, top_p)
+    res = generate_ids(model, _prompt_ids(prompts), max_new, temperature, top_k, top_p, seed, stop, stream,
+                       compile=compile)  # fmt: skip
+    return (res.texts, res.stats) if return_stats else res.texts
+
+
+@torch.no_grad()
+def generate_uncached(
+    model,
+    prompt_ids: list[int],
+    max_new: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    return_logits: bool = False,
+    backend: str | None = None,
+):
+    """The plain oracle: for every new byte, patch and run the whole BLT over the entire
+    prefix (`model.forward(tokens)`, which patches itself and sets next_starts_patch, so the
+    last byte sees exactly what incremental generation sees) and take logits[:, -1].
+    Sampling as `generate` for a single row (generator seeded `seed`). Stops at EOS (not
+    returned). Returns the new ids, or (ids, (n, V) logits) with return_logits. backend: the
+    forward's mask backend (None: the device's default; "dense" avoids FlexAttention compiling
+    anew for every length on CUDA)."""
+    check_sampling_args(max_new, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        gens = _generators(1, seed, device) if temperature > 0 else None
+        ids = list(prompt_ids) or [BOS_ID]
+        new, all_logits = [], []
+        for _ in range(max_new):
+            t = torch.tensor([ids], device=device)
+            if backend is None:  # exactly model.forward(tokens)
+                logits = model(t).logits[:, -1]
+            else:  # the same, with the entropy model's mask in that backend too
+                lengths, nsp = _patch(model, t, backend)
+                logits = model(t, patch_lengths=lengths, next_starts_patch=nsp, backend=backend).logits[:, -1]
+            if return_logits:
+                all_logits.append(logits[0].float().cpu())
+            t = int(sample_next(logits, temperature, top_k, top_p, gens)[0])
+            if t == EOS_ID:
+                break
+            new.append(t)
+            ids.append(t)
+    finally:
+        model.train(was_training)
+    if return_logits:
+        return new, torch.stack(all_logits) if all_logits else torch.empty(0, VOCAB_SIZE)
+    return new
+
+
+def _patch(model, t, backend):
+    """BLT.patch(t) with the entropy model's causal mask built for `backend`."""
+    pc, H = model.cfg.patcher, None
+    if pc.needs_entropy:
+        em = model.entropy_model
+        H = entropy(em(t, mask=M.causal_mask(t.shape[1], em.cfg.window, backend, t.device)))
+    starts = patch_starts(t, pc, H)
+    return lengths_from_starts(starts[:, : t.shape[1]]), starts[:, t.shape[1]]
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m blt.generate",
+        description="Generate text with a BLT checkpoint. Prints prompt + continuation (UTF-8). "
+        "An empty prompt generates from BOS alone.",
+    )
+    ap.add_argument("--prompt", default="", help="text to continue (default: empty = from BOS alone)")
+    ap.add_argument("--max-new", type=int, default=300, help="bytes to generate at most (default 300)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely bytes")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    ap.add_argument("--seed", type=int, default=None, help="random seed")
+    ap.add_argument("--stop", action="append", default=None,
+                    help=f"stop string (repeatable; default {DEFAULT_STOP[0]!r}); not printed")  # fmt: skip
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                    help="model folder (default: checkpoints/ beside the blt package)")  # fmt: skip
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the per-byte steps (CUDA only)")
+    ap.add_argument("--stream", action="store_true", help="print bytes as they are generated")
+    ap.add_argument("--stats", action="store_true", help="print speed statistics as the last line on stderr")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    try:
+        check_sampling_args(args.max_new, args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+
+    from blt.checkpoint import CheckpointError
+    from blt.model import BLT
+
+    try:
+        model = BLT.from_pretrained(args.checkpoint, device=device)
+    except CheckpointError as e:
+        default = args.checkpoint == str(DEFAULT_CHECKPOINT)
+        hint = " (no model there yet: train one, or pass --checkpoint DIR)" if default else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 1
+    out = sys.stdout
+    if hasattr(out, "reconfigure"):
+        out.reconfigure(encoding="utf-8", errors="replace")
+    prompt_bytes = os.fsencode(args.prompt)  # the exact argv bytes
+    out.write(prompt_bytes.decode("utf-8", errors="replace"))
+    out.flush()
+
+    def emit(piece):
+        out.write(piece)
+        out.flush()
+
+    res = generate_ids(
+        model, [encode(prompt_bytes)], args.max_new, args.temperature, args.top_k, args.top_p, args.seed,
+        stop=DEFAULT_STOP if args.stop is None else tuple(args.stop), stream=emit if args.stream else None,
+        compile=args.compile,
+    )  # fmt: skip
+    if not args.stream:
+        out.write(res.texts[0])
+    out.write("\n")
+    out.flush()
+    if args.stats:
+        print(res.stats.line(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
