@@ -1,0 +1,114 @@
+"""Generation speed: our cached engine vs full recomputation vs transformers' `generate`.
+
+    python bench/generate_speed.py --device cuda            # bench preset, 1 and 64 streams
+    python bench/generate_speed.py --device cpu --streams 1 --max-new 100
+    python bench/generate_speed.py --checkpoint checkpoints --device cpu   # the shipped model
+
+Greedy decoding from "Once upon a time" (stop strings off, so every stream makes max-new
+bytes). The random-init `bench` model gets θ calibrated to ~4.5 bytes/patch on random text
+so that the global model runs about once per 4.5 bytes, as it would after training.
+Full recomputation re-patches and re-runs the whole BLT over the prefix for every byte (what
+the official code does). transformers' port is run with its cache off (with it on, its
+`generate` raises); it gets our weights, converted.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blt.config import bench  # noqa: E402
+from blt.entropy_model import EntropyModel  # noqa: E402
+from blt.generate import generate_ids, generate_uncached  # noqa: E402
+from blt.model import BLT  # noqa: E402
+from blt.patcher import calibrate_threshold  # noqa: E402
+from blt.tokens import encode  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(device) -> BLT:
+    torch.manual_seed(0)
+    cfg = bench()
+    cfg.cross_attn_double_residual, cfg.hash_embed_mean = True, False  # loadable into BltForCausalLM
+    em = EntropyModel(cfg.entropy_model).to(device)
+    x = torch.randint(4, 260, (4, 1024), device=device)
+    cfg.patcher.threshold, _ = calibrate_threshold(em.entropies(x), x, cfg.patcher, 4.5)
+    return BLT(cfg, em).to(device).eval()
+
+
+def run_cached(model, prompt, streams, max_new, device, compile):
+    generate_ids(model, [prompt] * streams, 8, stop=None, compile=compile)  # warm-up (and compile)
+    sync(device)
+    t0 = time.perf_counter()
+    res = generate_ids(model, [prompt] * streams, max_new, stop=None, compile=compile)
+    sync(device)
+    dt = time.perf_counter() - t0
+    return sum(len(r) for r in res.ids) / dt, res.stats
+
+
+def run_uncached(model, prompt, max_new, device):
+    generate_uncached(model, prompt, 4, backend="dense")
+    sync(device)
+    t0 = time.perf_counter()
+    ids = generate_uncached(model, prompt, max_new, backend="dense")
+    sync(device)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+def run_hf(model, prompt, max_new, device):
+    from blt.convert_hf import to_hf_model
+
+    hf = to_hf_model(model).to(device).eval()
+    x = torch.tensor([prompt], device=device)
+    kw = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, use_cache=False)
+    hf.generate(x, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+    sync(device)
+    t0 = time.perf_counter()
+    out = hf.generate(x, **kw)
+    sync(device)
+    return (out.shape[1] - x.shape[1]) / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--checkpoint", help="a model folder (default: the random-init bench preset)")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--max-new", type=int, default=300)
+    ap.add_argument("--baseline-bytes", type=int, default=48, help="bytes for the slow baselines")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile for the byte step")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = BLT.from_pretrained(args.checkpoint, device) if args.checkpoint else bench_model(device)
+    prompt = encode("Once upon a time")
+    name = args.checkpoint or "bench preset (random init)"
+    hw = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model: {name}; device: {hw}; torch {torch.__version__}; greedy")
+    print(f"{'method':34s} {'streams':>7s} {'bytes/s':>12s}")
+    with torch.no_grad():
+        for s in args.streams:
+            bps, stats = run_cached(model, prompt, s, args.max_new, device, args.compile)
+            print(f"{'ours, cached':34s} {s:7d} {bps:12,.1f}   ({stats.patches} patches, {stats.global_steps} global steps)")
+        print(f"{'ours, full recomputation':34s} {1:7d} {run_uncached(model, prompt, args.baseline_bytes, device):12,.1f}")
+        if not args.skip_hf:
+            try:
+                bps = run_hf(model, prompt, args.baseline_bytes, device)
+                print(f"{'transformers generate (no cache)':34s} {1:7d} {bps:12,.1f}")
+            except (ImportError, ValueError) as e:
+                print(f"transformers: skipped ({e})")
+
+
+if __name__ == "__main__":
+    main()
