@@ -8,18 +8,7 @@ for test_causality + test_core). Set BLT_TEST_THREADS=2 on a dedicated machine i
 
 import os
 
-import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("BLT_TEST_THREADS", "1")))
 
-
-@pytest.fixture
-def deterministic():
-    """torch.use_deterministic_algorithms(True) for one test, restored afterwards."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)

@@ -1,0 +1,593 @@
+"""FLOP-matched comparison of patching schemes (the paper's central comparison, at our scale).
+
+    python bench/flop_matched.py --flops 1e16 --data train --valid-data valid \\
+        --entropy-model runs/entropy --runs runs/flop_matched [--seq-len 2048 --batch-size 32 ...]
+    python bench/flop_matched.py --flops 1e16 --data ... --valid-data ... --train-entropy 1500 ...
+
+Four contenders get the same training-FLOP budget (--flops):
+
+    blt-entropy    BLT (--config preset, default tinystories), entropy patching with the
+                   entropy model's calibrated θ (its patcher_threshold.json; or --threshold)
+    blt-space      the same BLT, space patching
+    blt-static     the same BLT, static patching; patch size k = blt-entropy's measured mean
+                   bytes/patch, rounded (its own measured mean is a little below k: BOS is a
+                   patch of its own and a window's last patch is cut short)
+    byte-baseline  a plain byte-level transformer (blt.train_entropy), --baseline-dim/-layers/
+                   -heads, default 512 x 8 layers x 8 heads, attention window = --seq-len
+
+How the budget is split. Each contender's training FLOPs per byte come from blt.flops: a BLT's
+blt_flops_per_byte(cfg, bytes_per_patch, seq_len).train (forward + backward of the BLT and the
+forward of the frozen entropy model, for entropy patching), the baseline's
+3 x transformer_flops_per_byte. Mean bytes/patch is measured before training by running the
+contender's patcher (entropy model included) on the held-out text, cut into --seq-len windows
+exactly as blt.eval cuts it (the first --measure-bytes tokens; 0 = all); the measurement is kept
+in RUNS/measure.json and reused while its inputs are unchanged. Each contender then trains
+
+    steps = round(budget / (bytes_per_step x train_FLOPs_per_byte)),
+    bytes_per_step = batch_size x grad_accum x seq_len,
+
+so every contender spends the budget to within half a step, and sees a different number of bytes.
+Training the entropy model itself is not charged to the budget (as in the paper).
+
+Runs. Each contender trains in a subprocess (`python -m blt.train` / `python -m blt.train_entropy`,
+--out RUNS/<name>), then is evaluated with `python -m blt.eval --checkpoint RUNS/<name>/model
+--data VALID` (fp32, the whole held-out file). The comparison is resumable: a contender whose
+model folder exists is skipped, one with only a checkpoint (interrupted) continues with --resume,
+and a finished evaluation is kept in RUNS/<name>/eval.json. RUNS/<name>/plan.json records the
+settings a contender was started with; re-running with different settings (another budget,
+batch, shape, data, learning rate, ...) stops with an error instead of mixing runs.
+--extra-train-args are appended to every contender's training command and are not checked.
+Ctrl-C lets the running training save a checkpoint; run the same command again to continue.
+
+Output: a Markdown table (printed, and RUNS/table.md) and RUNS/table.json. Parameters: total
+counts the trained model (a BLT's entropy model is listed apart); non-embedding leaves out the
+byte embedding and the hash n-gram tables (lookup tables), but counts the output projection.
+Inference FLOPs/byte is the forward pass of the model proper (the patcher excluded, as the paper).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from blt.checkpoint import CONFIG, ENTROPY_CONFIG, THRESHOLD, CheckpointError, load_entropy_model  # noqa: E402
+from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig  # noqa: E402
+from blt.data import DataConfig, DataError, iter_eval_batches, prepare_data  # noqa: E402
+from blt.entropy_model import EntropyModel  # noqa: E402
+from blt.eval import real_patches  # noqa: E402
+from blt.flops import blt_flops_per_byte, transformer_flops_per_byte  # noqa: E402
+from blt.model import BLT  # noqa: E402
+from blt.patcher import patch  # noqa: E402
+from blt.tokens import BOE_ID  # noqa: E402
+from blt.train import blt_config, blt_parser, entropy_model_dir  # noqa: E402
+
+NAMES = ("blt-entropy", "blt-space", "blt-static", "byte-baseline")
+EVAL_LINE = re.compile(r"^bpb=(\S+) bytes=(\d+) bytes_per_patch=(\S+)$")
+TRAIN_DEFAULTS = {k: blt_parser().get_default(k) for k in ("lr", "min_lr", "warmup")}
+MEASURE_BATCH = 16  # windows per patcher forward while measuring bytes/patch (does not change the result)
+
+
+class Fail(RuntimeError):
+    """A failure after the flags were accepted: printed as one `error: ...` line, exit code 1."""
+
+
+# ---- flags -------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python bench/flop_matched.py",
+        description="Train BLT (entropy, space, static patching) and a byte-level transformer on the same "
+        "training-FLOP budget, evaluate them on held-out text and tabulate the results.",
+    )
+    g = p.add_argument_group("budget and output")
+    g.add_argument("--flops", type=float, required=True, help="training-FLOP budget of every contender, e.g. 1e16")
+    g.add_argument("--runs", default="runs/flop_matched", help="folder of the runs, table.md and table.json")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (steps, bytes, FLOPs) and stop")
+    g = p.add_argument_group("data (as blt.train)")
+    g.add_argument("--data", default="tinystories", help="training source (see blt.data)")
+    g.add_argument("--valid-data", required=True, help="held-out source: patch-size measurement and blt.eval")
+    g.add_argument("--cache-dir", default="data_cache", help="byte-shard cache")
+    g.add_argument("--measure-bytes", type=int, default=256 * 1024,
+                   help="held-out tokens used to measure mean bytes/patch (0: all)")
+    g = p.add_argument_group("training (passed to every run)")
+    g.add_argument("--seq-len", type=int, default=2048, help="bytes per sequence")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the training scripts')")
+    g.add_argument("--min-lr", type=float, help="final learning rate (default: the training scripts')")
+    g.add_argument("--warmup", type=int, help="warmup steps (default: the training scripts')")
+    g.add_argument("--dropout", type=float, help="dropout of the contenders (default: their configs')")
+    g.add_argument("--seed", type=int, default=0, help="init and data order")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    g.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the subprocesses and torch threads here")
+    g.add_argument("--extra-train-args", default="", help="string appended to every contender's training command")
+    g = p.add_argument_group("BLT contenders")
+    g.add_argument("--config", default="tinystories", help=f"preset ({', '.join(PRESETS)}) or BLTConfig JSON file")
+    g.add_argument("--threshold", type=float, help="blt-entropy's θ (default: the entropy model's patcher_threshold.json)")
+    g = p.add_argument_group("entropy model (one of the two)")
+    g.add_argument("--entropy-model", help="blt.train_entropy output (its --out or its model/ folder)")
+    g.add_argument("--train-entropy", type=int, metavar="STEPS", help="first train one for STEPS steps into RUNS/entropy")
+    g.add_argument("--entropy-dim", type=int, help="--train-entropy: width (default: the config's entropy model)")
+    g.add_argument("--entropy-layers", type=int, help="--train-entropy: layers")
+    g.add_argument("--entropy-heads", type=int, help="--train-entropy: heads")
+    g.add_argument("--entropy-window", type=int, help="--train-entropy: attention window (0: full causal)")
+    g.add_argument("--entropy-target-bytes-per-patch", type=float, default=4.5, help="--train-entropy: θ calibration target")
+    g.add_argument("--extra-entropy-args", default="", help="--train-entropy: string appended to its command")
+    g = p.add_argument_group("byte-level baseline")
+    g.add_argument("--baseline-dim", type=int, default=512)
+    g.add_argument("--baseline-layers", type=int, default=8)
+    g.add_argument("--baseline-heads", type=int, default=8)
+    g.add_argument("--baseline-window", type=int, help="attention window (default: --seq-len, i.e. full causal)")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyModelConfig, EntropyModelConfig | None]:
+    """One-line errors for values no comparison can use. Returns the base BLT config, the baseline's
+    config and (--train-entropy) the entropy model's."""
+    checks = [
+        (math.isfinite(args.flops) and args.flops > 0, "--flops must be a positive number of FLOPs"),
+        (args.seq_len >= 2, "--seq-len must be >= 2"),
+        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+        (args.lr is None or args.lr > 0, "--lr must be > 0"),
+        (args.min_lr is None or args.min_lr >= 0, "--min-lr must be >= 0"),
+        (args.warmup is None or args.warmup >= 0, "--warmup must be >= 0"),
+        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.seed >= 0, "--seed must be >= 0"),
+        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
+        (args.measure_bytes == 0 or args.measure_bytes > args.seq_len, "--measure-bytes must be 0 (all) or > --seq-len"),
+        (args.entropy_model is None or args.train_entropy is None, "give --entropy-model DIR or --train-entropy STEPS, not both"),
+        (args.entropy_model is not None or args.train_entropy is not None,
+         "entropy patching needs an entropy model: --entropy-model DIR (blt.train_entropy's output) or --train-entropy STEPS"),
+        (args.train_entropy is None or args.train_entropy >= 1, "--train-entropy STEPS must be >= 1"),
+        (args.entropy_target_bytes_per_patch >= 1, "--entropy-target-bytes-per-patch must be >= 1"),
+        (args.baseline_window is None or args.baseline_window >= 1, "--baseline-window must be >= 1"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    lr = args.lr if args.lr is not None else TRAIN_DEFAULTS["lr"]
+    min_lr = args.min_lr if args.min_lr is not None else TRAIN_DEFAULTS["min_lr"]
+    if min_lr > lr:
+        p.error(f"--min-lr {min_lr:g} is above --lr {lr:g} (the training scripts' defaults fill in the one not given)")
+    for flag in ("extra_train_args", "extra_entropy_args"):
+        try:
+            setattr(args, flag, shlex.split(getattr(args, flag)))
+        except ValueError as e:
+            p.error(f"--{flag.replace('_', '-')}: {e}")
+    if args.entropy_model is not None:
+        folder = entropy_model_dir(args.entropy_model)
+        if not (folder / ENTROPY_CONFIG).is_file():
+            p.error(f"--entropy-model {args.entropy_model}: no entropy model there (entropy_config.json missing)")
+        if not (folder / THRESHOLD).is_file() and args.threshold is None:
+            p.error(f"--entropy-model {args.entropy_model}: no {THRESHOLD} (θ) there; calibrate it with blt.train_entropy")
+    try:
+        if args.config in PRESETS:
+            base = PRESETS[args.config]()
+        elif Path(args.config).is_file():
+            base = BLTConfig.from_json(args.config)
+        else:
+            p.error(f"--config {args.config!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
+        window = args.baseline_window or args.seq_len
+        baseline = dataclasses.replace(EntropyModelConfig(), dim=args.baseline_dim, n_layers=args.baseline_layers,
+                                       n_heads=args.baseline_heads, window=window)  # fmt: skip
+        if args.dropout is not None:
+            baseline.dropout = args.dropout
+        baseline.validate("byte-level baseline (--baseline-dim/--baseline-layers/--baseline-heads)")
+        if args.baseline_layers < 1:
+            p.error("--baseline-layers must be >= 1")
+        entropy = None
+        if args.train_entropy is not None:
+            shape = {"dim": args.entropy_dim, "n_layers": args.entropy_layers, "n_heads": args.entropy_heads}
+            entropy = dataclasses.replace(base.entropy_model, **{k: v for k, v in shape.items() if v is not None})
+            if args.entropy_window is not None:
+                entropy.window = args.entropy_window or None
+            entropy.validate("entropy model (--entropy-dim/--entropy-layers/--entropy-heads/--entropy-window)")
+    except ConfigError as e:
+        p.error(str(e))
+    return base, baseline, entropy
+
+
+# ---- subprocesses ------------------------------------------------------------------------
+
+
+def child_env(args) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def run_child(cmd: list[str], args, what: str) -> None:
+    """Run a training to completion. On Ctrl-C (which the terminal sends to the child too) or a
+    SIGTERM (forwarded), let the child save its checkpoint, then stop."""
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, env=child_env(args))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: waiting for {what} to save its checkpoint (Ctrl-C again to kill it)", flush=True)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise Fail(f"stopped during {what}; run the same command again to continue") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if rc != 0:
+        raise Fail(f"{what} failed (exit code {rc}); command: {shlex.join(cmd)}")
+
+
+def common_train_args(args, steps: int, out: Path, resume: bool) -> list[str]:
+    a = ["--data", args.data, "--valid-data", args.valid_data, "--cache-dir", args.cache_dir,
+         "--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+         "--grad-accum", str(args.grad_accum), "--seed", str(args.seed), "--device", args.device]  # fmt: skip
+    for flag in ("lr", "min_lr", "warmup"):
+        if getattr(args, flag) is not None:
+            a += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    if args.compile:
+        a.append("--compile")
+    a += ["--out", str(out)]
+    return a + (["--resume"] if resume else [])
+
+
+def learning_settings(args) -> dict:
+    """The settings every run shares that change what it learns (recorded in plan.json)."""
+    keys = ("data", "valid_data", "seq_len", "batch_size", "grad_accum", "seed", "lr", "min_lr", "warmup")
+    return {k: getattr(args, k) for k in keys}
+
+
+@dataclass
+class Job:
+    """One training run: `python -m <module> <head> <shared flags> <tail>` into `out`."""
+
+    name: str
+    out: Path
+    head: list[str]
+    tail: list[str]
+    steps: int
+    model_file: str  # what out/model holds once the run finished
+    plan: dict  # the settings recorded in out/plan.json
+
+    @property
+    def finished(self) -> bool:
+        return (self.out / "model" / self.model_file).is_file()
+
+
+def check_plan(job: Job, write: bool) -> None:
+    """Check a run's settings against its out/plan.json; record them if there is none and `write`."""
+    path = job.out / "plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in sorted(set(old) | set(job.plan)) if old.get(k) != job.plan.get(k)]
+        if diff:
+            k = diff[0]
+            raise Fail(f"{job.out} was started with other settings ({k}: {old.get(k)!r} there, {job.plan.get(k)!r} now); "
+                       f"delete {job.out} or choose another --runs")  # fmt: skip
+    elif write:
+        job.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(job.plan, indent=2) + "\n")
+
+
+def train_or_skip(job: Job, args) -> None:
+    """Train into job.out unless its model folder exists; continue an interrupted run."""
+    check_plan(job, write=True)
+    if job.finished:
+        print(f"skip {job.name}: {job.out / 'model'} exists", flush=True)
+        return
+    resume = (job.out / "checkpoint" / "train_state.pt").is_file()
+    print(f"\n== {'resume' if resume else 'train'} {job.name}: {job.steps} steps ==", flush=True)
+    run_child(job.head + common_train_args(args, job.steps, job.out, resume) + job.tail, args, job.name)
+    if not job.finished:
+        raise Fail(f"{job.name} stopped before writing {job.out / 'model'}; run the same command again to continue")
+
+
+def evaluate(out: Path, model_file: str, args) -> dict:
+    """blt.eval of out/model on the held-out data; kept in out/eval.json while the model is unchanged."""
+    model = out / "model"
+    key = {"data": args.valid_data, "seq_len": args.seq_len, "model_mtime_ns": (model / model_file).stat().st_mtime_ns}
+    cache = out / "eval.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    cmd = [sys.executable, "-m", "blt.eval", "--checkpoint", str(model), "--data", args.valid_data,
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    done = subprocess.run(cmd, env=child_env(args), capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    match = EVAL_LINE.match(lines[-1]) if lines else None
+    if done.returncode != 0 or match is None:
+        tail = (done.stderr.strip().splitlines() or lines or ["no output"])[-1]
+        raise Fail(f"evaluating {model} failed (exit code {done.returncode}): {tail}")
+    result = {"bpb": float(match[1]), "bytes": int(match[2]), "bytes_per_patch": float(match[3])}
+    print(f"{out.name}: held-out bpb {result['bpb']:.4f} ({result['bytes']} bytes)", flush=True)
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return result
+
+
+# ---- the entropy model -------------------------------------------------------------------
+
+
+def entropy_folder(args, entropy_cfg: EntropyModelConfig | None) -> Path:
+    """--entropy-model's folder, or train one into RUNS/entropy (--train-entropy) and return its model/."""
+    if args.entropy_model is not None:
+        return entropy_model_dir(args.entropy_model)
+    out = Path(args.runs) / "entropy"
+    head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(entropy_cfg.dim), "--layers", str(entropy_cfg.n_layers),
+            "--heads", str(entropy_cfg.n_heads), "--window", str(entropy_cfg.window or 0),
+            "--target-bytes-per-patch", str(args.entropy_target_bytes_per_patch)]  # fmt: skip
+    plan = {"model": "entropy model", "shape": dataclasses.asdict(entropy_cfg), "steps": args.train_entropy,
+            "target_bytes_per_patch": args.entropy_target_bytes_per_patch, **learning_settings(args)}  # fmt: skip
+    job = Job("entropy model", out, head, args.extra_entropy_args, args.train_entropy, ENTROPY_CONFIG, plan)
+    if args.dry_run and not job.finished:
+        raise Fail("--dry-run needs a trained entropy model to measure patch sizes: drop --dry-run or give --entropy-model")
+    train_or_skip(job, args)
+    return out / "model"
+
+
+# ---- planning ----------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    model: str
+    patching: str
+    kind: str  # "blt" | "byte"
+    cfg: object  # BLTConfig | EntropyModelConfig
+    bytes_per_patch: float = 1.0
+    train_flops_per_byte: float = 0.0
+    inference_flops_per_byte: float = 0.0
+    steps: int = 0
+    params: dict = field(default_factory=dict)
+    eval: dict | None = None
+
+
+@torch.no_grad()
+def measure_bytes_per_patch(tokens: np.ndarray, cfg: BLTConfig, entropy_model, seq_len: int, device) -> float:
+    """Mean bytes/patch of cfg's patcher on tokens, in the windows blt.eval uses (BOE padding excluded)."""
+    n_bytes = n_patches = 0
+    for batch in iter_eval_batches(tokens, MEASURE_BATCH, seq_len):
+        inputs = batch[:, :-1].to(device)
+        patching = patch(inputs, cfg.patcher, entropy_model)
+        n_bytes += int((inputs != BOE_ID).sum())
+        n_patches += int(real_patches(patching, inputs))
+    return n_bytes / n_patches
+
+
+class Measurer:
+    """Mean bytes/patch of each BLT contender's patcher on the held-out text; every result is kept
+    in RUNS/measure.json and reused while its inputs (data, windows, patcher, entropy model) are the same."""
+
+    def __init__(self, args, entropy_dir: Path, valid: np.ndarray, device):
+        self.args, self.entropy_dir, self.device = args, entropy_dir, device
+        self.tokens = np.asarray(valid[: args.measure_bytes] if args.measure_bytes else valid)
+        self.path = Path(args.runs) / "measure.json"
+        self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.entropy_model = None
+
+    def __call__(self, name: str, cfg: BLTConfig) -> float:
+        key = {"valid_data": self.args.valid_data, "valid_tokens": len(self.tokens), "seq_len": self.args.seq_len,
+               "patcher": dataclasses.asdict(cfg.patcher)}  # fmt: skip
+        if cfg.patcher.needs_entropy:
+            key["entropy_model"] = dataclasses.asdict(cfg.entropy_model)
+            key["entropy_model_mtime_ns"] = (self.entropy_dir / "entropy_model.safetensors").stat().st_mtime_ns
+        entry = self.saved.get(name)
+        if entry and entry["key"] == key:
+            return entry["bytes_per_patch"]
+        if cfg.patcher.needs_entropy and self.entropy_model is None:
+            try:
+                self.entropy_model = load_entropy_model(self.entropy_dir, self.device)
+            except CheckpointError as e:
+                raise Fail(str(e)) from None
+        t0 = time.perf_counter()
+        model = self.entropy_model if cfg.patcher.needs_entropy else None
+        value = measure_bytes_per_patch(self.tokens, cfg, model, self.args.seq_len, self.device)
+        print(f"{name}: {value:.3f} bytes/patch on {len(self.tokens)} held-out tokens "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)  # fmt: skip
+        self.saved[name] = {"key": key, "bytes_per_patch": value}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.saved, indent=2) + "\n")
+        return value
+
+
+def count_params(c: Contender) -> dict:
+    """Parameter counts, from a model built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        if c.kind == "blt":
+            m = BLT(c.cfg)
+            counts = m.num_params()
+            total = counts["total_blt"]
+            embedding = m.encoder.tok_embeddings.weight.numel() + counts["hash_tables"]
+            entropy = sum(p.numel() for p in EntropyModel(c.cfg.entropy_model).parameters()) if c.cfg.patcher.needs_entropy else 0
+        else:
+            m = EntropyModel(c.cfg)
+            total = sum(p.numel() for p in m.parameters())
+            embedding, entropy = m.tok_embeddings.weight.numel(), 0
+    return {"total": total, "non_embedding": total - embedding, "entropy_model": entropy}
+
+
+def blt_cfg(p, args, mode: str, entropy_dir: Path | None, patch_size: int | None = None) -> BLTConfig:
+    """The exact config blt.train will build for these flags (its own code)."""
+    ns = argparse.Namespace(config=args.config, patch_mode=mode, patch_size=patch_size, max_patch_length=None,
+                            dropout=args.dropout, entropy_model=str(entropy_dir) if entropy_dir else None,
+                            threshold=args.threshold if entropy_dir else None)  # fmt: skip
+    return blt_config(p, ns)[0]
+
+
+def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, valid: np.ndarray, device) -> list[Contender]:
+    """The four contenders with their FLOPs per byte and FLOP-matched step counts."""
+    measure = Measurer(args, entropy_dir, valid, device)
+    ent_cfg = blt_cfg(p, args, "entropy", entropy_dir)
+    space_cfg = blt_cfg(p, args, "space", None)
+    ent_bpp = measure("blt-entropy", ent_cfg)
+    k = max(1, math.floor(ent_bpp + 0.5))
+    static_cfg = blt_cfg(p, args, "static", None, patch_size=k)
+    contenders = [
+        Contender("blt-entropy", "BLT", f"entropy θ={ent_cfg.patcher.threshold:.3f}", "blt", ent_cfg, ent_bpp),
+        Contender("blt-space", "BLT", "space", "blt", space_cfg, measure("blt-space", space_cfg)),
+        # Measured too: the BOS patch and each window's last, shorter patch make it a little below k.
+        Contender("blt-static", "BLT", f"static, {k} bytes", "blt", static_cfg, measure("blt-static", static_cfg)),
+        Contender("byte-baseline", "byte transformer", "none (1 byte)", "byte", baseline, 1.0),
+    ]
+    bytes_per_step = args.batch_size * args.grad_accum * args.seq_len
+    for c in contenders:
+        if c.kind == "blt":
+            f = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len)
+            c.train_flops_per_byte, c.inference_flops_per_byte = f.train, f.forward
+        else:
+            c.inference_flops_per_byte = transformer_flops_per_byte(c.cfg, args.seq_len)
+            c.train_flops_per_byte = 3 * c.inference_flops_per_byte
+        step_flops = bytes_per_step * c.train_flops_per_byte
+        if args.flops < step_flops:
+            raise Fail(f"--flops {args.flops:.3g} is less than one training step of {c.name} ({step_flops:.3g} FLOPs = "
+                       f"{bytes_per_step} bytes x {c.train_flops_per_byte:.3g} FLOPs/byte); raise --flops or lower "
+                       f"--batch-size/--grad-accum/--seq-len")  # fmt: skip
+        c.steps = max(1, round(args.flops / step_flops))
+        c.params = count_params(c)
+    return contenders
+
+
+def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
+    bytes_per_step = args.batch_size * args.grad_accum * args.seq_len
+    print(f"\nbudget {args.flops:.3g} training FLOPs per contender; {bytes_per_step} bytes per step "
+          f"(batch {args.batch_size} x grad-accum {args.grad_accum} x seq-len {args.seq_len}); "
+          f"{train_tokens} training tokens")  # fmt: skip
+    print(f"{'contender':<14} {'bytes/patch':>11} {'train FLOPs/byte':>16} {'steps':>8} {'train bytes':>12} "
+          f"{'train FLOPs':>11} {'epochs':>7}")  # fmt: skip
+    for c in contenders:
+        b = c.steps * bytes_per_step
+        print(f"{c.name:<14} {c.bytes_per_patch:>11.3f} {c.train_flops_per_byte:>16.4g} {c.steps:>8} {b:>12} "
+              f"{b * c.train_flops_per_byte:>11.4g} {b / max(train_tokens, 1):>7.3g}")  # fmt: skip
+    warmup = args.warmup if args.warmup is not None else TRAIN_DEFAULTS["warmup"]
+    short = [c.name for c in contenders if c.steps <= warmup]
+    if short:
+        print(f"note: {', '.join(short)} train(s) for no more steps than the warmup ({warmup}): set --warmup")
+    repeated = [c.name for c in contenders if c.steps * bytes_per_step > train_tokens]
+    if repeated:
+        print(f"note: {', '.join(repeated)} see(s) the training data more than once (epochs > 1)")
+    print(flush=True)
+
+
+def contender_job(c: Contender, args, entropy_dir: Path) -> Job:
+    plan = {"model": c.name, "config": dataclasses.asdict(c.cfg), "steps": c.steps, "dropout": args.dropout,
+            **learning_settings(args)}  # fmt: skip
+    tail = (["--dropout", str(args.dropout)] if args.dropout is not None else []) + args.extra_train_args
+    if c.kind == "blt":
+        head = [sys.executable, "-m", "blt.train", "--config", args.config, "--patch-mode", c.cfg.patcher.mode]
+        if c.cfg.patcher.mode == "static":
+            head += ["--patch-size", str(c.cfg.patcher.patch_size)]
+        if c.cfg.patcher.needs_entropy:
+            head += ["--entropy-model", str(entropy_dir), "--threshold", repr(c.cfg.patcher.threshold)]
+        return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, CONFIG, plan)
+    head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(c.cfg.dim), "--layers", str(c.cfg.n_layers),
+            "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip
+    return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, ENTROPY_CONFIG, plan)
+
+
+def si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def rows(contenders: list[Contender], args) -> list[dict]:
+    bytes_per_step = args.batch_size * args.grad_accum * args.seq_len
+    out = []
+    for c in contenders:
+        train_bytes = c.steps * bytes_per_step
+        out.append({
+            "name": c.name, "model": c.model, "patching": c.patching, "run": str(Path(args.runs) / c.name),
+            "params_non_embedding": c.params["non_embedding"], "params_total": c.params["total"],
+            "entropy_model_params": c.params["entropy_model"],
+            "steps": c.steps, "bytes_per_step": bytes_per_step, "train_bytes": train_bytes,
+            "train_flops_per_byte": c.train_flops_per_byte, "train_flops": train_bytes * c.train_flops_per_byte,
+            "inference_flops_per_byte": c.inference_flops_per_byte, "bytes_per_patch": c.bytes_per_patch,
+            "eval_bytes_per_patch": c.eval["bytes_per_patch"] if c.eval else None,
+            "bpb": c.eval["bpb"] if c.eval else None, "eval_bytes": c.eval["bytes"] if c.eval else None,
+        })  # fmt: skip
+    return out
+
+
+def markdown(table: list[dict], args) -> str:
+    lines = [
+        f"FLOP-matched comparison: {args.flops:.3g} training FLOPs per contender; data {args.data}, "
+        f"held-out {args.valid_data}; seq-len {args.seq_len}, {table[0]['bytes_per_step']} bytes per step; "
+        f"BLT config {args.config}.",
+        "",
+        "| model | patching | params (non-emb) | params (total) | steps | train bytes | train FLOPs "
+        "| inference FLOPs/byte | mean bytes/patch | held-out BPB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        total = si(r["params_total"])
+        if r["entropy_model_params"]:
+            total += f" (+{si(r['entropy_model_params'])} entropy model)"
+        bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "n/a"
+        lines.append(f"| {r['model']} | {r['patching']} | {si(r['params_non_embedding'])} | {total} | {r['steps']} "
+                     f"| {si(r['train_bytes'])} | {r['train_flops']:.3g} | {si(r['inference_flops_per_byte'])} "
+                     f"| {r['bytes_per_patch']:.2f} | {bpb} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    _, baseline, entropy_cfg = check_args(p, args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    runs = Path(args.runs)
+    try:
+        data = prepare_data(DataConfig(source=args.data, valid_source=args.valid_data, cache_dir=args.cache_dir))
+        if len(data.valid) < 2:
+            raise Fail(f"--valid-data {args.valid_data}: no held-out bytes")
+        entropy_dir = entropy_folder(args, entropy_cfg)
+        contenders = plan(p, args, baseline, entropy_dir, data.valid, device)
+        print_plan(contenders, args, len(data.train))
+        jobs = [contender_job(c, args, entropy_dir) for c in contenders]
+        for job in jobs:  # every run's settings, before any compute is spent
+            check_plan(job, write=False)
+        if args.dry_run:
+            return
+        for c, job in zip(contenders, jobs):
+            train_or_skip(job, args)
+            c.eval = evaluate(job.out, job.model_file, args)
+    except (Fail, DataError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    table = rows(contenders, args)
+    md = markdown(table, args)
+    (runs / "table.md").write_text(md)
+    settings = {k: v for k, v in vars(args).items() if k != "dry_run"}
+    record = {"budget_flops": args.flops, "settings": settings, "rows": table}
+    (runs / "table.json").write_text(json.dumps(record, indent=2) + "\n")
+    print("\n" + md, end="")
+    print(f"written: {runs / 'table.md'}, {runs / 'table.json'}")
+
+
+if __name__ == "__main__":
+    main()

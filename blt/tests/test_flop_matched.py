@@ -1,0 +1,155 @@
+"""bench/flop_matched.py end to end on the fixture stories (CPU, tiny shapes, one thread).
+
+One real run of the command (entropy model + four contenders, each a subprocess), then: the table,
+the FLOP matching, a re-run that skips everything, a resumed contender, and the one-line errors
+(these call main() in-process, which spares an interpreter start-up each).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "flop_matched.py"
+FIXTURE = str(Path(__file__).parent / "fixtures" / "stories.txt")
+BUDGET = 5e8  # tiny BLT ~6e5 train FLOPs/byte x 256 bytes/step: 3-4 steps; the baseline ~13
+NAMES = ["blt-entropy", "blt-space", "blt-static", "byte-baseline"]
+
+
+def argv(work: Path, *extra) -> list[str]:
+    return ["--flops", str(BUDGET), "--data", FIXTURE, "--valid-data", FIXTURE, "--cache-dir", str(work / "cache"),
+            "--runs", str(work / "runs"), "--config", "tiny", "--seq-len", "128", "--batch-size", "2",
+            "--lr", "3e-3", "--warmup", "2", "--threads", "1", "--device", "cpu",
+            "--train-entropy", "6", "--entropy-dim", "32", "--entropy-layers", "1", "--entropy-heads", "2",
+            "--baseline-dim", "32", "--baseline-layers", "1", "--baseline-heads", "2",
+            "--extra-train-args", "--eval-every 0 --save-every 0", *extra]  # fmt: skip
+
+
+def run_script(work: Path) -> tuple[str, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, str(SCRIPT), *argv(work)], cwd=ROOT, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout, elapsed
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, one_thread):
+    work = tmp_path_factory.mktemp("flop_matched")
+    out, elapsed = run_script(work)
+    return work, out, elapsed
+
+
+@pytest.fixture(scope="module")
+def fm():
+    """The script as a module, for in-process calls of main()."""
+    spec = importlib.util.spec_from_file_location("flop_matched", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(work: Path) -> dict:
+    return json.loads((work / "runs" / "table.json").read_text())
+
+
+def test_table_and_flop_matching(first):
+    work, out, _ = first
+    t = table(work)
+    rows = {r["name"]: r for r in t["rows"]}
+    assert list(rows) == NAMES
+    for r in rows.values():
+        assert math.isfinite(r["bpb"]) and 0 < r["bpb"] < 16, r
+        assert r["steps"] >= 2
+        assert r["bytes_per_step"] == 2 * 128
+        assert r["train_bytes"] == r["steps"] * r["bytes_per_step"]
+        step_flops = r["bytes_per_step"] * r["train_flops_per_byte"]
+        assert abs(r["train_flops"] - BUDGET) <= 0.5 * step_flops + 1e-6 * BUDGET, r  # within half a step
+        assert r["params_total"] > r["params_non_embedding"] > 0
+        assert r["inference_flops_per_byte"] * 3 <= r["train_flops_per_byte"]
+    # static patch size = the entropy run's mean bytes/patch, rounded; the baseline steps once per byte
+    k = round(rows["blt-entropy"]["bytes_per_patch"])
+    assert rows["blt-static"]["patching"] == f"static, {k} bytes"
+    assert rows["byte-baseline"]["bytes_per_patch"] == 1.0
+    assert rows["blt-entropy"]["entropy_model_params"] > 0 and rows["blt-space"]["entropy_model_params"] == 0
+    # the measured patch sizes are what blt.eval sees on the same held-out windows
+    for name in NAMES[:3]:
+        assert rows[name]["eval_bytes_per_patch"] == pytest.approx(rows[name]["bytes_per_patch"])
+    md = (work / "runs" / "table.md").read_text()
+    assert md in out
+    assert len([line for line in md.splitlines() if line.startswith("| BLT") or line.startswith("| byte")]) == 4
+    for name in ["entropy model", *NAMES]:
+        assert f"train {name}:" in out
+
+
+def test_rerun_skips_trained_contenders(first):
+    work, _, first_elapsed = first
+    before = table(work)
+    out, elapsed = run_script(work)
+    for name in ["entropy model", *NAMES]:
+        assert f"skip {name}:" in out
+    assert "-m blt.train" not in out and "-m blt.eval" not in out  # neither trained nor re-evaluated
+    assert table(work)["rows"] == before["rows"]
+    assert elapsed < first_elapsed / 2, (elapsed, first_elapsed)
+
+
+def test_interrupted_contender_resumes(first, fm, capsys):
+    """A run with a checkpoint but no model folder (as after an interruption) continues with --resume."""
+    work, _, _ = first
+    before = {r["name"]: r for r in table(work)["rows"]}
+    shutil.rmtree(work / "runs" / "blt-static" / "model")
+    fm.main(argv(work))
+    out = capsys.readouterr().out
+    assert "resume blt-static:" in out and "--resume" in out
+    assert "skip blt-entropy:" in out and "skip byte-baseline:" in out
+    after = {r["name"]: r for r in table(work)["rows"]}
+    assert after["blt-static"]["bpb"] == pytest.approx(before["blt-static"]["bpb"], abs=1e-6)
+
+
+def error_of(fm, capsys, args, code) -> str:
+    with pytest.raises(SystemExit) as e:
+        fm.main(args)
+    assert e.value.code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1]
+
+
+def test_one_line_errors(first, fm, capsys, tmp_path):
+    work, _, _ = first
+    common = ["--data", FIXTURE, "--valid-data", FIXTURE, "--cache-dir", str(work / "cache"), "--config", "tiny",
+              "--seq-len", "128", "--batch-size", "2", "--threads", "1", "--device", "cpu", "--runs"]  # fmt: skip
+    entropy = str(work / "runs" / "entropy")
+
+    msg = error_of(fm, capsys, ["--flops", "1e16", *common, str(tmp_path / "a")], 2)
+    assert "needs an entropy model" in msg
+    msg = error_of(fm, capsys, ["--flops", "1e16", *common, str(tmp_path / "a"), "--entropy-model", str(tmp_path / "none")], 2)
+    assert "no entropy model there" in msg
+    msg = error_of(fm, capsys, ["--flops", "-1", *common, str(tmp_path / "a"), "--entropy-model", entropy], 2)
+    assert "--flops must be" in msg
+    msg = error_of(fm, capsys, ["--flops", "1e16", *common, str(tmp_path / "a"), "--entropy-model", entropy,
+                                "--baseline-dim", "30", "--baseline-heads", "4"], 2)  # fmt: skip
+    assert "not divisible" in msg or "must be even" in msg
+    msg = error_of(fm, capsys, ["--flops", "1e6", *common, str(tmp_path / "a"), "--entropy-model", entropy], 1)
+    assert msg.startswith("error: --flops 1e+06 is less than one training step of blt-entropy")
+    # the same runs folder with another budget would mix runs: refused before any training
+    msg = error_of(fm, capsys, argv(work, "--flops", str(2 * BUDGET)), 1)
+    assert "was started with other settings (steps:" in msg
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").glob("*/plan.json"))
