@@ -8,7 +8,16 @@ for test_causality + test_core). Set BLT_TEST_THREADS=2 on a dedicated machine i
 
 import os
 
+import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("BLT_TEST_THREADS", "1")))
 
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test, restored afterwards."""
+    from blt.tests.test_causality import deterministic_algorithms
+
+    with deterministic_algorithms():
+        yield
