@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "flop_matched.py"
@@ -43,16 +42,9 @@ def run_script(work: Path) -> tuple[str, float]:
     return done.stdout, elapsed
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, one_thread):
+def first(tmp_path_factory):
     work = tmp_path_factory.mktemp("flop_matched")
     out, elapsed = run_script(work)
     return work, out, elapsed

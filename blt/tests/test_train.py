@@ -38,13 +38,6 @@ COMMON = ["--data", FIXTURE, "--valid-data", FIXTURE, "--seq-len", "64", "--grad
           "--save-every", "0"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
