@@ -99,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--flops", type=float, required=True, help="training-FLOP budget of every contender, e.g. 1e16")
     g.add_argument("--runs", default="runs/flop_matched", help="folder of the runs, table.md and table.json")
     g.add_argument("--dry-run", action="store_true", help="print the plan (steps, bytes, FLOPs) and stop")
+    g.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train up to N contenders at once (on one GPU: small runs leave it mostly idle)")
     g = p.add_argument_group("data (as blt.train)")
     g.add_argument("--data", default="tinystories", help="training source (see blt.data)")
     g.add_argument("--valid-data", required=True, help="held-out source: patch-size measurement and blt.eval")
@@ -151,6 +153,7 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
         (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (args.seed >= 0, "--seed must be >= 0"),
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
+        (args.parallel >= 1, "--parallel must be >= 1"),
         (args.measure_bytes == 0 or args.measure_bytes > args.seq_len, "--measure-bytes must be 0 (all) or > --seq-len"),
         (args.entropy_model is None or args.train_entropy is None, "give --entropy-model DIR or --train-entropy STEPS, not both"),
         (args.entropy_model is not None or args.train_entropy is not None,
@@ -290,17 +293,68 @@ def check_plan(job: Job, write: bool) -> None:
         path.write_text(json.dumps(job.plan, indent=2) + "\n")
 
 
-def train_or_skip(job: Job, args) -> None:
-    """Train into job.out unless its model folder exists; continue an interrupted run."""
+def start_job(job: Job, args) -> list[str] | None:
+    """Record the job's plan; -> its training command, or None if its model folder exists."""
     check_plan(job, write=True)
     if job.finished:
         print(f"skip {job.name}: {job.out / 'model'} exists", flush=True)
-        return
+        return None
     resume = (job.out / "checkpoint" / "train_state.pt").is_file()
     print(f"\n== {'resume' if resume else 'train'} {job.name}: {job.steps} steps ==", flush=True)
-    run_child(job.head + common_train_args(args, job.steps, job.out, resume) + job.tail, args, job.name)
+    return job.head + common_train_args(args, job.steps, job.out, resume) + job.tail
+
+
+def check_finished(job: Job) -> None:
     if not job.finished:
         raise Fail(f"{job.name} stopped before writing {job.out / 'model'}; run the same command again to continue")
+
+
+def train_or_skip(job: Job, args) -> None:
+    """Train into job.out unless its model folder exists; continue an interrupted run."""
+    cmd = start_job(job, args)
+    if cmd is not None:
+        run_child(cmd, args, job.name)
+        check_finished(job)
+
+
+def train_parallel(jobs: list[Job], args) -> None:
+    """train_or_skip for every job, up to --parallel at a time (one GPU is rarely busy with one
+    small run). Each run's output goes to its out/train.log. A SIGTERM or Ctrl-C reaches every
+    running child, which saves its checkpoint; the same command then continues them all."""
+    pending, running = list(jobs), {}
+    stopping = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel and not stopping:
+                job = pending.pop(0)
+                cmd = start_job(job, args)
+                if cmd is not None:
+                    log = (job.out / "train.log").open("a")
+                    print(f"$ {shlex.join(cmd)}  > {job.out / 'train.log'}", flush=True)
+                    running[job.name] = (job, subprocess.Popen(cmd, env=child_env(args), stdout=log, stderr=log), log)
+            if stopping:
+                for _, proc, _ in running.values():
+                    proc.send_signal(signal.SIGTERM)
+            for name, (job, proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[name]
+                    if proc.returncode != 0 and not stopping:
+                        raise Fail(f"{name} failed (exit code {proc.returncode}); see {job.out / 'train.log'}")
+                    print(f"{name}: {'finished' if job.finished else 'stopped'}", flush=True)
+            if stopping and not running:
+                raise Fail("stopped by a signal; run the same command again to continue")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\ninterrupted: waiting for the runs to save their checkpoints", flush=True)
+        for _, proc, _ in running.values():
+            proc.wait()
+        raise Fail("stopped; run the same command again to continue") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for job in jobs:
+        check_finished(job)
 
 
 def evaluate(out: Path, model_file: str, args) -> dict:
@@ -573,8 +627,10 @@ def main(argv=None) -> None:
             check_plan(job, write=False)
         if args.dry_run:
             return
+        if args.parallel > 1:
+            train_parallel(jobs, args)
         for c, job in zip(contenders, jobs):
-            train_or_skip(job, args)
+            train_or_skip(job, args)  # --parallel: each is finished by now, and skipped
             c.eval = evaluate(job.out, job.model_file, args)
     except (Fail, DataError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
-from blt.generate import generate_ids, generate_uncached  # noqa: E402
+from blt.generate import Engine, generate_uncached  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
 from blt.tokens import encode  # noqa: E402
@@ -44,14 +44,23 @@ def bench_model(device) -> BLT:
     return BLT(cfg, em).to(device).eval()
 
 
-def run_cached(model, prompt, streams, max_new, device, compile):
-    generate_ids(model, [prompt] * streams, 8, stop=None, compile=compile)  # warm-up (and compile)
+def run_cached(model, prompt, streams, max_new, device, compile, warm=16):
+    """Steady-state bytes/s of the engine's byte loop (greedy, every stream stepping every
+    byte): `warm` steps first (with compile=True that is where the graphs are compiled and
+    captured; a new Engine would compile again), then `max_new` timed steps, host sampling
+    and bookkeeping included. The prefill is not timed."""
+    eng = Engine(model, [prompt] * streams, warm + max_new, compile=compile)
+    logits = eng.prefill()
+    for _ in range(warm):
+        logits = eng.step(logits.argmax(-1))
     sync(device)
     t0 = time.perf_counter()
-    res = generate_ids(model, [prompt] * streams, max_new, stop=None, compile=compile)
+    for _ in range(max_new):
+        tok = logits.argmax(-1)
+        tok.tolist()  # the host sees every byte, as generate_ids does
+        logits = eng.step(tok)
     sync(device)
-    dt = time.perf_counter() - t0
-    return sum(len(r) for r in res.ids) / dt, res.stats
+    return streams * max_new / (time.perf_counter() - t0), eng
 
 
 def run_uncached(model, prompt, max_new, device):
@@ -98,9 +107,12 @@ def main():
     print(f"model: {name}; device: {hw}; torch {torch.__version__}; greedy")
     print(f"{'method':34s} {'streams':>7s} {'bytes/s':>12s}")
     with torch.no_grad():
-        for s in args.streams:
-            bps, stats = run_cached(model, prompt, s, args.max_new, device, args.compile)
-            print(f"{'ours, cached':34s} {s:7d} {bps:12,.1f}   ({stats.patches} patches, {stats.global_steps} global steps)")
+        variants = [False, True] if args.compile and device.type == "cuda" else [False]
+        for compiled in variants:
+            label = "ours, cached" + (" + CUDA graphs" if compiled else "")
+            for s in args.streams:
+                bps, eng = run_cached(model, prompt, s, args.max_new, device, compiled)
+                print(f"{label:34s} {s:7d} {bps:12,.1f}   ({eng.patches} patches, {eng.global_steps} global steps)")
         print(f"{'ours, full recomputation':34s} {1:7d} {run_uncached(model, prompt, args.baseline_bytes, device):12,.1f}")
         if not args.skip_hf:
             try:

@@ -59,10 +59,13 @@ from blt.checkpoint import (
     CONFIG,
     ENTROPY_CONFIG,
     THRESHOLD,
+    WEIGHTS,
     CheckpointError,
     atomic_dir_write,
     load_entropy_model,
     load_model,
+    load_weights,
+    read_safetensors,
     save_model,
     write_entropy_model_files,
     write_model_files,
@@ -169,6 +172,9 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-mode", choices=PATCH_MODES, help="override the config's patching mode")
     g.add_argument("--patch-size", type=int, help="static patching: bytes per patch")
     g.add_argument("--max-patch-length", type=int, help="split longer patches")
+    g.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of this model folder (e.g. a run on other data), not from a random "
+                        "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
     return p
 
 
@@ -223,11 +229,19 @@ def calibrated_threshold(folder: Path, mode: str) -> float:
 # ---- the BLT: build and export -----------------------------------------------------------
 
 
-def build_blt(cfg: BLTConfig, entropy_dir: Path | None, checkpoint: Path | None) -> BLT:
+def build_blt(cfg: BLTConfig, entropy_dir: Path | None, checkpoint: Path | None, init_from: str | None = None) -> BLT:
     if checkpoint is not None:
         check_same_config(cfg.to_dict(), load_json(checkpoint / CONFIG, "checkpoint config"), checkpoint)
         return load_model(checkpoint)
-    return BLT(cfg, load_entropy_model(entropy_dir) if entropy_dir else None)
+    entropy_model = load_entropy_model(entropy_dir) if entropy_dir else None
+    model = BLT(cfg)
+    if init_from is not None:
+        # Weights only: the source may differ in dropout or patching, not in any tensor's shape.
+        src = Path(init_from) / "model" if (Path(init_from) / "model" / WEIGHTS).is_file() else Path(init_from)
+        load_weights(model, read_safetensors(src / WEIGHTS), f"--init-from {init_from}")
+    if entropy_model is not None:
+        model.set_entropy_model(entropy_model)
+    return model
 
 
 def export_blt(model: BLT, entropy_dir: Path | None, out: Path) -> None:
@@ -676,7 +690,7 @@ def main(argv=None) -> None:
     cfg, entropy_dir = blt_config(parser, args)
     run(
         args,
-        build=lambda checkpoint: build_blt(cfg, entropy_dir, checkpoint),
+        build=lambda checkpoint: build_blt(cfg, entropy_dir, checkpoint, args.init_from),
         export=lambda model, data, device: export_blt(model, entropy_dir, Path(args.out) / "model"),
     )
 

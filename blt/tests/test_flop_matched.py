@@ -116,6 +116,24 @@ def test_interrupted_contender_resumes(first, fm, capsys):
     assert after["blt-static"]["bpb"] == pytest.approx(before["blt-static"]["bpb"], abs=1e-6)
 
 
+def test_parallel_runs_match_sequential_ones(first, fm, capsys):
+    """--parallel 2 retrains two deleted contenders side by side, each logging to its train.log,
+    and gets the sequential run's results (CPU, deterministic)."""
+    work, _, _ = first
+    before = {r["name"]: r for r in table(work)["rows"]}
+    for name in ("blt-space", "byte-baseline"):
+        shutil.rmtree(work / "runs" / name)
+    fm.main(argv(work, "--parallel", "2"))
+    out = capsys.readouterr().out
+    assert "train blt-space:" in out and "train byte-baseline:" in out and "skip blt-entropy:" in out
+    for name in ("blt-space", "byte-baseline"):
+        assert f"{name}: finished" in out
+        assert "done:" in (work / "runs" / name / "train.log").read_text()
+    after = {r["name"]: r for r in table(work)["rows"]}
+    for name in NAMES:
+        assert after[name]["bpb"] == pytest.approx(before[name]["bpb"], abs=1e-6), name
+
+
 def error_of(fm, capsys, args, code) -> str:
     with pytest.raises(SystemExit) as e:
         fm.main(args)
@@ -136,6 +154,8 @@ def test_one_line_errors(first, fm, capsys, tmp_path):
     assert "no entropy model there" in msg
     msg = error_of(fm, capsys, ["--flops", "-1", *common, str(tmp_path / "a"), "--entropy-model", entropy], 2)
     assert "--flops must be" in msg
+    msg = error_of(fm, capsys, ["--flops", "1e16", *common, str(tmp_path / "a"), "--entropy-model", entropy, "--parallel", "0"], 2)
+    assert msg.endswith("error: --parallel must be >= 1")
     msg = error_of(fm, capsys, ["--flops", "1e16", *common, str(tmp_path / "a"), "--entropy-model", entropy,
                                 "--baseline-dim", "30", "--baseline-heads", "4"], 2)  # fmt: skip
     assert "not divisible" in msg or "must be even" in msg

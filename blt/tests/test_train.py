@@ -258,6 +258,31 @@ def test_bad_train_entropy_values(argv, message, capsys):
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_init_from_starts_at_the_source_weights(work, entropy_dir, reference, capsys):
+    out = work / "init-from"
+    train.main(blt_argv(work, entropy_dir, out, 2, 4, "--init-from", str(reference)))
+    first, fresh = losses(out)[0], losses(reference)[0]
+    assert first < fresh - 0.5 and abs(first - sum(losses(reference)[-3:]) / 3) < 0.5
+    # another architecture: a one-line error naming the flag
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(blt_argv(work, entropy_dir, work / "init-bad", 2, 4, "--init-from", str(reference), "--config",
+                            str(_wider_tiny(work))))  # fmt: skip
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --init-from") and "does not match" in line
+
+
+def _wider_tiny(work) -> Path:
+    from blt.config import preset
+
+    cfg = preset("tiny")
+    cfg.global_model.dim = 96
+    path = work / "wider.json"
+    cfg.to_json(path)
+    return path
+
+
 def test_resume_refuses_a_different_run(work, entropy_dir, reference, capsys):
     out = work / "mismatch"
     shutil.copytree(reference / "checkpoint", out / "checkpoint")
