@@ -35,6 +35,11 @@ step of 3 run every byte and its results kept only where a patch completes -- is
 with torch.compile(mode="reduce-overhead") into one CUDA graph over static cache tensors;
 one host round trip per byte remains (the sampled byte and the patch flags).
 
+On CPU a step is bound by memory bandwidth (every per-byte weight is read from memory for
+each byte) and by per-call overhead (hundreds of small ops), so the step helpers keep each
+weight in the layout whose product streams fastest, split every product across the threads,
+and skip what the host already knows (empty cache slots, masks of a single row).
+
 Batching: every row has its own position counter and its own patching, and each cache
 slot records the position it holds, so the masks are built per row from those positions
 (no padding anywhere: rows of different lengths never see each other's slots or
@@ -142,14 +147,15 @@ class KVCache:
 
     window w: a ring of w slots (slot = position % w); window None: slot = position, with
     `ensure` growing the capacity. `pos` holds each slot's position (-1: empty), from which
-    the per-row attention masks are built, so rows never need aligned positions.
+    the per-row attention masks are built, so rows never need aligned positions. A layer keeps
+    its keys and values in one (B, 2·Hkv, S, Dh) tensor (keys first): a step stores both with
+    one indexed write.
     """
 
     def __init__(self, n_layers, B, n_kv, head_dim, window, capacity, device, dtype):
-        self.window = window
+        self.window, self.n_kv = window, n_kv
         cap = window if window is not None else capacity
-        self.k = [torch.zeros(B, n_kv, cap, head_dim, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        self.kv = [torch.zeros(B, 2 * n_kv, cap, head_dim, device=device, dtype=dtype) for _ in range(n_layers)]
         self.pos = torch.full((B, cap), -1, dtype=torch.long, device=device)
 
     @property
@@ -161,21 +167,33 @@ class KVCache:
         if self.window is not None or needed <= self.capacity:
             return
         extra = max(needed, 2 * self.capacity) - self.capacity
-        self.k = [F.pad(t, (0, 0, 0, extra)) for t in self.k]
-        self.v = [F.pad(t, (0, 0, 0, extra)) for t in self.v]
+        self.kv = [F.pad(t, (0, 0, 0, extra)) for t in self.kv]
         self.pos = F.pad(self.pos, (0, extra), value=-1)
 
     def slot(self, pos):
         return pos % self.capacity if self.window is not None else pos
 
-    def begin(self, pos, rows):
-        """Claim the slot of position pos (B,) for every row; -> (slot (B,), mask (B,1,1,S))."""
+    def begin(self, pos, rows, top=None):
+        """Claim the slot of position pos (B,) for every row -> (at, mask, n): `kv[layer][at] =
+        (B, 2·Hkv, Dh)` stores this position's keys and values; attention reads the first n
+        slots, mask (B,1,1,n) saying which (None: all of them).
+
+        top: max(pos), known on the host; None under CUDA graphs (fixed shapes: n = capacity).
+        A row's slots fill in position order and a ring wraps only once full, so no slot past
+        top holds anything yet: n = top+1 (at most the capacity). With one row those n slots
+        are then exactly its visible keys (no mask), and its slot is a plain index."""
+        if top is not None and pos.shape[0] == 1:
+            slot = self.slot(top)
+            self.pos[:, slot] = pos
+            return (slice(None), slice(None), slot), None, min(self.capacity, top + 1)
         slot = self.slot(pos)
         self.pos[rows, slot] = pos
-        vis = (self.pos >= 0) & (self.pos <= pos[:, None])
+        n = self.capacity if top is None else min(self.capacity, top + 1)
+        p = self.pos[:, :n]
+        vis = (p >= 0) & (p <= pos[:, None])
         if self.window is not None:
-            vis &= (pos[:, None] - self.pos) < self.window
-        return slot, vis[:, None, None, :]
+            vis &= (pos[:, None] - p) < self.window
+        return (rows, slice(None), slot), vis[:, None, None, :], n
 
     def fill(self, row: int, ks, vs, n: int) -> None:
         """Prefill row `row` with positions 0..n-1 from per-layer (Hkv, >=n, Dh) tensors; a ring
@@ -185,14 +203,13 @@ class KVCache:
             self.ensure(n)
         p = torch.arange(first, n, device=self.pos.device)
         s = self.slot(p)
-        for layer, (k, v) in enumerate(zip(ks, vs)):
-            self.k[layer][row, :, s] = k[:, first:n].to(self.k[layer].dtype)
-            self.v[layer][row, :, s] = v[:, first:n].to(self.v[layer].dtype)
+        for kv, k, v in zip(self.kv, ks, vs):
+            kv[row, : self.n_kv, s] = k[:, first:n].to(kv.dtype)
+            kv[row, self.n_kv :, s] = v[:, first:n].to(kv.dtype)
         self.pos[row, s] = p
 
     def select(self, idx) -> None:
-        self.k = [t.index_select(0, idx) for t in self.k]
-        self.v = [t.index_select(0, idx) for t in self.v]
+        self.kv = [t.index_select(0, idx) for t in self.kv]
         self.pos = self.pos.index_select(0, idx)
 
 
@@ -205,52 +222,139 @@ class _Recorder:
 
 
 # ---- one-position building blocks (mirror layers.py with cached keys/values) ---------------
+#
+# A step is a few rows through ~50 matrix products and many small ops. On a CPU the products
+# are bound by memory bandwidth (the weights do not stay in cache) and the small ops by
+# per-call overhead, so the helpers below store each weight in the layout that streams fastest
+# and keep the number of kernel calls low.
 
 
 def _sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+class _Norm:
+    """A layers.RMSNorm for steps. In float32 on CPU it computes exactly RMSNorm's numbers
+    (x·rsqrt(mean(x²) + eps)·w, bit for bit) in 7 kernel calls that take ~8 us where the module
+    takes ~17 us and F.rms_norm ~10 (mostly turning the Python scalars D and eps into tensors,
+    done once here). Elsewhere, and in other dtypes (the module rounds to the dtype before
+    scaling), the module itself."""
+
+    def __init__(self, norm):
+        w = norm.weight.detach()
+        self.norm, self.w = norm, w
+        self.fast = w.device.type == "cpu" and w.dtype == torch.float32
+        self.d = torch.tensor(float(w.shape[0]))  # 0-dim: mean = sum / d, as torch.mean
+        self.eps = torch.tensor(norm.eps, dtype=torch.float32)
+
+    def __call__(self, x):
+        if not self.fast or x.dtype != torch.float32:
+            return self.norm(x)
+        r = (x * x).sum(-1, keepdim=True).div_(self.d).add_(self.eps).rsqrt_()
+        return (x * r).mul_(self.w)
+
+
+class _Proj:
+    """x·Wᵀ for a bias-free nn.Linear (weights given together are concatenated along the
+    outputs: one product instead of several), stored in the layout its product is fastest in.
+
+    On CPU a product of a few rows streams the whole weight from memory (the model does not
+    stay in cache), which one core does slowly for these small matrices. So the outputs are
+    split into one block per thread and the blocks run as one batched product, a thread each
+    (2 threads: 2730x512 in 155 instead of 253 us, 256x256 in 22 instead of 31 us). A block
+    with more outputs than inputs is stored (in, out/n), which `x @ w` streams ~1.7x faster
+    than F.linear's (out, in) (768x256: 56 vs 97 us); with fewer outputs, (out, in) is the
+    faster one (256x682: 57 vs 88 us). Each output is still one whole dot product, as in
+    F.linear. Elsewhere (the compiled CUDA path): F.linear."""
+
+    def __init__(self, *weights):
+        weights = [t.detach() for t in weights]
+        self.cpu = weights[0].device.type == "cpu"
+        if not self.cpu:
+            self.w = torch.cat(weights) if len(weights) > 1 else weights[0]
+            return
+        inp, out = weights[0].shape[1], sum(t.shape[0] for t in weights)
+        threads = torch.get_num_threads()  # one block per thread, of at least 32 outputs
+        self.n = max(d for d in range(1, threads + 1) if out % d == 0 and (d == 1 or out // d >= 32))
+        if out > inp:  # one (in, out) copy; block j = its columns j·out/n.. (rows `out` apart)
+            wt = torch.cat([t.t() for t in weights], dim=1)
+            self.w = wt.view(inp, self.n, out // self.n).transpose(0, 1)
+        else:  # (out, in) as it is; block j = its rows j·out/n.., read transposed
+            w = torch.cat(weights) if len(weights) > 1 else weights[0]
+            self.w = w.view(self.n, out // self.n, inp).transpose(1, 2)
+
+    def __call__(self, x):
+        if not self.cpu:
+            return F.linear(x, self.w)
+        lead = x.shape[:-1]
+        x3 = x if x.dim() == 3 and x.shape[0] == 1 else x.reshape(1, -1, x.shape[-1])
+        y = torch.bmm(x3.expand(self.n, -1, -1), self.w)  # (n, rows, out/n)
+        if y.shape[1] > 1:
+            y = y.transpose(0, 1)  # a copy below; with one row, the blocks are in order already
+        return y.reshape(*lead, -1)
+
+
 class _Block:
     """A TransformerBlock's weights arranged for one-position steps: q/k/v and the two SwiGLU
-    input projections fused into one matmul each (same dot products, fewer kernel calls)."""
+    input projections fused into one product each (same dot products, fewer kernel calls)."""
 
     def __init__(self, block):
         a = block.attn
-        self.attn_norm, self.ffn_norm, self.wo, self.w2 = block.attn_norm, block.ffn_norm, a.wo, block.ffn.w2
+        self.attn_norm, self.ffn_norm = _Norm(block.attn_norm), _Norm(block.ffn_norm)
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
-        self.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).detach()
-        self.w13 = torch.cat([block.ffn.w1.weight, block.ffn.w3.weight]).detach()
-        self.split = (a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim)
+        self.q_kv = (a.n_heads, 2 * a.n_kv)  # the fused output's query heads | key and value heads
+        heads = a.n_heads + 2 * a.n_kv
+        self.rotated = (torch.arange(heads) < a.n_heads + a.n_kv).view(1, heads, 1).to(a.wq.weight.device)
+        self.wqkv = _Proj(a.wq.weight, a.wk.weight, a.wv.weight)
+        self.wo = _Proj(a.wo.weight)
+        self.w13 = _Proj(block.ffn.w1.weight, block.ffn.w3.weight)
+        self.w2 = _Proj(block.ffn.w2.weight)
+        self.projs = (self.wqkv, self.wo, self.w13, self.w2)
 
 
-def _rope_step(rotary, pos):
-    """Rotary tables for one position per row, (B,1,1,Dh) each, laid out so that
-    x·cos + swap(x)·sin equals layers.apply_rotary exactly (same products, same sums)."""
-    cos, sin = rotary(pos[:, None])  # (B,1,Dh/2)
-    cos2 = cos.repeat_interleave(2, dim=-1)[:, None]
-    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)[:, None]
-    return cos2, sin2
+def _rope_step(rotary, pos, blk: _Block):
+    """Rotary factors for one position per row, one per head of a block's fused q/k/v output
+    (B, H+2·Hkv, ...): the rotation for the query and key heads, the identity for the value
+    heads, so that one product rotates q and k and leaves v as it is.
+
+    CPU: complex (B, H+2·Hkv, Dh/2) cos + i·sin (value heads 1): with each pair (x[2m],
+    x[2m+1]) read as x0 + i·x1, the complex product (x0·cos - x1·sin) + i·(x0·sin + x1·cos)
+    is layers.apply_rotary's products and sums (bit for bit), in one kernel call. Elsewhere
+    (compiled CUDA graphs, real arithmetic): (cos2, sin2), each (B, H+2·Hkv, Dh), with
+    x·cos2 + swap(x)·sin2 the same products and sums (value heads: cos 1, sin 0)."""
+    cos, sin = rotary(pos[:, None])  # (B,1,Dh/2) float32
+    if pos.device.type == "cpu":
+        return torch.where(blk.rotated, torch.complex(cos, sin), 1.0)
+    cos2 = cos.repeat_interleave(2, dim=-1)
+    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return torch.where(blk.rotated, cos2, 1.0), torch.where(blk.rotated, sin2, 0.0)
 
 
-def _rotate(x, rope):
-    cos2, sin2 = rope
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (xf * cos2 + swapped * sin2).to(x.dtype)
+def _rotate(y, rope, head_dim: int):
+    """A block's fused q/k/v projection (B, 1, (H+2·Hkv)·Dh) -> (B, H+2·Hkv, Dh) heads with q and
+    k rotated, v unchanged (float32 math)."""
+    B = y.shape[0]
+    yf = y.float()
+    if isinstance(rope, torch.Tensor):  # complex table (CPU)
+        out = torch.view_as_real(torch.view_as_complex(yf.view(B, -1, head_dim // 2, 2)) * rope).view(B, -1, head_dim)
+    else:
+        cos2, sin2 = rope
+        yf = yf.view(B, -1, head_dim)
+        out = yf * cos2 + yf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin2
+    return out.to(y.dtype)
 
 
-def _block_step(blk: _Block, x, rope, cache: KVCache, layer: int, rows, slot, mask):
-    """TransformerBlock.forward for one new position per row (eval mode: no dropout)."""
+def _block_step(blk: _Block, x, rope, cache: KVCache, layer: int, at, mask, n: int):
+    """TransformerBlock.forward for one new position per row (eval mode: no dropout); `at`,
+    mask and n from KVCache.begin."""
     B = x.shape[0]
-    q, k, v = F.linear(blk.attn_norm(x), blk.wqkv).split(blk.split, dim=-1)
-    qk = _rotate(torch.cat((q, k), dim=-1).view(B, blk.n_heads + blk.n_kv, 1, blk.head_dim), rope)
-    q, k = qk[:, : blk.n_heads], qk[:, blk.n_heads :]
-    cache.k[layer][rows, :, slot] = k[:, :, 0]
-    cache.v[layer][rows, :, slot] = v.view(B, blk.n_kv, blk.head_dim)
-    out = _sdpa(q, cache.k[layer], cache.v[layer], mask)
+    qkv = _rotate(blk.wqkv(blk.attn_norm(x)), rope, blk.head_dim)  # (B, H+2·Hkv, Dh)
+    q, new = qkv.split(blk.q_kv, dim=1)
+    kv = cache.kv[layer]
+    kv[at] = new
+    out = _sdpa(q.unsqueeze(2), kv[:, : blk.n_kv, :n], kv[:, blk.n_kv :, :n], mask)
     x = x + blk.wo(out.transpose(1, 2).reshape(B, 1, -1))
-    g, u = F.linear(blk.ffn_norm(x), blk.w13).chunk(2, dim=-1)
+    g, u = blk.w13(blk.ffn_norm(x)).chunk(2, dim=-1)
     return x + blk.w2(F.silu(g) * u)
 
 
@@ -282,16 +386,24 @@ class _HashStep:
         return h
 
 
-def _cross_kv(ca, kv):
+class _Cross:
+    """A CrossAttention's weights arranged for steps: keys and values from one product."""
+
+    def __init__(self, ca):
+        self.q_norm, self.kv_norm = _Norm(ca.q_norm), _Norm(ca.kv_norm)
+        self.n_heads, self.n_kv, self.head_dim = ca.n_heads, ca.n_kv, ca.head_dim
+        self.wq, self.wkv, self.wo = _Proj(ca.wq.weight), _Proj(ca.wk.weight, ca.wv.weight), _Proj(ca.wo.weight)
+        self.projs = (self.wq, self.wkv, self.wo)
+
+
+def _cross_kv(ca: _Cross, kv):
     """CrossAttention's keys/values for (B,K,D) inputs -> (B,Hkv,K,Dh) each."""
-    B = kv.shape[0]
-    kv = ca.kv_norm(kv)
-    k = ca.wk(kv).view(B, -1, ca.n_kv, ca.head_dim).transpose(1, 2)
-    v = ca.wv(kv).view(B, -1, ca.n_kv, ca.head_dim).transpose(1, 2)
+    B, K, _ = kv.shape
+    k, v = ca.wkv(ca.kv_norm(kv)).view(B, K, 2, ca.n_kv, ca.head_dim).permute(2, 0, 3, 1, 4)
     return k, v
 
 
-def _cross(ca, x, k, v, mask):
+def _cross(ca: _Cross, x, k, v, mask):
     """CrossAttention.forward with precomputed keys/values (the caller adds the residual)."""
     B, Q, _ = x.shape
     q = ca.wq(ca.q_norm(x)).view(B, Q, ca.n_heads, ca.head_dim).transpose(1, 2)
@@ -477,7 +589,7 @@ class Engine:
 
         # decoder patch store: the last dw complete patches, k keys each, per cross layer
         dec = m.decoder
-        self.dec_mods = [dec.cross_attn[i if cfg.decoder.cross_attn_all_layers else 0] for i in self.dec_cross]
+        self.dec_mods = [_Cross(dec.cross_attn[i if cfg.decoder.cross_attn_all_layers else 0]) for i in self.dec_cross]
         dc = cfg.decoder
         S = self.dw * self.k
         self.store_k = [torch.zeros(B, dc.kv_heads, S, dc.head_dim, device=dev, dtype=dt) for _ in self.dec_mods]
@@ -498,7 +610,16 @@ class Engine:
         self.glob_blocks = [_Block(b) for b in m.global_model.layers]
         self.dec_blocks = [_Block(b) for b in m.decoder.layers]
         self.hash_step = _HashStep(m.encoder, self.nmax, dev)
-        self.enc_mods = [m.encoder.cross_attn[i if cfg.encoder.cross_attn_all_layers else 0] for i in self.enc_cross]
+        enc, gm = m.encoder, m.global_model
+        self.enc_mods = [_Cross(enc.cross_attn[i if cfg.encoder.cross_attn_all_layers else 0]) for i in self.enc_cross]
+        self.ent_out = _Proj(m.entropy_model.output.weight) if self.ent is not None else None
+        self.ent_norm = _Norm(m.entropy_model.norm) if self.ent is not None else None
+        self.enc_patch_proj = _Proj(enc.patch_proj.weight)
+        self.glob_in = _Proj(gm.in_proj.weight) if gm.in_proj is not None else None
+        self.dec_patch_proj = _Proj(dec.patch_proj.weight)
+        self.dec_out = _Proj(dec.output.weight)
+        self.dec_norm = _Norm(dec.norm)
+        self._bounds()
         if self.compiled:
             self._mark_static()
 
@@ -512,9 +633,13 @@ class Engine:
             ts.append(self.H_prev)
         for c in (self.ent, self.enc, self.dec, self.glob):
             if c is not None:
-                ts += [c.pos, *c.k, *c.v]
-        for blk in (*self.ent_blocks, *self.enc_blocks, *self.glob_blocks, *self.dec_blocks):
-            ts += [blk.wqkv, blk.w13]
+                ts += [c.pos, *c.kv]
+        projs = [self.ent_out, self.enc_patch_proj, self.glob_in, self.dec_patch_proj, self.dec_out]
+        for mod in (*self.ent_blocks, *self.enc_blocks, *self.glob_blocks, *self.dec_blocks, *self.enc_mods,
+                    *self.dec_mods):  # fmt: skip
+            projs += mod.projs
+        ts += [blk.rotated for blk in (*self.ent_blocks, *self.enc_blocks, *self.glob_blocks, *self.dec_blocks)]
+        ts += [p.w for p in projs if p is not None]
         for t in ts:
             torch._dynamo.mark_static_address(t)
 
@@ -526,6 +651,7 @@ class Engine:
         self._ensure_buffer()
         if self.glob.window is None:
             self.glob.ensure(max(self.h_patches) + 1)  # every row writes its open patch's slot
+        self._bounds()
         if self.fuse:
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -547,6 +673,16 @@ class Engine:
                 self.h_starts[b].append(self.h_pos[b])
                 self.h_patches[b] += 1
         return logits
+
+    def _bounds(self) -> None:
+        """What the host knows of this step: the largest byte position and patch index (the
+        caches' attention reads only the slots filled so far) and whether every row's decoder
+        patch store is full (no cross-attention mask). Under CUDA graphs, none of it: shapes
+        stay fixed."""
+        eager = not self.compiled
+        self.top_pos = max(self.h_pos) if eager else None
+        self.top_patch = max(self.h_patches) if eager else None
+        self.store_full = eager and min(self.h_patches) >= self.dw
 
     def _fused_impl(self, ids):
         """The compiled step: the patch step runs every byte, its results kept only for rows
@@ -604,12 +740,12 @@ class Engine:
         H = None
         if self.ent is not None:
             em = m.entropy_model
-            rope = _rope_step(em.rope, pos)
-            slot, mask = self.ent.begin(pos, rows)
+            rope = _rope_step(em.rope, pos, self.ent_blocks[0])
+            at, mask, n = self.ent.begin(pos, rows, self.top_pos)
             x = em.tok_embeddings(ids[:, None])
             for i, blk in enumerate(self.ent_blocks):
-                x = _block_step(blk, x, rope, self.ent, i, rows, slot, mask)
-            H = entropy(em.output(em.norm(x)))[:, 0]
+                x = _block_step(blk, x, rope, self.ent, i, at, mask, n)
+            H = entropy(self.ent_out(self.ent_norm(x)))[:, 0]
         start_next = self._decide(ids, H)
         if H is not None:
             self.H_prev.copy_(H)
@@ -617,12 +753,12 @@ class Engine:
         self.win.copy_(torch.cat([self.win[:, 1:], ids[:, None]], dim=1))
         enc = m.encoder
         x = self.hash_step(self.win)
-        rope = _rope_step(enc.rope, pos)
-        slot, mask = self.enc.begin(pos, rows)
+        rope = _rope_step(enc.rope, pos, self.enc_blocks[0])
+        at, mask, n = self.enc.begin(pos, rows, self.top_pos)
         bslot = pos % self.buf_pos.shape[1]
         j = 0
         for i, blk in enumerate(self.enc_blocks):
-            x = _block_step(blk, x, rope, self.enc, i, rows, slot, mask)
+            x = _block_step(blk, x, rope, self.enc, i, at, mask, n)
             if enc.has_cross_attn(i):
                 self.buf[j][rows, bslot] = x[:, 0]
                 j += 1
@@ -644,18 +780,18 @@ class Engine:
             hb = self.buf[j]
             if queries is None:
                 pooled = hb.masked_fill(~own[..., None], float("-inf")).amax(1)
-                queries = enc.patch_proj(pooled).view(B, k, -1)
+                queries = self.enc_patch_proj(pooled).view(B, k, -1)
             kk, vv = _cross_kv(self.enc_mods[j], hb)
             out = queries + _cross(self.enc_mods[j], queries, kk, vv, seen)
             queries = out + queries if enc.double_residual else out
         gm = m.global_model
         x = queries.reshape(B, 1, -1)
-        x = gm.in_proj(x) if gm.in_proj is not None else x
-        rope = _rope_step(gm.rope, cur)
-        slot, mask = self.glob.begin(cur, rows)
+        x = self.glob_in(x) if self.glob_in is not None else x
+        rope = _rope_step(gm.rope, cur, self.glob_blocks[0])
+        at, mask, n = self.glob.begin(cur, rows, self.top_patch)
         for i, blk in enumerate(self.glob_blocks):
-            x = _block_step(blk, x, rope, self.glob, i, rows, slot, mask)
-        keys = m.decoder.patch_keys(x)  # (B,k,D)
+            x = _block_step(blk, x, rope, self.glob, i, at, mask, n)
+        keys = self.dec_patch_proj(x).view(B, k, -1)  # decoder.patch_keys
         write = start_next[:, None] & (self.store_ring[None] == (cur % self.dw)[:, None])  # (B,S)
         w4 = write[:, None, :, None]
         for j, ca in enumerate(self.dec_mods):
@@ -668,17 +804,17 @@ class Engine:
         """Decoder step -> logits; then advance the per-row counters."""
         m, rows, pos = self.model, self.rows_idx, self.pos
         dec = m.decoder
-        rope = _rope_step(dec.rope, pos)
-        slot, mask = self.dec.begin(pos, rows)
-        cmask = self.store_valid[:, None, None, :]
+        rope = _rope_step(dec.rope, pos, self.dec_blocks[0])
+        at, mask, n = self.dec.begin(pos, rows, self.top_pos)
+        cmask = None if self.store_full else self.store_valid[:, None, None, :]
         j = 0
         for i, blk in enumerate(self.dec_blocks):
             if dec.has_cross_attn(i):
                 out = h + _cross(self.dec_mods[j], h, self.store_k[j], self.store_v[j], cmask)
                 h = out + h if dec.double_residual else out
                 j += 1
-            h = _block_step(blk, h, rope, self.dec, i, rows, slot, mask)
-        logits = dec.output(dec.norm(h))[:, 0]
+            h = _block_step(blk, h, rope, self.dec, i, at, mask, n)
+        logits = self.dec_out(self.dec_norm(h))[:, 0]
         self.cur_len.copy_(torch.where(start_next, torch.zeros_like(self.cur_len), self.cur_len + 1))
         self.cur_patch.add_(start_next.long())
         self.pos.add_(1)

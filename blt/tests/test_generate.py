@@ -145,6 +145,50 @@ def test_long_patches_grow_buffer():
     check_exact(model, encode(""), 128, 8)
 
 
+@pytest.mark.parametrize("config", ["tiny", "variant"])
+def test_cached_equals_oracle_two_threads(config):
+    """With 2 threads the engine's CPU products run as 2 blocks each (_Proj): same bytes."""
+    model = make_model(config, "entropy", seed=7)
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    check_exact(model, encode("Once upon a time"), 192, 24)
+
+
+def test_step_helpers_match_layers():
+    """The engine's one-position pieces against layers.py: _Proj gives F.linear's products in
+    both weight layouts, with 1 or 2 blocks and 1 or several rows; _Norm is RMSNorm bit for
+    bit; _rope_step + _rotate rotate q and k bit for bit as apply_rotary and keep v."""
+    from blt.layers import RMSNorm, Rotary, TransformerBlock, apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for out, inp in [(96, 16), (64, 96), (64, 64), (90, 8), (16, 8)]:
+            ws = [torch.randn(out // 2, inp, generator=g), torch.randn(out - out // 2, inp, generator=g)]
+            proj = G._Proj(*ws)
+            assert proj.n == (threads if out >= 64 else 1)
+            for shape in [(1, 1, inp), (3, 1, inp), (2, 5, inp)]:
+                x = torch.randn(shape, generator=g)
+                ref = torch.nn.functional.linear(x, torch.cat(ws))
+                assert (proj(x) - ref).abs().max() < 1e-5
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        x = 3 * torch.randn(4, 1, 48, generator=g)
+        assert torch.equal(G._Norm(norm)(x), norm(x))
+    cfg = C.tiny().global_model  # 4 query heads, GQA below
+    cfg.n_kv_heads = 2
+    blk = G._Block(TransformerBlock(cfg))
+    H, Hkv, Dh = blk.n_heads, blk.n_kv, blk.head_dim
+    assert Hkv < H
+    rotary = Rotary(Dh, cfg.rope_theta)
+    pos = torch.tensor([0, 37, 1000])
+    y = torch.randn(3, 1, (H + 2 * Hkv) * Dh, generator=g)
+    out = G._rotate(y, G._rope_step(rotary, pos, blk), Dh)
+    heads = y.view(3, H + 2 * Hkv, 1, Dh)
+    ref = apply_rotary(heads[:, : H + Hkv], rotary(pos[:, None]))
+    assert torch.equal(out[:, : H + Hkv], ref[:, :, 0]) and torch.equal(out[:, H + Hkv :], heads[:, H + Hkv :, 0])
+
+
 def test_prefill_matches_forward():
     model = make_model("variant", "entropy")
     prompts = [encode(""), encode("a"), encode("Hello, world! " * 5)]
