@@ -117,7 +117,7 @@ def main():
                 print(f"transformers: skipped ({e})")
         variants = [False, True] if args.compile and device.type == "cuda" else [False]
         for compiled in variants:
-            label = "ours, cached" + (" + CUDA graphs" if compiled else "")
+            label = "ours, cached" + (", compiled" if compiled else "")
             for s in args.streams:
                 bps, eng = run_cached(model, prompt, s, args.max_new, device, compiled)
                 print(f"{label:34s} {s:7d} {bps:12,.1f}   ({eng.patches} patches, {eng.global_steps} global steps)", flush=True)
