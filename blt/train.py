@@ -525,9 +525,12 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def train_step(model, raw, optimizer, batcher, args, device, amp_dtype) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad norm)."""
-    loss_sum, bpp = torch.zeros((), device=device), 0.0
+def train_step(model, raw, optimizer, batcher, args, device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad
+    norm), all device tensors: reading them would make the host wait for the GPU, so the loop
+    reads them only when it logs."""
+    loss_sum = torch.zeros((), device=device)
+    bpp_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
         batch = next(batcher).to(device, non_blocking=True)
         with grad_sync(model, micro == args.grad_accum - 1):
@@ -536,11 +539,15 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype) -> tuple
             loss = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID)
             (loss / args.grad_accum).backward()
         loss_sum += loss.detach()
-        bpp += patching.bytes_per_patch if patching is not None else 1.0  # a byte LM steps once per byte
+        if patching is not None:
+            lengths = patching.patch_lengths
+            bpp_sum += lengths.sum() / (lengths > 0).sum().clamp(min=1)
+        else:
+            bpp_sum += 1.0  # a byte LM steps once per byte
     norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / args.grad_accum, bpp / args.grad_accum, norm
+    return loss_sum / args.grad_accum, bpp_sum / args.grad_accum, norm
 
 
 def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
@@ -594,48 +601,75 @@ def train(args, build, export) -> None:
         save_checkpoint(ckpt_dir, raw, optimizer, step, batcher, args, elapsed, rank, world, device)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    window = np.zeros(3)  # since the last metrics row: loss, bytes/patch, seconds
-    window_steps = 0
-    run_steps, run_bpp, timed_s = 0, 0.0, 0.0  # this run; timed_s skips its first step (warm-up, compilation)
+    # The host reads the GPU's numbers only at "sync points" (metrics rows, evaluations,
+    # checkpoints, the end): between them it queues step after step without waiting, so its
+    # Python work overlaps the GPU's. Sums stay on the device until then.
+    window = torch.zeros(2, device=device, dtype=torch.float64)  # loss, bytes/patch since the last row
+    window_steps, window_secs = 0, 0.0
+    run_bpp = torch.zeros((), device=device, dtype=torch.float64)
+    run_steps, timed_s = 0, 0.0  # this run; timed_s skips its first step (compilation)
     stop = False
+    mark = time.perf_counter()
+
+    def sync_time() -> float:
+        """Wait for the queued GPU work; -> seconds since the last sync point."""
+        nonlocal mark
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        dt, mark = now - mark, now
+        return dt
+
     with StopOnSignal() as signals:
         while step < args.steps:
-            t0 = time.perf_counter()
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, bpp, norm = train_step(model, raw, optimizer, batcher, args, device, amp_dtype)
             step += 1
-            # One small all-reduce per step: mean loss and bytes/patch over ranks, and whether any
-            # rank was signalled (all ranks must stop at the same step, or collectives would hang).
-            synced = torch.tensor([loss.item(), bpp, float(bool(signals.caught))], dtype=torch.float64, device=device)
-            loss_v, bpp_v, stop = all_reduce(synced, world).tolist()
-            loss_v, bpp_v, stop = loss_v / world, bpp_v / world, stop > 0
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            seconds = time.perf_counter() - t0
-            elapsed += seconds
-            timed_s += seconds if run_steps else 0.0
-            run_steps, run_bpp = run_steps + 1, run_bpp + bpp_v
-            window += (loss_v, bpp_v, seconds)
+            run_steps += 1
+            window += torch.stack((loss.double(), bpp))
+            run_bpp += bpp
             window_steps += 1
             bar.update()
-            bar.set_postfix({"loss": f"{loss_v:.3f}", "bpb": f"{loss_v / LN2:.3f}", "bytes/s": f"{bytes_per_step / seconds:.3g}",
-                             "bytes/patch": f"{bpp_v:.2f}"})  # fmt: skip
+            stop = bool(signals.caught)
+            if world > 1:
+                # Every rank must stop at the same step, or collectives would hang. Agreeing
+                # means waiting for the GPU, so the ranks agree at metrics rows only.
+                row = step % args.log_every == 0 or step == args.steps
+                flag = torch.tensor([float(stop)], device=device)
+                stop = row and all_reduce(flag, world).item() > 0
 
-            if step % args.log_every == 0 or step == args.steps or stop:
-                mean_loss, mean_bpp, secs = window / [window_steps, window_steps, 1]
-                metrics.write(step=step, loss=mean_loss, bpb=mean_loss / LN2, lr=lr, bytes=step * bytes_per_step,
-                              bytes_per_s=window_steps * bytes_per_step / secs, bytes_per_patch=mean_bpp,
+            log_now = step % args.log_every == 0 or step == args.steps or stop
+            eval_now = bool(args.eval_every) and step % args.eval_every == 0 and step < args.steps and not stop
+            save_now = bool(args.save_every) and step % args.save_every == 0 and step < args.steps and not stop
+            if log_now or eval_now or save_now or run_steps == 1:
+                dt = sync_time()
+                elapsed += dt
+                window_secs += dt
+                timed_s += dt if run_steps > 1 else 0.0
+            if log_now:
+                # One small all-reduce per row: mean loss and bytes/patch over ranks.
+                loss_v, bpp_v = (all_reduce(window.clone(), world) / (world * window_steps)).tolist()
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                metrics.write(step=step, loss=loss_v, bpb=loss_v / LN2, lr=lr, bytes=step * bytes_per_step,
+                              bytes_per_s=window_steps * bytes_per_step / window_secs, bytes_per_patch=bpp_v,
                               grad_norm=grad_norm, elapsed=elapsed)  # fmt: skip
-                window[:], window_steps = 0, 0
+                bar.set_postfix({"loss": f"{loss_v:.3f}", "bpb": f"{loss_v / LN2:.3f}",
+                                 "bytes/s": f"{window_steps * bytes_per_step / window_secs:.3g}",
+                                 "bytes/patch": f"{bpp_v:.2f}"})  # fmt: skip
+                window.zero_()
+                window_steps, window_secs = 0, 0.0
             if step == args.steps or stop:
                 break
-            if args.eval_every and step % args.eval_every == 0:
+            if eval_now:
                 eval_bpb = evaluate(model, data.valid, args, rank, world, device, amp_dtype)
                 metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
                 bar.write(f"step {step}: held-out bpb {eval_bpb:.4f}")
-            if args.save_every and step % args.save_every == 0:
+            if save_now:
                 checkpoint()
+            if eval_now or save_now:
+                sync_time()  # their time is not training time
     bar.close()
 
     checkpoint()
@@ -650,9 +684,10 @@ def train(args, build, export) -> None:
             export(plain, data, device)
             print(f"done: {step} steps, {step * bytes_per_step} training bytes, held-out bpb {eval_bpb:.4f}; model in {out / 'model'}")
     metrics.close()
+    mean_bpp = all_reduce(run_bpp.clone(), world).item() / (world * run_steps) if run_steps else 1.0  # collective
     if master:
-        bytes_per_s = (run_steps - 1) * bytes_per_step / timed_s if run_steps > 1 else None
-        print(summary(raw, args, device, world, bytes_per_s, run_bpp / max(1, run_steps)))
+        bytes_per_s = (run_steps - 1) * bytes_per_step / timed_s if run_steps > 1 and timed_s > 0 else None
+        print(summary(raw, args, device, world, bytes_per_s, mean_bpp))
     if world > 1:
         dist.barrier()  # leave together: rank 0 was still writing files
 
