@@ -9,7 +9,8 @@ bytes). The random-init `bench` model gets θ calibrated to ~4.5 bytes/patch on 
 so that the global model runs about once per 4.5 bytes, as it would after training.
 Full recomputation re-patches and re-runs the whole BLT over the prefix for every byte (what
 the official code does). transformers' port is run with its cache off (with it on, its
-`generate` raises); it gets our weights, converted.
+`generate` raises); it gets our weights, converted. A compiled row (--compile, CUDA) also says
+whether its step really ran as CUDA graphs, from inductor's counters (a skip is only a warning).
 """
 
 import argparse
@@ -61,6 +62,25 @@ def run_cached(model, prompt, streams, max_new, device, compile, warm=16):
         logits = eng.step(tok)
     sync(device)
     return streams * max_new / (time.perf_counter() - t0), eng
+
+
+def cudagraph_counters():
+    """inductor's counts: graphs that skipped CUDA graphs (torch/_inductor/cudagraph_utils.py,
+    output_code.py) and non-static inputs of the CUDA graphs recorded (cudagraph_trees.py)."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    return c["cudagraph_skips"], c["cudagraph_recorded_non_static_inputs"]
+
+
+def cudagraph_note(before, after) -> str:
+    """Whether a compiled run really ran as CUDA graphs, from cudagraph_counters() around it."""
+    skips, copied = after[0] - before[0], after[1] - before[1]
+    if skips:
+        return f"(CUDA graphs: skipped {skips} times, NOT graphed; see inductor's 'skipping cudagraphs' warning)"
+    if not copied:  # the step's ids are never static: every recorded graph counts at least one
+        return "(CUDA graphs: no graph recorded)"
+    return f"(CUDA graphs: used; {copied} non-static input(s) recorded, copied on every replay)"
 
 
 def run_uncached(model, prompt, max_new, device):
@@ -119,8 +139,12 @@ def main():
         for compiled in variants:
             label = "ours, cached" + (", compiled" if compiled else "")
             for s in args.streams:
+                before = cudagraph_counters()
                 bps, eng = run_cached(model, prompt, s, args.max_new, device, compiled)
-                print(f"{label:34s} {s:7d} {bps:12,.1f}   ({eng.patches} patches, {eng.global_steps} global steps)", flush=True)
+                row = f"{label:34s} {s:7d} {bps:12,.1f}   ({eng.patches} patches, {eng.global_steps} global steps)"
+                if compiled:  # never report a run that fell back from CUDA graphs as graphed
+                    row += f"   {cudagraph_note(before, cudagraph_counters())}"
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ Cache layout (all preallocated, batch-first, per-row positions):
 
 compile=True (CUDA only; ignored elsewhere): the whole byte step -- steps 1-4, with the patch
 step of 3 run every byte and its results kept only where a patch completes -- is compiled
-with torch.compile(mode="reduce-overhead") into one CUDA graph over static cache tensors;
-one host round trip per byte remains (the sampled byte and the patch flags).
+with torch.compile(mode="reduce-overhead") into one CUDA graph over static cache tensors
+(the compiled function is an nn.Module holding the engine, and every engine tensor is one
+of its buffers: see _StepModule); one host round trip per byte remains (the sampled byte and
+the patch flags).
 
 On CPU a step is bound by memory bandwidth (every per-byte weight is read from memory for
 each byte) and by per-call overhead (hundreds of small ops), so the step helpers keep each
@@ -74,6 +76,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from blt import masks as M
 from blt.entropy_model import entropy
@@ -162,13 +165,14 @@ class KVCache:
     def capacity(self) -> int:
         return self.pos.shape[1]
 
-    def ensure(self, needed: int) -> None:
-        """Room for slot index needed-1 (full caches only; rings never grow)."""
+    def ensure(self, needed: int) -> bool:
+        """Room for slot index needed-1 (full caches only; rings never grow). True if it grew."""
         if self.window is not None or needed <= self.capacity:
-            return
+            return False
         extra = max(needed, 2 * self.capacity) - self.capacity
         self.kv = [F.pad(t, (0, 0, 0, extra)) for t in self.kv]
         self.pos = F.pad(self.pos, (0, extra), value=-1)
+        return True
 
     def slot(self, pos):
         return pos % self.capacity if self.window is not None else pos
@@ -309,7 +313,6 @@ class _Block:
         self.wo = _Proj(a.wo.weight)
         self.w13 = _Proj(block.ffn.w1.weight, block.ffn.w3.weight)
         self.w2 = _Proj(block.ffn.w2.weight)
-        self.projs = (self.wqkv, self.wo, self.w13, self.w2)
 
 
 def _rope_step(rotary, pos, blk: _Block):
@@ -393,7 +396,6 @@ class _Cross:
         self.q_norm, self.kv_norm = _Norm(ca.q_norm), _Norm(ca.kv_norm)
         self.n_heads, self.n_kv, self.head_dim = ca.n_heads, ca.n_kv, ca.head_dim
         self.wq, self.wkv, self.wo = _Proj(ca.wq.weight), _Proj(ca.wk.weight, ca.wv.weight), _Proj(ca.wo.weight)
-        self.projs = (self.wq, self.wkv, self.wo)
 
 
 def _cross_kv(ca: _Cross, kv):
@@ -411,6 +413,53 @@ def _cross(ca: _Cross, x, k, v, mask):
 
 
 # ---- the engine -----------------------------------------------------------------------------
+
+
+_STEP_OBJECTS = (KVCache, _Norm, _Proj, _Block, _HashStep, _Cross)  # hold tensors the step reads
+
+
+def _step_tensors(obj, prefix=""):
+    """(name, tensor) for every tensor held by obj's attributes, directly, in lists, or inside the
+    step objects (caches and step helpers) it holds, not inside the model's own modules; names
+    as "enc__kv_1", "dec_blocks_0__wqkv__w"."""
+    for key, value in vars(obj).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for i, v in enumerate(values):
+            name = f"{prefix}{key}" + (f"_{i}" if values is value else "")
+            if isinstance(v, torch.Tensor):
+                yield name, v
+            elif isinstance(v, _STEP_OBJECTS):
+                yield from _step_tensors(v, name + "__")
+
+
+class _StepModule(nn.Module):
+    """What compile=True compiles: an nn.Module whose forward is the engine's fused byte step.
+
+    Every engine tensor (per-row state, caches, step weights) is registered here as a buffer
+    (again whenever the engine re-creates one), and the step reaches each through this module
+    (self.engine.pos, self.engine.enc.kv[0], self.engine.dec_out.w, ...). Dynamo treats both,
+    a module's buffers and any tensor reached through a module, as static inputs: CUDA graphs
+    use them in place, and cudagraph trees let a graph update them in place, as gpt-fast's KV
+    cache buffers. Compiled as the engine's bound method they were ordinary inputs, static only
+    through torch._dynamo.mark_static_address, and with them marked so, torch 2.11 (H200)
+    skipped CUDA graphs ("mutated inputs", one per state tensor). The engine stays a plain
+    object: its eager step reads plain attributes (an nn.Module's are slower to read, ~2% of a
+    tiny-preset step)."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+
+    def register(self) -> None:
+        """(Re-)register the engine's current tensors as (non-persistent) buffers."""
+        self._buffers.clear()
+        self._non_persistent_buffers_set.clear()
+        for name, t in _step_tensors(self.engine):
+            assert name not in self._buffers, name
+            self.register_buffer(name, t, persistent=False)
+
+    def forward(self, ids):
+        return self.engine._fused_impl(ids)
 
 
 @dataclass
@@ -463,9 +512,19 @@ class Engine:
         self.compiled = bool(compile) and self.device.type == "cuda"
         # fuse: run the patch step every byte, masked (one graph per byte; default: when compiled)
         self.fuse = self.compiled if fuse is None else bool(fuse)
-        self._fused = self._fused_impl
+        self._fused, self._step_module = self._fused_impl, None
         if self.compiled:
-            self._fused = torch.compile(self._fused_impl, mode="reduce-overhead", dynamic=False)
+            self._compile(mode="reduce-overhead")
+
+    def _compile(self, **options) -> None:
+        """Compile the fused step through a _StepModule (see there), with dynamic=False."""
+        self._step_module = _StepModule(self)
+        self._fused = torch.compile(self._step_module, dynamic=False, **options)
+
+    def _tensors_changed(self) -> None:
+        """Tensors were allocated or re-created: re-register them with the compiled step."""
+        if self._step_module is not None:
+            self._step_module.register()
 
     # ---- prefill ------------------------------------------------------------------------
     @torch.no_grad()
@@ -620,28 +679,7 @@ class Engine:
         self.dec_out = _Proj(dec.output.weight)
         self.dec_norm = _Norm(dec.norm)
         self._bounds()
-        if self.compiled:
-            self._mark_static()
-
-    def _mark_static(self) -> None:
-        """CUDA graphs: the tensors the compiled steps read or update in place keep their
-        addresses for the whole generation, so the graphs use them directly, without copies."""
-        ts = [self.pos, self.cur_patch, self.cur_len, self.win, self.prev_tok, self.rows_idx, self.buf_pos,
-              self.buf_patch, self.store_valid, self.store_ring, self.hash_step.coef, self.hash_step.offset,
-              *self.buf, *self.store_k, *self.store_v]  # fmt: skip
-        if self.H_prev is not None:
-            ts.append(self.H_prev)
-        for c in (self.ent, self.enc, self.dec, self.glob):
-            if c is not None:
-                ts += [c.pos, *c.kv]
-        projs = [self.ent_out, self.enc_patch_proj, self.glob_in, self.dec_patch_proj, self.dec_out]
-        for mod in (*self.ent_blocks, *self.enc_blocks, *self.glob_blocks, *self.dec_blocks, *self.enc_mods,
-                    *self.dec_mods):  # fmt: skip
-            projs += mod.projs
-        ts += [blk.rotated for blk in (*self.ent_blocks, *self.enc_blocks, *self.glob_blocks, *self.dec_blocks)]
-        ts += [p.w for p in projs if p is not None]
-        for t in ts:
-            torch._dynamo.mark_static_address(t)
+        self._tensors_changed()
 
     # ---- one byte per row -----------------------------------------------------------------
     @torch.no_grad()
@@ -649,8 +687,8 @@ class Engine:
         """ids (B,) long: the byte at each row's next position -> (B,V) logits for the byte after."""
         ids = ids.to(self.device, torch.long).view(self.B)
         self._ensure_buffer()
-        if self.glob.window is None:
-            self.glob.ensure(max(self.h_patches) + 1)  # every row writes its open patch's slot
+        if self.glob.ensure(max(self.h_patches) + 1):  # every row writes its open patch's slot
+            self._tensors_changed()
         self._bounds()
         if self.fuse:
             if self.compiled:
@@ -710,8 +748,7 @@ class Engine:
 
         self.buf = [move(t, 0) for t in self.buf]
         self.buf_pos, self.buf_patch = move(self.buf_pos, -1), move(self.buf_patch, -1)
-        if self.compiled:
-            self._mark_static()
+        self._tensors_changed()
 
     def _decide(self, ids, H):
         """patcher.patch_starts for p = pos+1 (the next byte), from bytes <= pos only."""
@@ -798,7 +835,7 @@ class Engine:
             kk, vv = _cross_kv(ca, keys)
             self.store_k[j].copy_(torch.where(w4, kk.repeat(1, 1, self.dw, 1), self.store_k[j]))
             self.store_v[j].copy_(torch.where(w4, vv.repeat(1, 1, self.dw, 1), self.store_v[j]))
-        self.store_valid |= write
+        self.store_valid.bitwise_or_(write)  # in place, no attribute store in the compiled step
 
     def _back_impl(self, h, start_next):
         """Decoder step -> logits; then advance the per-row counters."""
@@ -848,6 +885,7 @@ class Engine:
         self.active = [self.active[r] for r in rows]
         self.B = len(rows)
         self.rows_idx = torch.arange(self.B, device=self.device)
+        self._tensors_changed()
 
 
 # ---- the generation loop ----------------------------------------------------------------------

@@ -145,6 +145,26 @@ def test_long_patches_grow_buffer():
     check_exact(model, encode(""), 128, 8)
 
 
+def test_step_module_tracks_recreated_tensors():
+    """The compiled step's module re-registers what the engine re-creates (the encoder buffer
+    growing, rows dropped): its buffers are always the engine's current tensors, none stale."""
+    model = make_model("tiny", "static", patch_size=37, max_patch_length=None)
+    eng = G.Engine(model, [encode("Hi"), encode("")], 80)
+    eng._step_module = G._StepModule(eng)  # what _compile sets up, without compiling
+
+    def registered_are_current():
+        return {id(t) for t in eng._step_module.buffers()} == {id(t) for _, t in G._step_tensors(eng)}
+
+    logits = eng.prefill()
+    C = eng.buf_pos.shape[1]
+    assert registered_are_current()
+    for _ in range(60):
+        logits = eng.step(G.sample_next(logits))
+    assert eng.buf_pos.shape[1] > C and registered_are_current()
+    eng.keep([1])
+    assert registered_are_current()
+
+
 @pytest.mark.parametrize("config", ["tiny", "variant"])
 def test_cached_equals_oracle_two_threads(config):
     """With 2 threads the engine's CPU products run as 2 blocks each (_Proj): same bytes."""
@@ -434,5 +454,42 @@ def test_compiled_step_is_one_graph():
     ref = G.generate_ids(model, ids, 24, stop=None)
     eng = G.Engine(model, ids, 24)
     eng.compiled = eng.fuse = True  # what compile=True sets on CUDA
-    eng._fused = torch.compile(eng._fused_impl, backend="eager", fullgraph=True, dynamic=False)
+    eng._compile(backend="eager", fullgraph=True)
     assert _run_engine(eng, 24) == ref.ids
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_compiled_step_updates_only_static_inputs():
+    """cudagraph trees run a graph that updates inputs in place only if every such input is
+    static (a module's buffer or parameter, or a tensor reached through a module). What
+    compile=True compiles is checked on CPU through AOTAutograd, which computes the static
+    inputs and the in-place updates that inductor sees: the step updates exactly the engine's
+    state tensors (all registered as buffers of the compiled module), every input but the ids
+    is static, and the bytes are the eager engine's."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._guards import TracingContext
+
+    graphs = []
+
+    def compiler(gm, example_inputs):
+        meta = TracingContext.get().fw_metadata
+        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
+        graphs.append((len(example_inputs), set(meta.static_input_indices), mutated))
+        return make_boxed_func(gm.forward)
+
+    model = make_model("tiny", "entropy")
+    ids = [encode("Hi"), encode("Hello")]
+    ref = G.generate_ids(model, ids, 24, stop=None)
+    eng = G.Engine(model, ids, 24)
+    eng.compiled = eng.fuse = True  # what compile=True sets on CUDA
+    eng._compile(backend=aot_autograd(fw_compiler=compiler), fullgraph=True)
+    assert _run_engine(eng, 24) == ref.ids
+    assert len(graphs) == 1
+    n_inputs, static, mutated = graphs[0]
+    state = [eng.pos, eng.cur_patch, eng.cur_len, eng.H_prev, eng.prev_tok, eng.win, eng.buf_pos, eng.buf_patch,
+             eng.store_valid, *eng.buf, *eng.store_k, *eng.store_v]  # fmt: skip
+    state += [t for c in (eng.ent, eng.enc, eng.dec, eng.glob) for t in (c.pos, *c.kv)]
+    assert {id(t) for t in state} <= {id(t) for t in eng._step_module.buffers()}
+    assert len(mutated) == len(state) and mutated <= static
+    assert len(static) == n_inputs - 1  # all but the ids
