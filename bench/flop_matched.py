@@ -630,7 +630,8 @@ def main(argv=None) -> None:
         if args.parallel > 1:
             train_parallel(jobs, args)
         for c, job in zip(contenders, jobs):
-            train_or_skip(job, args)  # --parallel: each is finished by now, and skipped
+            if args.parallel == 1:
+                train_or_skip(job, args)
             c.eval = evaluate(job.out, job.model_file, args)
     except (Fail, DataError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

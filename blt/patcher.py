@@ -36,10 +36,13 @@ class Patching:
     next_starts_patch: torch.Tensor  # (B,) bool: would byte T open a new patch?
     entropies: torch.Tensor | None = None  # (B,T) float, entropy-based modes only
 
+    def mean_patch_length(self) -> torch.Tensor:
+        """Mean bytes per (non-empty) patch, as a 0-dim device tensor (no host sync)."""
+        return self.patch_lengths.sum() / (self.patch_lengths > 0).sum().clamp(min=1)
+
     @property
     def bytes_per_patch(self) -> float:
-        n = (self.patch_lengths > 0).sum().item()
-        return self.patch_lengths.sum().item() / max(n, 1)
+        return self.mean_patch_length().item()
 
 
 def _is_word_byte(tokens: torch.Tensor) -> torch.Tensor:

@@ -539,11 +539,7 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype) -> tuple
             loss = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID)
             (loss / args.grad_accum).backward()
         loss_sum += loss.detach()
-        if patching is not None:
-            lengths = patching.patch_lengths
-            bpp_sum += lengths.sum() / (lengths > 0).sum().clamp(min=1)
-        else:
-            bpp_sum += 1.0  # a byte LM steps once per byte
+        bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
     norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
