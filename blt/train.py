@@ -557,6 +557,12 @@ def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
     mine = iter_eval_batches(valid, args.batch_size, args.seq_len, rank, world)
     batches = (next(mine, torch.zeros(1, args.seq_len + 1, dtype=torch.long)) for _ in range(n))
     nats, targets, _, _ = all_reduce(eval_sums(model, batches, device, amp_dtype), world).tolist()
+    for module in model.modules():
+        # FSDP2 keeps the root's parameters gathered after a forward with no backward (here,
+        # under no_grad): shard them again, or the module's parameters are no longer the
+        # optimizer's and neither a checkpoint nor the next step sees the right tensors.
+        if isinstance(module, FSDPModule):
+            module.reshard()
     model.train()
     return nats / LN2 / targets
 

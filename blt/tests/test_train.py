@@ -156,12 +156,13 @@ def test_sigterm_saves_a_checkpoint_that_resumes(work, entropy_dir, reference):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_distributed_matches_single_process(work, entropy_dir, reference, mode):
     """2 processes x batch 2 (gloo) = 1 process x batch 4. FSDP runs in two parts, so that its
-    sharded checkpoint is saved and resumed too."""
+    sharded checkpoint is saved and resumed too, with held-out evaluations (forwards without a
+    backward) just before the checkpoints."""
     out = work / mode
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "blt.train"]  # a free port
     parts = [STEPS] if mode == "ddp" else [STEPS // 2, STEPS]
     for i, steps in enumerate(parts):
-        extra = ["--dist", mode] + (["--resume"] if i else [])
+        extra = ["--dist", mode] + (["--resume"] if i else []) + (["--eval-every", "3", "--save-every", "3"] if mode == "fsdp" else [])
         result = run_cli(*torchrun, *blt_argv(work, entropy_dir, out, steps, 2, *extra), timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(reference), abs=1e-5)
