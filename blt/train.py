@@ -321,6 +321,14 @@ def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
     MixedPrecisionPolicy), so both modes compute the same thing; at these model sizes the fp32
     all-gathers are cheap. The frozen entropy model is replicated (ignored_params), not sharded.
     """
+    if args.compile:
+        # Every block of every stack shares one code object (TransformerBlock.forward), and
+        # dynamo counts its recompiles together: per width, input dtype (fp32 embeddings or
+        # bf16 under autocast), grad mode and train/eval. Past the limit (default 8) it runs the
+        # rest eagerly, FlexAttention included, which then materializes full score matrices.
+        dyn = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(dyn, limit, max(getattr(dyn, limit), 64))
     for blocks in block_lists(model):
         for i, block in enumerate(blocks):
             if args.activation_checkpointing:
