@@ -8,8 +8,9 @@
 #     PRETRAIN=data/mix bash recipes/tinystories.sh                # local files, as shipped
 #
 # PRETRAIN (optional): a file, folder or glob of general text. The BLT first trains on it for
-# PRE_STEPS steps, then fine-tunes on DATA from those weights (--init-from). The shipped model
-# used a folder holding the general English mix and a copy of the TinyStories training file.
+# PRE_STEPS steps (default 3000), then fine-tunes on DATA from those weights (--init-from) for
+# BLT_STEPS steps (default 2600). The shipped model used a folder holding the general English
+# mix and a copy of the TinyStories training file.
 # Peak GPU memory at BATCH=16 ACCUM=2: 3.6 GiB (the shipped run: BATCH=32 ACCUM=1, the same
 # global batch of 32 x 2048 bytes, 6.6 GiB).
 set -euo pipefail
@@ -34,9 +35,9 @@ blt() {
     --eval-every 250 --eval-batches 0 --save-every 500 $COMPILE "$@"
 }
 if [ -n "$PRETRAIN" ]; then
-  blt --data "$PRETRAIN" --steps "${PRE_STEPS:-1500}" --lr 1.5e-3 --warmup 200 --dropout 0.1 --out "$RUNS/pretrain"
-  blt --data "$DATA" --init-from "$RUNS/pretrain/model" --steps "${BLT_STEPS:-2200}" --lr 1e-3 --warmup 100 \
-    --dropout 0.15 --out "$RUNS/blt"
+  blt --data "$PRETRAIN" --steps "${PRE_STEPS:-3000}" --lr 1.5e-3 --warmup 200 --dropout 0.1 --out "$RUNS/pretrain"
+  blt --data "$DATA" --init-from "$RUNS/pretrain/model" --steps "${BLT_STEPS:-2600}" --lr 1e-3 --warmup 100 \
+    --dropout 0.2 --seed 1 --out "$RUNS/blt"
 else
   blt --data "$DATA" --steps "${BLT_STEPS:-2200}" --lr 1.5e-3 --warmup 200 --dropout 0.1 --out "$RUNS/blt"
 fi
