@@ -50,8 +50,9 @@ pieces (so a row's numbers never depend on the batch), then the rows step togeth
 some rows complete a patch and others do not, the global step runs for the whole batch and
 the other rows' results are dropped (their cache write lands in the slot their own next
 patch will overwrite before reading it). Rows finish independently (EOS or a stop string)
-and are then dropped from the batch (compiled: they keep stepping, ignored). Sampling uses
-one torch.Generator per row (seed + row), so a row samples the same bytes in a batch as alone.
+and are then dropped from the batch (compiled: they keep stepping, ignored). Sampling is one
+batched Gumbel-max draw per byte whose noise is a hash of (row seed, byte index, byte value)
+(row_uniforms; row seed = seed + row), so a row samples the same bytes in a batch as alone.
 
 Prompts: text is encoded as BOS + UTF-8 bytes; an empty prompt generates from BOS alone.
 Id lists are used as given (an empty one becomes [BOS]). There is no length limit: the
@@ -119,9 +120,43 @@ def check_sampling_args(max_new, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generators=None) -> torch.Tensor:
-    """(B,V) logits -> (B,) ids. temperature 0: greedy. generators: one torch.Generator per row
-    (or None for torch's default generator). BOE/BOS/BPE are never sampled."""
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with good avalanche (the "lowbias32" constants), on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: torch.Tensor, step, V: int) -> torch.Tensor:
+    """Counter-based random numbers: (B,) int64 row seeds, a step (int or 0-dim tensor) ->
+    (B,V) float32 in (0, 1), a hash of (seed, step, index). A row gets the same numbers in any
+    batch and on any device, with no generator state: one batched op per byte, and nothing a
+    CUDA graph could not replay."""
+    seeds = seeds.to(torch.int64)
+    h = _mix32(_mix32(seeds & _M32) ^ ((seeds >> 32) & _M32))
+    h = _mix32(h ^ (torch.as_tensor(step, dtype=torch.int64, device=seeds.device) & _M32))
+    v = torch.arange(V, dtype=torch.int64, device=seeds.device)
+    bits = _mix32(_mix32((h[:, None] + v * 0x9E3779B9) & _M32) ^ h[:, None])
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, seeds=None, step=0) -> torch.Tensor:
+    """(B,V) logits -> (B,) ids. temperature 0: greedy. BOE/BOS/BPE are never sampled.
+
+    seeds: (B,) int64 tensor, one seed per row, sampled with `step` (the index of the byte
+    being sampled) by the Gumbel-max trick, argmax(logits/T + Gumbel noise), the noise from
+    row_uniforms: the draw is an exact sample of softmax(logits/T) restricted to top-k/top-p,
+    and reproducible per row. None: noise from torch's default generator."""
     logits = logits.float().clone()
     logits[:, list(NEVER_SAMPLED)] = float("-inf")
     if temperature == 0:
@@ -136,10 +171,11 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generators=None
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest head reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    if generators is None:
-        return torch.multinomial(probs, 1).view(-1)
-    return torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g).view(-1) for b, g in enumerate(generators)])
+    if seeds is None:
+        u = torch.rand_like(logits).clamp_(min=1e-12, max=1 - 1e-7)
+    else:
+        u = row_uniforms(seeds.to(logits.device), step, logits.shape[-1])
+    return (logits - (-u.log()).log()).argmax(-1)
 
 
 # ---- caches ---------------------------------------------------------------------------------
@@ -946,10 +982,11 @@ class _Row:
             self.stream(piece)
 
 
-def _generators(n, seed, device):
+def _row_seeds(n, seed, device) -> torch.Tensor:
+    """Row b samples with seed + b (a random seed when None), in a batch or alone."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+    return torch.arange(n, dtype=torch.int64, device=device) + seed
 
 
 @torch.no_grad()
@@ -976,13 +1013,13 @@ def generate_ids(
         device = next(model.parameters()).device
         B = len(prompts)
         rows = [_Row(stop_bytes, stream if b == 0 else None) for b in range(B)]
-        gens = _generators(B, seed, device) if temperature > 0 else None
+        seeds = _row_seeds(B, seed, device) if temperature > 0 else None
         eng = Engine(model, prompts, max_new, compile=compile)
         live = list(range(B))  # engine row -> original row
         logits = eng.prefill() if max_new > 0 else None
         n_bytes = 0
         for s in range(max_new):
-            tok = sample_next(logits, temperature, top_k, top_p, None if gens is None else [gens[r] for r in live])
+            tok = sample_next(logits, temperature, top_k, top_p, None if seeds is None else seeds[live], s)
             toks = tok.tolist()
             for e, r in enumerate(live):
                 if rows[r].done:  # compiled engines keep finished rows in the batch
@@ -1063,8 +1100,8 @@ def generate(
     prompts: a string, a list of strings (each encoded as BOS + UTF-8 bytes; "" = BOS alone)
         or a list of token-id lists (used as given).
     temperature: 0 = greedy; top_k: keep the k most likely bytes (0/None: off); top_p:
-        nucleus sampling (None/1: off); seed: row i samples with a torch.Generator seeded
-        seed + i (reproducible, and the same bytes as that row alone).
+        nucleus sampling (None/1: off); seed: row i samples with seed + i (reproducible,
+        and the same bytes as that row alone; see sample_next).
     stop: strings that end a row (not returned); EOS ends a row too.
     stream: callback receiving row 0's text as it is generated, in valid UTF-8 pieces (a
         split multi-byte character, or a tail that may become a stop string, is held back).
@@ -1092,7 +1129,7 @@ def generate_uncached(
     """The plain oracle: for every new byte, patch and run the whole BLT over the entire
     prefix (`model.forward(tokens)`, which patches itself and sets next_starts_patch, so the
     last byte sees exactly what incremental generation sees) and take logits[:, -1].
-    Sampling as `generate` for a single row (generator seeded `seed`). Stops at EOS (not
+    Sampling as `generate` for a single row (seeded `seed`). Stops at EOS (not
     returned). Returns the new ids, or (ids, (n, V) logits) with return_logits. backend: the
     forward's mask backend (None: the device's default; "dense" avoids FlexAttention compiling
     anew for every length on CUDA)."""
@@ -1101,10 +1138,10 @@ def generate_uncached(
     was_training = model.training
     model.eval()
     try:
-        gens = _generators(1, seed, device) if temperature > 0 else None
+        seeds = _row_seeds(1, seed, device) if temperature > 0 else None
         ids = list(prompt_ids) or [BOS_ID]
         new, all_logits = [], []
-        for _ in range(max_new):
+        for s in range(max_new):
             t = torch.tensor([ids], device=device)
             if backend is None:  # exactly model.forward(tokens)
                 logits = model(t).logits[:, -1]
@@ -1113,7 +1150,7 @@ def generate_uncached(
                 logits = model(t, patch_lengths=lengths, next_starts_patch=nsp, backend=backend).logits[:, -1]
             if return_logits:
                 all_logits.append(logits[0].float().cpu())
-            t = int(sample_next(logits, temperature, top_k, top_p, gens)[0])
+            t = int(sample_next(logits, temperature, top_k, top_p, seeds, s)[0])
             if t == EOS_ID:
                 break
             new.append(t)

@@ -310,8 +310,33 @@ def test_sample_next_never_emits_specials():
     logits[:, [0, 1, 3]] = 10.0
     logits[0, 70] = 0.0
     assert G.sample_next(logits).tolist() == [70, EOS_ID]
-    for t in G.sample_next(logits, temperature=5.0, generators=[torch.Generator().manual_seed(i) for i in range(2)]):
+    for t in G.sample_next(logits, temperature=5.0, seeds=torch.tensor([0, 1])):
         assert int(t) not in (0, 1, 3)
+
+
+def test_row_uniforms_are_uniform_and_per_row():
+    seeds = torch.tensor([0, 1, 2**40 + 5, -3])
+    u = G.row_uniforms(seeds, 7, 260)
+    assert u.shape == (4, 260) and u.dtype == torch.float32 and 0 < u.min() and u.max() < 1
+    assert torch.equal(u[2:3], G.row_uniforms(seeds[2:3], 7, 260))  # a row's numbers ignore the batch
+    assert not torch.equal(u, G.row_uniforms(seeds, 8, 260))  # and change with the step
+    many = G.row_uniforms(torch.arange(400), torch.tensor(3), 260).flatten()
+    counts = torch.histc(many, bins=10, min=0, max=1)
+    assert (counts - many.numel() / 10).abs().max() < 0.03 * many.numel() / 10
+    assert abs(float(torch.corrcoef(torch.stack([many[:-1], many[1:]]))[0, 1])) < 0.01
+
+
+def test_seeded_sampling_matches_the_softmax():
+    """The Gumbel-max draw with hashed noise samples softmax(logits / T) within top-k."""
+    logits = torch.tensor([[-30.0] * 4 + [2.0, 1.0, 0.0, -1.0, 3.0] + [-30.0] * 251])
+    T, n = 0.8, 20000
+    draws = torch.cat([G.sample_next(logits.expand(200, -1), T, seeds=torch.arange(200) + 1000 * s, step=s) for s in range(n // 200)])
+    freq = torch.bincount(draws, minlength=260).float() / n
+    want = torch.zeros(260)
+    want[4:9] = (logits[0, 4:9] / T).softmax(-1)
+    assert (freq - want).abs().max() < 0.012
+    top2 = torch.cat([G.sample_next(logits.expand(200, -1), T, top_k=2, seeds=torch.arange(200), step=s) for s in range(20)])
+    assert set(top2.tolist()) == {4, 8}
 
 
 def test_stream_and_stats():
