@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
-from blt.generate import Engine, generate_uncached  # noqa: E402
+from blt.generate import Engine, generate_uncached, pipelined  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
 from blt.tokens import encode  # noqa: E402
@@ -45,23 +45,54 @@ def bench_model(device) -> BLT:
     return BLT(cfg, em).to(device).eval()
 
 
-def run_cached(model, prompt, streams, max_new, device, compile, warm=16):
-    """Steady-state bytes/s of the engine's byte loop (greedy, every stream stepping every
-    byte): `warm` steps first (with compile=True that is where the graphs are compiled and
-    captured; a new Engine would compile again), then `max_new` timed steps, host sampling
-    and bookkeeping included. The prefill is not timed."""
-    eng = Engine(model, [prompt] * streams, warm + max_new, compile=compile)
+def run_cached(model, prompt, streams, max_new, device, compile, warm=16, profile=False):
+    """Steady-state bytes/s of the engine's byte loop as generate_ids runs it (greedy, every
+    stream stepping every byte): `warm` steps first (with compile=True that is where the graphs
+    are compiled and captured; a new Engine would compile again), then `max_new` timed steps,
+    sampling and the host's reading of every byte included. The prefill is not timed.
+    Eager: sample on the host, then step. Compiled: sampled steps on the device with the host
+    one step behind (blt.generate.pipelined)."""
+    eng = Engine(model, [prompt] * streams, warm + max_new + 1, compile=compile)
     logits = eng.prefill()
-    for _ in range(warm):
-        logits = eng.step(logits.argmax(-1))
+    if eng.compiled:
+        eng.start_sampling(logits)
+
+        def run(n):
+            for _, flags in pipelined(eng, n):
+                eng.note(flags)
+    else:
+
+        def run(n):
+            nonlocal logits
+            for _ in range(n):
+                tok = logits.argmax(-1)
+                tok.tolist()  # the host sees every byte, as generate_ids does
+                logits = eng.step(tok)
+
+    run(warm)
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(max_new):
-        tok = logits.argmax(-1)
-        tok.tolist()  # the host sees every byte, as generate_ids does
-        logits = eng.step(tok)
+    run(max_new)
     sync(device)
-    return streams * max_new / (time.perf_counter() - t0), eng
+    bps = streams * max_new / (time.perf_counter() - t0)
+    if profile:
+        print_profile(lambda: run(50), 50, device)
+    return bps, eng
+
+
+def print_profile(fn, steps, device):
+    """The top kernels of `steps` steps, and kernel time against wall time per step."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = (time.perf_counter() - t0) / steps
+    avg = prof.key_averages()
+    print(avg.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=15,
+                    max_name_column_width=60))  # fmt: skip
+    kernels = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"per step: {kernels / steps / 1e3:.3f} ms of kernels, {wall * 1e3:.3f} ms of wall time (profiled)")
 
 
 def cudagraph_counters():
@@ -116,6 +147,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile for the byte step")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--profile", action="store_true", help="profile 50 steps of each cached run")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,7 +172,7 @@ def main():
             label = "ours, cached" + (", compiled" if compiled else "")
             for s in args.streams:
                 before = cudagraph_counters()
-                bps, eng = run_cached(model, prompt, s, args.max_new, device, compiled)
+                bps, eng = run_cached(model, prompt, s, args.max_new, device, compiled, profile=args.profile)
                 row = f"{label:34s} {s:7d} {bps:12,.1f}   ({eng.patches} patches, {eng.global_steps} global steps)"
                 if compiled:  # never report a run that fell back from CUDA graphs as graphed
                     row += f"   {cudagraph_note(before, cudagraph_counters())}"

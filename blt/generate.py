@@ -120,34 +120,32 @@ def check_sampling_args(max_new, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-_M32 = 0xFFFFFFFF
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 that holds the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow (16-bit halves)."""
-    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _M32
+_GAMMA, _MIX1, _MIX2, _SEED_MUL = (_i64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD1B54A32D192ED03))
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash with good avalanche (the "lowbias32" constants), on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
 
 
 def row_uniforms(seeds: torch.Tensor, step, V: int) -> torch.Tensor:
-    """Counter-based random numbers: (B,) int64 row seeds, a step (int or 0-dim tensor) ->
-    (B,V) float32 in (0, 1), a hash of (seed, step, index). A row gets the same numbers in any
-    batch and on any device, with no generator state: one batched op per byte, and nothing a
-    CUDA graph could not replay."""
+    """Counter-based random numbers: (B,) int64 row seeds and a step (int or 0-dim tensor) ->
+    (B,V) float32 in (0, 1). Value v of row b is SplitMix64's output for the state
+    seed_b·c1 + step·c2 + (v+1)·γ (int64 products wrap, as on every torch backend). A row
+    gets the same numbers in any batch, with no generator state: one batched op per byte,
+    and nothing a CUDA graph could not replay."""
     seeds = seeds.to(torch.int64)
-    h = _mix32(_mix32(seeds & _M32) ^ ((seeds >> 32) & _M32))
-    h = _mix32(h ^ (torch.as_tensor(step, dtype=torch.int64, device=seeds.device) & _M32))
-    v = torch.arange(V, dtype=torch.int64, device=seeds.device)
-    bits = _mix32(_mix32((h[:, None] + v * 0x9E3779B9) & _M32) ^ h[:, None])
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    v = torch.arange(1, V + 1, dtype=torch.int64, device=seeds.device)
+    z = (seeds * _SEED_MUL + torch.as_tensor(step, dtype=torch.int64, device=seeds.device) * _MIX2)[:, None] + v * _GAMMA
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 40).float() + 0.5) * (1.0 / (1 << 24))
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, seeds=None, step=0) -> torch.Tensor:
@@ -494,8 +492,8 @@ class _StepModule(nn.Module):
             assert name not in self._buffers, name
             self.register_buffer(name, t, persistent=False)
 
-    def forward(self, ids):
-        return self.engine._fused_impl(ids)
+    def forward(self, ids=None):
+        return self.engine._step_impl(ids)
 
 
 @dataclass
@@ -548,7 +546,8 @@ class Engine:
         self.compiled = bool(compile) and self.device.type == "cuda"
         # fuse: run the patch step every byte, masked (one graph per byte; default: when compiled)
         self.fuse = self.compiled if fuse is None else bool(fuse)
-        self._fused, self._step_module = self._fused_impl, None
+        self._fused, self._step_module = self._step_impl, None
+        self.sampling = None  # (temperature, top_k, top_p) once start_sampling() is called
         if self.compiled:
             self._compile(mode="reduce-overhead")
 
@@ -669,7 +668,7 @@ class Engine:
         # encoder patch buffer: ring over byte positions
         D = cfg.encoder.dim
         need = max(r.L - r.recent_starts[0] + 1 for r in rows)
-        base = self.ew * (self.pc.max_patch_length or 16)
+        base = self.ew * (self.pc.max_patch_length or (64 if self.fuse else 16))  # fused: graphs keep it
         C = max(base, 1 << (need - 1).bit_length())
         self.buf = [torch.zeros(B, C, D, device=dev, dtype=dt) for _ in self.enc_cross]
         self.buf_pos = torch.full((B, C), -1, dtype=torch.long, device=dev)
@@ -738,6 +737,11 @@ class Engine:
             if any(flags):
                 self._patch_step(start_next)
             logits = self._back_impl(h, start_next)
+        self.note(flags)
+        return logits
+
+    def note(self, flags: list) -> None:
+        """Host bookkeeping of one step, from its patch flags (which rows completed a patch)."""
         if any(flags):
             self.global_steps += 1
             self.patches += sum(1 for f, a in zip(flags, self.active) if f and a)
@@ -746,7 +750,46 @@ class Engine:
             if f:
                 self.h_starts[b].append(self.h_pos[b])
                 self.h_patches[b] += 1
-        return logits
+
+    # ---- sampling on the device, the host one step behind (compiled engines) ---------------
+    def start_sampling(self, logits, temperature=0.0, top_k=None, top_p=None, seeds=None) -> None:
+        """Sample inside the step from now on (launch()): logits (B,V) from prefill(); the
+        sampling settings are fixed for the engine's life (they are part of the graph)."""
+        if not self.fuse:
+            raise RuntimeError("start_sampling needs a fused engine (compile=True or fuse=True)")
+        self.sampling = (float(temperature), top_k or None, top_p)
+        self.logits_buf = logits.float().clone()
+        self.sample_idx = torch.zeros((), dtype=torch.long, device=self.device)  # byte index
+        self.seeds = seeds.to(self.device) if seeds is not None else torch.zeros(self.B, dtype=torch.long, device=self.device)
+        self._tensors_changed()
+
+    @torch.no_grad()
+    def launch(self) -> torch.Tensor:
+        """Sample every row's next byte from the current logits and feed it, without waiting
+        for the device: -> (2,B) long [bytes, patch flags] of this step. The host reads it
+        later (see pipelined()) and must pass the flags to note() in launch order; until then
+        the host's counters lag one step behind, hence the margins of the capacity checks."""
+        self._ensure_buffer(lag=1)
+        if self.glob.ensure(max(self.h_patches) + 2):
+            self._tensors_changed()
+        self.top_pos = self.top_patch = None  # the host's counters are a step old: read every
+        self.store_full = False  # slot, masked, as under CUDA graphs
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._fused()
+
+    def _step_impl(self, ids=None):
+        """What the compiled module runs: the fused step on given ids, or (ids None) a sampled
+        step: sample from logits_buf, feed the bytes, keep the new logits in logits_buf."""
+        if ids is not None:
+            return self._fused_impl(ids)
+        temperature, top_k, top_p = self.sampling
+        tok = sample_next(self.logits_buf, temperature, top_k, top_p, self.seeds if temperature > 0 else None,
+                          self.sample_idx)  # fmt: skip
+        logits, start_next = self._fused_impl(tok)
+        self.logits_buf.copy_(logits)
+        self.sample_idx.add_(1)
+        return torch.stack([tok, start_next.long()])
 
     def _bounds(self) -> None:
         """What the host knows of this step: the largest byte position and patch index (the
@@ -765,10 +808,12 @@ class Engine:
         self._patch_step(start_next)
         return self._back_impl(h, start_next), start_next
 
-    def _ensure_buffer(self) -> None:
+    def _ensure_buffer(self, lag: int = 0) -> None:
         """Grow the encoder patch buffer if a row's needed bytes would not fit (host-side check)."""
         C = self.buf_pos.shape[1]
-        need = max(p - s[0] + 1 for p, s in zip(self.h_pos, self.h_starts))
+        need = max(p - s[0] + 1 for p, s in zip(self.h_pos, self.h_starts)) + lag
+        if self.pc.max_patch_length is not None:  # the last ew patches never hold more bytes
+            need = min(need, self.ew * self.pc.max_patch_length)
         if need <= C:
             return
         C2 = max(2 * C, 1 << (need - 1).bit_length())
@@ -1015,31 +1060,10 @@ def generate_ids(
         rows = [_Row(stop_bytes, stream if b == 0 else None) for b in range(B)]
         seeds = _row_seeds(B, seed, device) if temperature > 0 else None
         eng = Engine(model, prompts, max_new, compile=compile)
-        live = list(range(B))  # engine row -> original row
-        logits = eng.prefill() if max_new > 0 else None
-        n_bytes = 0
-        for s in range(max_new):
-            tok = sample_next(logits, temperature, top_k, top_p, None if seeds is None else seeds[live], s)
-            toks = tok.tolist()
-            for e, r in enumerate(live):
-                if rows[r].done:  # compiled engines keep finished rows in the batch
-                    continue
-                if return_logits:
-                    rows[r].logits.append(logits[e].detach().float().cpu())
-                t = toks[e]
-                n_bytes += t != EOS_ID
-                rows[r].push(t)
-            if s == max_new - 1:
-                break
-            still = [e for e, r in enumerate(live) if not rows[r].done]
-            if not still:
-                break
-            if len(still) < len(live) and not eng.compiled:
-                eng.keep(still)
-                live = [live[e] for e in still]
-                tok = tok[still]
-            eng.active = [not rows[r].done for r in live]
-            logits = eng.step(tok)
+        if eng.compiled and not return_logits:
+            n_bytes = _decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
+        else:
+            n_bytes = _decode(eng, rows, max_new, (temperature, top_k, top_p), seeds, return_logits)
         for r in rows:
             if not r.done:
                 r.finish()
@@ -1050,6 +1074,98 @@ def generate_ids(
     texts = [bytes(r.out).decode("utf-8", errors="replace") for r in rows]
     lg = [torch.stack(r.logits) if r.logits else torch.empty(0, VOCAB_SIZE) for r in rows] if return_logits else None
     return GenerationResult([r.ids for r in rows], texts, stats, lg)
+
+
+def _push(rows, live, toks) -> int:
+    """Give each live, unfinished row its sampled byte -> bytes of text added (EOS is not)."""
+    n = 0
+    for r, t in zip(live, toks):
+        if not rows[r].done:  # compiled engines keep finished rows in the batch
+            n += t != EOS_ID
+            rows[r].push(t)
+    return n
+
+
+def _decode(eng, rows, max_new, sampling, seeds, return_logits) -> int:
+    """The step-by-step loop: sample on the host's request, feed, drop finished rows."""
+    temperature, top_k, top_p = sampling
+    live = list(range(len(rows)))  # engine row -> original row
+    logits = eng.prefill() if max_new > 0 else None
+    n_bytes = 0
+    for s in range(max_new):
+        tok = sample_next(logits, temperature, top_k, top_p, None if seeds is None else seeds[live], s)
+        if return_logits:
+            for e, r in enumerate(live):
+                if not rows[r].done:
+                    rows[r].logits.append(logits[e].detach().float().cpu())
+        n_bytes += _push(rows, live, tok.tolist())
+        if s == max_new - 1:
+            break
+        still = [e for e, r in enumerate(live) if not rows[r].done]
+        if not still:
+            break
+        if len(still) < len(live) and not eng.compiled:
+            eng.keep(still)
+            live = [live[e] for e in still]
+            tok = tok[still]
+        eng.active = [not rows[r].done for r in live]
+        logits = eng.step(tok)
+    return n_bytes
+
+
+class _HostCopy:
+    """A step's (2,B) result on its way to the host: copied into pinned memory behind the
+    step on the GPU's stream, read when the next step has been launched."""
+
+    def __init__(self, out: torch.Tensor):
+        self.event = None
+        if out.is_cuda:
+            self.host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.host.copy_(out, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = out.clone()
+
+    def get(self) -> tuple[list[int], list[bool]]:
+        if self.event is not None:
+            self.event.synchronize()
+        toks, flags = self.host.tolist()
+        return toks, [bool(f) for f in flags]
+
+
+def pipelined(eng, n: int):
+    """Launch n sampled steps (eng.launch()); yield each one's (bytes, flags) on the host once
+    the next has been launched, so the host never holds the device up. The caller passes the
+    flags to eng.note() before asking for the next."""
+    pending = deque()
+    for _ in range(n):
+        pending.append(_HostCopy(eng.launch()))
+        if len(pending) > 1:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _decode_pipelined(eng, rows, max_new, sampling, seeds) -> int:
+    """The compiled engine's loop: every step samples and feeds the next byte on the device
+    (one CUDA graph), and the host reads the bytes one step late (pipelined()). A row's stop is
+    seen a step late; the byte sampled meanwhile is dropped. The last byte is sampled without
+    being fed. Same bytes as _decode."""
+    if max_new == 0:
+        return 0
+    eng.start_sampling(eng.prefill(), *sampling, seeds)
+    live = list(range(len(rows)))
+    n_bytes = 0
+    for toks, flags in pipelined(eng, max_new - 1):
+        n_bytes += _push(rows, live, toks)
+        eng.active = [not r.done for r in rows]
+        eng.note(flags)
+        if all(r.done for r in rows):
+            return n_bytes
+    temperature, top_k, top_p = sampling
+    tok = sample_next(eng.logits_buf, temperature, top_k, top_p, seeds, max_new - 1)
+    return n_bytes + _push(rows, live, tok.tolist())
 
 
 def _stop_bytes(stop) -> list[bytes]:

@@ -518,3 +518,63 @@ def test_compiled_step_updates_only_static_inputs():
     assert {id(t) for t in state} <= {id(t) for t in eng._step_module.buffers()}
     assert len(mutated) == len(state) and mutated <= static
     assert len(static) == n_inputs - 1  # all but the ids
+
+
+def _pipelined(model, prompts, max_new, stop=None, temperature=0.0, top_k=None, top_p=None, seed=None, compiler=None):
+    """generate_ids' compiled loop (device-side sampling, host one step behind), run on CPU:
+    eagerly, or through torch.compile with `compiler` as compile=True would on CUDA."""
+    rows = [G._Row(G._stop_bytes(stop)) for _ in prompts]
+    eng = G.Engine(model, prompts, max_new, fuse=True)
+    if compiler is not None:
+        eng.compiled = True  # what compile=True sets on CUDA
+        eng._compile(backend=compiler, fullgraph=True)
+    seeds = G._row_seeds(len(prompts), seed, "cpu") if temperature > 0 else None
+    n = G._decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
+    for r in rows:
+        if not r.done:
+            r.finish()
+    return [r.ids for r in rows], n, eng
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=0.9, top_k=50, top_p=0.95, seed=7)])
+def test_pipelined_loop_equals_step_loop(sampling):
+    """Sampling inside the step with the host a step behind gives the bytes, byte counts and
+    patch counts of the ordinary loop, stops included (a row that stops is seen a step late)."""
+    model = make_model("variant", "combined", seed=4)
+    prompts = [encode(x) for x in ["", "Hi", "Once upon a time, in a land far away"]]
+    free = G.generate_ids(model, prompts, 80, stop=None, **sampling)
+    raw = [t - OFFSET for t in free.ids[1]]
+    at = next(i for i in range(20, 70) if all(0 < c < 128 for c in raw[i : i + 3]))
+    stop = bytes(raw[at : at + 3]).decode("ascii")  # row 1 stops at or before byte `at`
+    for stops in (None, [stop]):
+        ref = G.generate_ids(model, prompts, 80, stop=stops, **sampling)
+        ids, n, eng = _pipelined(model, prompts, 80, stops, **sampling)
+        assert ids == ref.ids and n == ref.stats.bytes and eng.patches == ref.stats.patches
+    assert len(ref.ids[1]) <= at < len(ref.ids[0])  # the stop string really cut row 1 short
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_sampled_step_is_one_graph_of_static_inputs():
+    """The sampled step (what launch() replays under CUDA graphs) traces as one graph whose
+    inputs are all static (engine buffers; no ids from the host), updating them in place."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._guards import TracingContext
+
+    graphs = []
+
+    def compiler(gm, example_inputs):
+        meta = TracingContext.get().fw_metadata
+        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
+        graphs.append((len(example_inputs), set(meta.static_input_indices), mutated))
+        return make_boxed_func(gm.forward)
+
+    model = make_model("tiny", "entropy")
+    prompts = [encode("Hi"), encode("Hello")]
+    kw = dict(temperature=0.8, top_k=40, seed=3)
+    ref = G.generate_ids(model, prompts, 24, stop=None, **kw)
+    ids, _, _ = _pipelined(model, prompts, 24, compiler=aot_autograd(fw_compiler=compiler), **kw)
+    assert ids == ref.ids
+    assert len(graphs) == 1
+    n_inputs, static, mutated = graphs[0]
+    assert static == set(range(n_inputs)) and mutated and mutated <= static
