@@ -34,8 +34,11 @@ compile=True (CUDA only; ignored elsewhere): the whole byte step -- steps 1-4, w
 step of 3 run every byte and its results kept only where a patch completes -- is compiled
 with torch.compile(mode="reduce-overhead") into one CUDA graph over static cache tensors
 (the compiled function is an nn.Module holding the engine, and every engine tensor is one
-of its buffers: see _StepModule); one host round trip per byte remains (the sampled byte and
-the patch flags).
+of its buffers: see _StepModule). generate_ids then samples inside that graph too
+(Engine.start_sampling / launch): the graph reads its own logits and writes the next ones,
+so it has no input from the host at all, and the host reads each step's bytes and patch
+flags one step late (`pipelined`), launching step t+1 before it waits for step t. The host's
+counters lag a step, which the capacity checks allow for; a row's stop is seen a step late.
 
 On CPU a step is bound by memory bandwidth (every per-byte weight is read from memory for
 each byte) and by per-call overhead (hundreds of small ops), so the step helpers keep each
