@@ -483,6 +483,23 @@ def test_compiled_step_is_one_graph():
     assert _run_engine(eng, 24) == ref.ids
 
 
+def _recording_backend(graphs: list):
+    """A torch.compile backend (AOTAutograd, no codegen) that appends, per compiled graph,
+    (number of inputs, static input indices, indices of inputs updated in place): what
+    inductor's CUDA-graph wrapper is given."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._guards import TracingContext
+
+    def compiler(gm, example_inputs):
+        meta = TracingContext.get().fw_metadata
+        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
+        graphs.append((len(example_inputs), set(meta.static_input_indices), mutated))
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=compiler)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
 def test_compiled_step_updates_only_static_inputs():
     """cudagraph trees run a graph that updates inputs in place only if every such input is
@@ -491,24 +508,14 @@ def test_compiled_step_updates_only_static_inputs():
     inputs and the in-place updates that inductor sees: the step updates exactly the engine's
     state tensors (all registered as buffers of the compiled module), every input but the ids
     is static, and the bytes are the eager engine's."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._guards import TracingContext
-
     graphs = []
-
-    def compiler(gm, example_inputs):
-        meta = TracingContext.get().fw_metadata
-        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
-        graphs.append((len(example_inputs), set(meta.static_input_indices), mutated))
-        return make_boxed_func(gm.forward)
-
+    compiler = _recording_backend(graphs)
     model = make_model("tiny", "entropy")
     ids = [encode("Hi"), encode("Hello")]
     ref = G.generate_ids(model, ids, 24, stop=None)
     eng = G.Engine(model, ids, 24)
     eng.compiled = eng.fuse = True  # what compile=True sets on CUDA
-    eng._compile(backend=aot_autograd(fw_compiler=compiler), fullgraph=True)
+    eng._compile(backend=compiler, fullgraph=True)
     assert _run_engine(eng, 24) == ref.ids
     assert len(graphs) == 1
     n_inputs, static, mutated = graphs[0]
@@ -557,23 +564,13 @@ def test_pipelined_loop_equals_step_loop(sampling):
 def test_sampled_step_is_one_graph_of_static_inputs():
     """The sampled step (what launch() replays under CUDA graphs) traces as one graph whose
     inputs are all static (engine buffers; no ids from the host), updating them in place."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._guards import TracingContext
-
     graphs = []
-
-    def compiler(gm, example_inputs):
-        meta = TracingContext.get().fw_metadata
-        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
-        graphs.append((len(example_inputs), set(meta.static_input_indices), mutated))
-        return make_boxed_func(gm.forward)
-
+    compiler = _recording_backend(graphs)
     model = make_model("tiny", "entropy")
     prompts = [encode("Hi"), encode("Hello")]
     kw = dict(temperature=0.8, top_k=40, seed=3)
     ref = G.generate_ids(model, prompts, 24, stop=None, **kw)
-    ids, _, _ = _pipelined(model, prompts, 24, compiler=aot_autograd(fw_compiler=compiler), **kw)
+    ids, _, _ = _pipelined(model, prompts, 24, compiler=compiler, **kw)
     assert ids == ref.ids
     assert len(graphs) == 1
     n_inputs, static, mutated = graphs[0]
