@@ -128,7 +128,9 @@ def _i64(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
-_GAMMA, _MIX1, _MIX2, _SEED_MUL = (_i64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD1B54A32D192ED03))
+_GAMMA = _i64(0x9E3779B97F4A7C15)  # SplitMix64's increment and its two mixing multipliers
+_MIX1, _MIX2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+_SEED_MUL = _i64(0xD1B54A32D192ED03)  # spreads row seeds apart (an odd 64-bit constant)
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
