@@ -123,34 +123,30 @@ def check_sampling_args(max_new, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def _i64(c: int) -> int:
-    """A 64-bit constant as the signed int64 that holds the same bits."""
-    return c - (1 << 64) if c >= 1 << 63 else c
+_M32 = 0xFFFFFFFF
 
 
-_GAMMA = _i64(0x9E3779B97F4A7C15)  # SplitMix64's increment and its two mixing multipliers
-_MIX1, _MIX2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
-_SEED_MUL = _i64(0xD1B54A32D192ED03)  # spreads row seeds apart (an odd 64-bit constant)
-
-
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two xorshift-multiply rounds) on int64 tensors holding values
+    below 2**32. The multiplier is below 2**27, so no product overflows int64: signed
+    overflow is undefined in C++, and a compiler may miscompile code that relies on it."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
 
 
 def row_uniforms(seeds: torch.Tensor, step, V: int) -> torch.Tensor:
     """Counter-based random numbers: (B,) int64 row seeds and a step (int or 0-dim tensor) ->
-    (B,V) float32 in (0, 1). Value v of row b is SplitMix64's output for the state
-    seed_b·c1 + step·c2 + (v+1)·γ (int64 products wrap, as on every torch backend). A row
-    gets the same numbers in any batch, with no generator state: one batched op per byte,
-    and nothing a CUDA graph could not replay."""
+    (B,V) float32 in (0, 1), value v of row b a hash of (seed_b, step, v). A row gets the same
+    numbers in any batch, with no generator state: one batched op per byte, and nothing a
+    CUDA graph could not replay."""
     seeds = seeds.to(torch.int64)
-    v = torch.arange(1, V + 1, dtype=torch.int64, device=seeds.device)
-    z = (seeds * _SEED_MUL + torch.as_tensor(step, dtype=torch.int64, device=seeds.device) * _MIX2)[:, None] + v * _GAMMA
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    z = z ^ _shr(z, 31)
-    return (_shr(z, 40).float() + 0.5) * (1.0 / (1 << 24))
+    step = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    h = _mix32(((lo * 0x2545F491) & _M32) + hi + (step & _M32) * 0x1B873593 & _M32)  # (B,)
+    v = torch.arange(V, dtype=torch.int64, device=seeds.device)
+    z = _mix32((h[:, None] + v * 0x9E3779B1) & _M32)
+    return ((z >> 9).float() + 0.5) * (1.0 / (1 << 23))  # 23 bits: exact in float32
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, seeds=None, step=0) -> torch.Tensor:
