@@ -52,23 +52,25 @@ def run_cached(model, prompt, streams, max_new, device, compile, warm=16, profil
     sampling and the host's reading of every byte included. The prefill is not timed.
     Eager: sample on the host, then step. Compiled: sampled steps on the device with the host
     one step behind (blt.generate.pipelined)."""
-    eng = Engine(model, [prompt] * streams, warm + max_new + 1, compile=compile)
+    eng = Engine(model, [prompt] * streams, warm + max_new + (51 if profile else 1), compile=compile)
     logits = eng.prefill()
     if eng.compiled:
         eng.start_sampling(logits)
 
         def run(n):
-            for _, flags in pipelined(eng, n):
+            for toks, flags in pipelined(eng, n):
                 eng.note(flags)
+                row0.append(toks[0])
     else:
 
         def run(n):
             nonlocal logits
             for _ in range(n):
                 tok = logits.argmax(-1)
-                tok.tolist()  # the host sees every byte, as generate_ids does
+                row0.append(tok.tolist()[0])  # the host sees every byte, as generate_ids does
                 logits = eng.step(tok)
 
+    row0 = []
     run(warm)
     sync(device)
     t0 = time.perf_counter()
@@ -77,7 +79,7 @@ def run_cached(model, prompt, streams, max_new, device, compile, warm=16, profil
     bps = streams * max_new / (time.perf_counter() - t0)
     if profile:
         print_profile(lambda: run(50), 50, device)
-    return bps, eng
+    return bps, eng, row0[: warm + max_new]
 
 
 def print_profile(fn, steps, device):
@@ -168,14 +170,18 @@ def main():
             except (ImportError, ValueError) as e:
                 print(f"transformers: skipped ({e})")
         variants = [False, True] if args.compile and device.type == "cuda" else [False]
+        eager_bytes = {}
         for compiled in variants:
             label = "ours, cached" + (", compiled" if compiled else "")
             for s in args.streams:
                 before = cudagraph_counters()
-                bps, eng = run_cached(model, prompt, s, args.max_new, device, compiled, profile=args.profile)
+                bps, eng, row0 = run_cached(model, prompt, s, args.max_new, device, compiled, profile=args.profile)
                 row = f"{label:34s} {s:7d} {bps:12,.1f}   ({eng.patches} patches, {eng.global_steps} global steps)"
-                if compiled:  # never report a run that fell back from CUDA graphs as graphed
+                if compiled:  # never report a run that fell back from CUDA graphs, or went wrong, as fine
                     row += f"   {cudagraph_note(before, cudagraph_counters())}"
+                    same = sum(a == b for a, b in zip(row0, eager_bytes[s]))
+                    row += f"   (first stream: {same}/{len(row0)} bytes as the eager engine's)"
+                eager_bytes.setdefault(s, row0)
                 print(row, flush=True)
 
 
