@@ -8,6 +8,10 @@ autocast, AdamW, random bytes, and patches from the same entropy model at the sa
 threshold (calibrated to ~4.5 bytes/patch): each timed step includes the entropy model's
 forward, the BLT forward/backward and the optimizer step. Prints bytes/s, MFU (model FLOPs
 from blt.flops over the H200's 989 TFLOP/s dense bf16 peak), peak memory and the ratio.
+
+Ours runs twice: as `blt.train --compile` compiles (each stack on its own; here whole stacks,
+dynamic shapes), and as one graph: the whole forward compiled with CUDA graphs on patch
+counts padded to a multiple of --pad-patches (Patching.padded), the patching outside it.
 """
 
 import argparse
@@ -40,6 +44,19 @@ def timed(step, steps, warmup):
     return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30
 
 
+def profile(step, sec):
+    """The top CUDA kernels and host ops of two steps, and kernel time against wall time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    print(avg.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    kernels = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"profiled: {kernels / 2 / 1e3:.1f} ms of CUDA kernels per step against {1e3 * sec:.1f} ms of wall time")
+
+
 def random_batch(B, T, device):
     x = torch.randint(4, 260, (B, T + 1), device=device)
     x[:, 0] = 1
@@ -55,6 +72,8 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our step")
+    ap.add_argument("--skip-graphs", action="store_true", help="skip the one-graph (CUDA graphs) variant of ours")
+    ap.add_argument("--pad-patches", type=int, default=128, help="one-graph variant: pad the patch count to a multiple")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev = "cuda"
@@ -90,15 +109,38 @@ def main():
     rows.append(("blt (ours)", B * T / sec, mem))
     print(f"ours: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
     if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                ours_step()
-            torch.cuda.synchronize()
-        avg = prof.key_averages()
-        print(avg.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
-        print(avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
-        gpu = sum(getattr(e, "self_device_time_total", 0) for e in avg) / 2 / 1e3
-        print(f"profiled: {gpu:.1f} ms of GPU kernels per step against {1e3 * sec:.1f} ms per step of wall time")
+        profile(ours_step, sec)
+
+    if not args.no_compile and not args.skip_graphs:
+        # The whole BLT forward compiled as one graph with CUDA graphs (cudagraph trees cover
+        # its backward too), fed patch lengths padded to a multiple of --pad-patches so that a
+        # few shapes recur; the entropy model patches outside it (one host sync for P).
+        try:
+            whole = BLT(cfg, entropy_model).to(dev)
+            whole.load_state_dict(model.state_dict())
+            fwd = torch.compile(lambda a, b, lengths, nxt: whole(a, b, patch_lengths=lengths, next_starts_patch=nxt).loss,
+                                mode="reduce-overhead", dynamic=False)  # fmt: skip
+            g_opt = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                                      weight_decay=0.1, fused=True)  # fmt: skip
+
+            def graph_step():
+                with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                    patching = whole.patch(x).padded(args.pad_patches)
+                with torch.autocast("cuda", torch.bfloat16):
+                    loss = fwd(x, y, patching.patch_lengths, patching.next_starts_patch)
+                loss.backward()
+                g_opt.step()
+                g_opt.zero_grad(set_to_none=True)
+
+            sec, mem = timed(graph_step, args.steps, args.warmup + 2)
+            rows.append((f"blt (ours), one graph, P to {args.pad_patches}s", B * T / sec, mem))
+            print(f"ours, one graph: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
+            if args.profile:
+                profile(graph_step, sec)
+            del whole, g_opt, fwd
+        except Exception as e:  # an experiment: report it and carry on with the comparison
+            print(f"ours, one graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
+        torch.cuda.empty_cache()
 
     if not args.skip_hf:
         from blt.convert_hf import to_hf_model

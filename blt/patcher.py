@@ -44,6 +44,16 @@ class Patching:
     def bytes_per_patch(self) -> float:
         return self.mean_patch_length().item()
 
+    def padded(self, multiple: int) -> "Patching":
+        """The same patches with the patch axis zero-padded to a multiple of `multiple`, so
+        that the model sees a few shapes instead of one per batch (a compiled model, or one
+        CUDA graph per shape). Empty patches change nothing: they come after every real patch
+        of their row, the global model is causal, and no byte reads them."""
+        P = self.patch_lengths.shape[1]
+        extra = -P % multiple
+        lengths = torch.nn.functional.pad(self.patch_lengths, (0, extra)) if extra else self.patch_lengths
+        return Patching(lengths, self.next_starts_patch, self.entropies)
+
 
 def _is_word_byte(tokens: torch.Tensor) -> torch.Tensor:
     b = tokens - OFFSET

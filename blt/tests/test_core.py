@@ -524,6 +524,11 @@ def test_padding_patches_do_not_change_logits():
         pl = torch.cat([p.patch_lengths, torch.zeros(2, extra, dtype=torch.long)], 1)
         out = model(tokens, patch_lengths=pl, next_starts_patch=p.next_starts_patch).logits
         assert (out - base).abs().max() < 1e-5
+    for multiple in (16, 64):  # Patching.padded: the shape a compiled model is given
+        q = p.padded(multiple)
+        assert q.patch_lengths.shape[1] % multiple == 0 and torch.equal(q.patch_lengths[:, : p.patch_lengths.shape[1]], p.patch_lengths)
+        out = model(tokens, patch_lengths=q.patch_lengths, next_starts_patch=q.next_starts_patch).logits
+        assert (out - base).abs().max() < 1e-5
     # next_starts_patch=None means "the last patch is complete" (official behaviour).
     a = model(tokens, patch_lengths=p.patch_lengths).logits
     b = model(tokens, patch_lengths=p.patch_lengths, next_starts_patch=torch.ones(2, dtype=torch.bool)).logits
