@@ -9,9 +9,9 @@ threshold (calibrated to ~4.5 bytes/patch): each timed step includes the entropy
 forward, the BLT forward/backward and the optimizer step. Prints bytes/s, MFU (model FLOPs
 from blt.flops over the H200's 989 TFLOP/s dense bf16 peak), peak memory and the ratio.
 
-Ours runs twice: as `blt.train --compile` compiles (each stack on its own; here whole stacks,
-dynamic shapes), and as one graph: the whole forward compiled with CUDA graphs on patch
-counts padded to a multiple of --pad-patches (Patching.padded), the patching outside it.
+Ours runs twice: compiled stack by stack (dynamic shapes), and as `blt.train --one-graph`
+runs it: the whole forward and loss as one CUDA graph on patch counts padded to a multiple of
+128 (Patching.padded), the patching outside it.
 """
 
 import argparse
@@ -28,6 +28,7 @@ from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
+from blt.train import PATCH_PAD, OneGraph  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -72,8 +73,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our step")
-    ap.add_argument("--skip-graphs", action="store_true", help="skip the one-graph (CUDA graphs) variant of ours")
-    ap.add_argument("--pad-patches", type=int, default=128, help="one-graph variant: pad the patch count to a multiple")
+    ap.add_argument("--skip-graphs", action="store_true", help="skip the --one-graph (CUDA graphs) variant of ours")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev = "cuda"
@@ -112,34 +112,31 @@ def main():
         profile(ours_step, sec)
 
     if not args.no_compile and not args.skip_graphs:
-        # The whole BLT forward compiled as one graph with CUDA graphs (cudagraph trees cover
-        # its backward too), fed patch lengths padded to a multiple of --pad-patches so that a
-        # few shapes recur; the entropy model patches outside it (one host sync for P).
+        # `blt.train --one-graph`: the whole forward and loss as one CUDA graph (backward too)
+        # on patch counts padded to a multiple of PATCH_PAD; the patching runs outside it.
         try:
             whole = BLT(cfg, entropy_model).to(dev)
             whole.load_state_dict(model.state_dict())
-            fwd = torch.compile(lambda a, b, lengths, nxt: whole(a, b, patch_lengths=lengths, next_starts_patch=nxt).loss,
-                                mode="reduce-overhead", dynamic=False)  # fmt: skip
+            one_graph = OneGraph(whole, torch.device(dev))
+            batch = torch.cat([x, y[:, -1:]], dim=1)
             g_opt = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                                       weight_decay=0.1, fused=True)  # fmt: skip
 
             def graph_step():
-                with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-                    patching = whole.patch(x).padded(args.pad_patches)
                 with torch.autocast("cuda", torch.bfloat16):
-                    loss = fwd(x, y, patching.patch_lengths, patching.next_starts_patch)
+                    loss, _ = one_graph(batch)
                 loss.backward()
                 g_opt.step()
                 g_opt.zero_grad(set_to_none=True)
 
             sec, mem = timed(graph_step, args.steps, args.warmup + 2)
-            rows.append((f"blt (ours), one graph, P to {args.pad_patches}s", B * T / sec, mem))
-            print(f"ours, one graph: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
+            rows.append((f"blt (ours), --one-graph (P to {PATCH_PAD}s)", B * T / sec, mem))
+            print(f"ours, --one-graph: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
             if args.profile:
                 profile(graph_step, sec)
-            del whole, g_opt, fwd
-        except Exception as e:  # an experiment: report it and carry on with the comparison
-            print(f"ours, one graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
+            del whole, g_opt, one_graph
+        except Exception as e:  # report it and carry on with the comparison
+            print(f"ours, --one-graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
         torch.cuda.empty_cache()
 
     if not args.skip_hf:

@@ -172,6 +172,9 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-mode", choices=PATCH_MODES, help="override the config's patching mode")
     g.add_argument("--patch-size", type=int, help="static patching: bytes per patch")
     g.add_argument("--max-patch-length", type=int, help="split longer patches")
+    g.add_argument("--one-graph", action="store_true",
+                   help="compile the whole BLT forward and loss as one graph (CUDA graphs on CUDA) on patch counts "
+                        f"padded to a multiple of {PATCH_PAD}; the patching runs outside it; one process")  # fmt: skip
     g.add_argument("--init-from", metavar="DIR",
                    help="start from the weights of this model folder (e.g. a run on other data), not from a random "
                         "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
@@ -303,6 +306,9 @@ def prepare(args, rank: int, world: int):
 # ---- model wrapping ----------------------------------------------------------------------
 
 
+PATCH_PAD = 128  # --one-graph pads the patch count to a multiple of this (FlexAttention's block)
+
+
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
     """The trained blocks (transformer layers and cross-attentions): the unit of activation
     checkpointing, compilation and FSDP sharding. A BLT's frozen entropy model is not among them."""
@@ -321,25 +327,26 @@ def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
     MixedPrecisionPolicy), so both modes compute the same thing; at these model sizes the fp32
     all-gathers are cheap. The frozen entropy model is replicated (ignored_params), not sharded.
     """
-    if args.compile:
+    one_graph = getattr(args, "one_graph", False)  # the trained blocks compile inside OneGraph
+    if args.compile or one_graph:
         # Every block of every stack shares one code object (TransformerBlock.forward), and
         # dynamo counts its recompiles together: per width, input dtype (fp32 embeddings or
         # bf16 under autocast), grad mode and train/eval. Past the limit (default 8) it runs the
         # rest eagerly, FlexAttention included, which then materializes full score matrices.
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-        setattr(dyn, limit, max(getattr(dyn, limit), 64))
+        setattr(dyn, limit, max(getattr(dyn, limit), 64))  # (and --one-graph: one graph per padded P)
     for blocks in block_lists(model):
         for i, block in enumerate(blocks):
             if args.activation_checkpointing:
                 block = checkpoint_wrapper(block)
-            if args.compile:
+            if args.compile and not one_graph:
                 block.compile()
             if args.dist == "fsdp":
                 fully_shard(block)
             blocks[i] = block
     frozen = model.entropy_model if isinstance(model, BLT) else None
-    if args.compile and frozen is not None:
+    if (args.compile or one_graph) and frozen is not None:
         for block in frozen.layers:
             block.compile()
     if args.dist == "fsdp":
@@ -533,18 +540,45 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def train_step(model, raw, optimizer, batcher, args, device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class OneGraph:
+    """--one-graph: the BLT's patching runs outside (the entropy model, then one host sync for
+    the patch count), then the whole forward and loss run as one compiled graph, fed patch
+    lengths padded to a multiple of PATCH_PAD (Patching.padded) so that a few shapes recur.
+    On CUDA the graph and its backward are CUDA graphs (mode "reduce-overhead"): a step is a
+    handful of launches instead of thousands, which is what bounds a small model's step."""
+
+    def __init__(self, raw: BLT, device: torch.device):
+        self.raw = raw
+        self.loss = torch.compile(self._loss, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+    def _loss(self, inputs, targets, lengths, next_starts_patch):
+        return self.raw(inputs, targets, patch_lengths=lengths, next_starts_patch=next_starts_patch).loss
+
+    def __call__(self, batch: torch.Tensor):
+        """(B, T+1) batch -> (loss, Patching)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with torch.no_grad():
+            patching = self.raw.patch(inputs)
+        padded = patching.padded(PATCH_PAD)
+        return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch), patching
+
+
+def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_graph=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad
     norm), all device tensors: reading them would make the host wait for the GPU, so the loop
-    reads them only when it logs."""
+    reads them only when it logs. one_graph: a OneGraph (--one-graph) computes the loss."""
     loss_sum = torch.zeros((), device=device)
     bpp_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
         batch = next(batcher).to(device, non_blocking=True)
         with grad_sync(model, micro == args.grad_accum - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, patching = logits_and_patching(model, batch[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID)
+                if one_graph is not None:
+                    loss, patching = one_graph(batch)
+                else:
+                    logits, patching = logits_and_patching(model, batch[:, :-1])
+            if one_graph is None:
+                loss = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID)
             (loss / args.grad_accum).backward()
         loss_sum += loss.detach()
         bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
@@ -591,6 +625,7 @@ def train(args, build, export) -> None:
 
     raw.to(device).train()
     model = parallelize(raw, args, device)
+    one_graph = OneGraph(raw, device) if getattr(args, "one_graph", False) else None
     optimizer = make_optimizer(raw, args, device)
     step, elapsed = 0, 0.0
     torch.manual_seed(args.seed + rank)  # dropout: different masks on different ranks
@@ -635,7 +670,7 @@ def train(args, build, export) -> None:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, bpp, norm = train_step(model, raw, optimizer, batcher, args, device, amp_dtype)
+            loss, bpp, norm = train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_graph)
             step += 1
             run_steps += 1
             window += torch.stack((loss.double(), bpp))
@@ -732,6 +767,8 @@ def main(argv=None) -> None:
     for flag in ("patch_size", "max_patch_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.one_graph and (args.dist != "none" or args.activation_checkpointing):
+        parser.error("--one-graph runs in one process, without --activation-checkpointing")
     cfg, entropy_dir = blt_config(parser, args)
     run(
         args,
