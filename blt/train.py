@@ -563,22 +563,24 @@ class OneGraph:
         return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch), patching
 
 
+def loss_and_patching(model, batch: torch.Tensor):
+    """(B, T+1) batch -> (mean next-byte loss, Patching or None): the model run as it is."""
+    logits, patching = logits_and_patching(model, batch[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID), patching
+
+
 def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_graph=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad
     norm), all device tensors: reading them would make the host wait for the GPU, so the loop
     reads them only when it logs. one_graph: a OneGraph (--one-graph) computes the loss."""
+    forward = one_graph or (lambda batch: loss_and_patching(model, batch))
     loss_sum = torch.zeros((), device=device)
     bpp_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
         batch = next(batcher).to(device, non_blocking=True)
         with grad_sync(model, micro == args.grad_accum - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                if one_graph is not None:
-                    loss, patching = one_graph(batch)
-                else:
-                    logits, patching = logits_and_patching(model, batch[:, :-1])
-            if one_graph is None:
-                loss = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID)
+                loss, patching = forward(batch)
             (loss / args.grad_accum).backward()
         loss_sum += loss.detach()
         bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
