@@ -98,22 +98,31 @@ def print_profile(fn, steps, device):
 
 
 def cudagraph_counters():
-    """inductor's counts: graphs that skipped CUDA graphs (torch/_inductor/cudagraph_utils.py,
-    output_code.py) and non-static inputs of the CUDA graphs recorded (cudagraph_trees.py)."""
+    """(graphs that skipped CUDA graphs, CUDA graphs recorded so far): the skips from inductor's
+    counters (torch/_inductor/cudagraph_utils.py), the recorded graphs counted in its CUDA graph
+    tree (cudagraph_trees.py; a graph with no input from outside, as the sampled step, records
+    no other trace)."""
     from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
 
-    c = counters["inductor"]
-    return c["cudagraph_skips"], c["cudagraph_recorded_non_static_inputs"]
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    nodes = [n for roots in manager.roots.values() for n in roots] if manager is not None else []
+    recorded = 0
+    while nodes:
+        node = nodes.pop()
+        recorded += 1
+        nodes += [c for children in node.children.values() for c in children]
+    return counters["inductor"]["cudagraph_skips"], recorded
 
 
 def cudagraph_note(before, after) -> str:
     """Whether a compiled run really ran as CUDA graphs, from cudagraph_counters() around it."""
-    skips, copied = after[0] - before[0], after[1] - before[1]
+    skips, recorded = after[0] - before[0], after[1]
     if skips:
         return f"(CUDA graphs: skipped {skips} times, NOT graphed; see inductor's 'skipping cudagraphs' warning)"
-    if not copied:  # the step's ids are never static: every recorded graph counts at least one
-        return "(CUDA graphs: no graph recorded)"
-    return f"(CUDA graphs: used; {copied} non-static input(s) recorded, copied on every replay)"
+    if not recorded:
+        return "(CUDA graphs: none recorded)"
+    return f"(CUDA graphs: used, {recorded} recorded so far)"
 
 
 def run_uncached(model, prompt, max_new, device):

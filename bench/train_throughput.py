@@ -127,7 +127,7 @@ def main():
                     loss, _ = one_graph(batch)
                 loss.backward()
                 g_opt.step()
-                g_opt.zero_grad(set_to_none=True)
+                g_opt.zero_grad(set_to_none=False)  # as blt.train with --one-graph
 
             sec, mem = timed(graph_step, args.steps, args.warmup + 2)
             rows.append((f"blt (ours), --one-graph (P to {PATCH_PAD}s)", B * T / sec, mem))

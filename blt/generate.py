@@ -269,7 +269,26 @@ class _Recorder:
 
 
 def _sdpa(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    """Attention of a step's few queries over cached keys (mask: bool, True = visible).
+
+    Compiled on a GPU it is written out as products and a softmax, which inductor fuses into
+    a few small kernels: SDPA's fused kernels tile over queries, and with one query per row
+    most of their tiles are idle while one of them walks every key (40+ us a call on an H200
+    in float32, most of a step). Elsewhere, SDPA itself."""
+    if not (q.is_cuda and torch.compiler.is_compiling()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return _attention_math(q, k, v, mask)
+
+
+def _attention_math(q, k, v, mask):
+    """SDPA's result (bool mask, grouped-query heads) as plain products in float32."""
+    if k.shape[1] != q.shape[1]:  # grouped-query: query head h reads key/value head h // group
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
 
 
 class _Norm:

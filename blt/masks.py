@@ -71,18 +71,25 @@ def _window_ok(diff, window):
     return diff < window if window is not None else torch.ones_like(diff, dtype=torch.bool)
 
 
+def _causal_mod(window):
+    def mod(b, h, q, kv):
+        return (kv <= q) & _window_ok(q - kv, window)
+
+    return mod
+
+
 def causal_mask(T: int, window: int | None, backend: str, device, kv_len: int | None = None):
     """Causal (sliding-window) self-attention over T positions."""
     if backend == "flex":
         key = (T, window, str(device))
+        if torch.compiler.is_compiling():
+            # Traced into a compiled graph (train --one-graph): its output must not be cached,
+            # a CUDA graph's next replay would overwrite it.
+            return create_block_mask(_causal_mod(window), None, None, T, T, device=device)
         if key not in _causal_cache:
-
-            def mod(b, h, q, kv):
-                return (kv <= q) & _window_ok(q - kv, window)
-
             if len(_causal_cache) > 256:
                 _causal_cache.clear()
-            _causal_cache[key] = create_block_mask(mod, None, None, T, T, device=device)
+            _causal_cache[key] = create_block_mask(_causal_mod(window), None, None, T, T, device=device)
         return _causal_cache[key]
     q = torch.arange(T, device=device)[:, None]
     kv = torch.arange(T, device=device)[None, :]

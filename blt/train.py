@@ -548,8 +548,14 @@ class OneGraph:
     handful of launches instead of thousands, which is what bounds a small model's step."""
 
     def __init__(self, raw: BLT, device: torch.device):
-        self.raw = raw
-        self.loss = torch.compile(self._loss, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        self.raw, self.cuda = raw, device.type == "cuda"
+        self.loss = torch.compile(self._loss, mode="reduce-overhead" if self.cuda else None, dynamic=False)
+        # A CUDA graph's outputs (the backward's gradients among them) live in memory that its
+        # next replay overwrites. Gradients that already exist are accumulated into in place, so
+        # they are made here once and zeroed, not freed, between steps (train_step).
+        for p in raw.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _loss(self, inputs, targets, lengths, next_starts_patch):
         return self.raw(inputs, targets, patch_lengths=lengths, next_starts_patch=next_starts_patch).loss
@@ -560,6 +566,8 @@ class OneGraph:
         with torch.no_grad():
             patching = self.raw.patch(inputs)
         padded = patching.padded(PATCH_PAD)
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
         return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch), patching
 
 
@@ -586,7 +594,7 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_grap
         bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
     norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=one_graph is None)  # see OneGraph
     return loss_sum / args.grad_accum, bpp_sum / args.grad_accum, norm
 
 

@@ -209,6 +209,24 @@ def test_step_helpers_match_layers():
     assert torch.equal(out[:, : H + Hkv], ref[:, :, 0]) and torch.equal(out[:, H + Hkv :], heads[:, H + Hkv :, 0])
 
 
+def test_attention_math_matches_sdpa():
+    """The compiled GPU step's attention (products and a softmax) gives SDPA's result: one or
+    several queries, grouped-query heads, per-row bool masks over slots holding garbage."""
+    g = torch.Generator().manual_seed(0)
+    for H, Hkv, Q in [(4, 4, 1), (4, 2, 1), (6, 3, 2), (2, 1, 3)]:
+        q = torch.randn(3, H, Q, 16, generator=g)
+        k, v = torch.randn(3, Hkv, 40, 16, generator=g), torch.randn(3, Hkv, 40, 16, generator=g)
+        mask = torch.rand(3, 1, 1, 40, generator=g) < 0.6
+        mask[..., 0] = True  # every row sees a key
+        k = torch.where(mask[:, :, 0, :, None], k, 50.0)  # masked slots: large scores if read
+        outs = {}
+        for name, m in (("masked", mask), ("all", None)):
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=Hkv != H)
+            outs[name] = G._attention_math(q, k, v, m)
+            assert (outs[name] - ref).abs().max() < 1e-4, (H, Hkv, Q, name)
+        assert (outs["masked"] - outs["all"]).abs().max() > 0.1
+
+
 def test_prefill_matches_forward():
     model = make_model("variant", "entropy")
     prompts = [encode(""), encode("a"), encode("Hello, world! " * 5)]
