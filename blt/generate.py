@@ -369,7 +369,7 @@ class _Block:
         self.w2 = _Proj(block.ffn.w2.weight)
 
 
-def _rope_step(rotary, pos, blk: _Block):
+def _rope_step(rotary, pos, blk: _Block, complex_table: bool | None = None):
     """Rotary factors for one position per row, one per head of a block's fused q/k/v output
     (B, H+2·Hkv, ...): the rotation for the query and key heads, the identity for the value
     heads, so that one product rotates q and k and leaves v as it is.
@@ -380,7 +380,7 @@ def _rope_step(rotary, pos, blk: _Block):
     (compiled CUDA graphs, real arithmetic): (cos2, sin2), each (B, H+2·Hkv, Dh), with
     x·cos2 + swap(x)·sin2 the same products and sums (value heads: cos 1, sin 0)."""
     cos, sin = rotary(pos[:, None])  # (B,1,Dh/2) float32
-    if pos.device.type == "cpu":
+    if pos.device.type == "cpu" if complex_table is None else complex_table:
         return torch.where(blk.rotated, torch.complex(cos, sin), 1.0)
     cos2 = cos.repeat_interleave(2, dim=-1)
     sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)

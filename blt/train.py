@@ -635,7 +635,6 @@ def train(args, build, export) -> None:
 
     raw.to(device).train()
     model = parallelize(raw, args, device)
-    one_graph = OneGraph(raw, device) if getattr(args, "one_graph", False) else None
     optimizer = make_optimizer(raw, args, device)
     step, elapsed = 0, 0.0
     torch.manual_seed(args.seed + rank)  # dropout: different masks on different ranks
@@ -645,6 +644,8 @@ def train(args, build, export) -> None:
         step, elapsed = state["step"], state["elapsed"]
         if len(state["rng"]) == world:  # else (new world size) keep the fresh per-rank seeds
             set_rng_state(state["rng"][rank], device)
+    # after the optimizer state is loaded: that fills the state only while no gradient exists
+    one_graph = OneGraph(raw, device) if getattr(args, "one_graph", False) else None
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
     metrics = Metrics(out / "metrics.jsonl", step if state else None, master)

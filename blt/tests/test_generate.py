@@ -207,6 +207,8 @@ def test_step_helpers_match_layers():
     heads = y.view(3, H + 2 * Hkv, 1, Dh)
     ref = apply_rotary(heads[:, : H + Hkv], rotary(pos[:, None]))
     assert torch.equal(out[:, : H + Hkv], ref[:, :, 0]) and torch.equal(out[:, H + Hkv :], heads[:, H + Hkv :, 0])
+    real = G._rotate(y, G._rope_step(rotary, pos, blk, complex_table=False), Dh)  # the GPU form
+    assert (real[:, : H + Hkv] - ref[:, :, 0]).abs().max() < 1e-5 and torch.equal(real[:, H + Hkv :], heads[:, H + Hkv :, 0])
 
 
 def test_attention_math_matches_sdpa():

@@ -341,11 +341,13 @@ def test_compiled_training_matches_eager(work, entropy_dir, reference):
 def test_one_graph_training_matches_eager(work, entropy_dir, reference):
     """--one-graph (patching outside, the whole forward and loss compiled on patch counts padded
     to a multiple of 128; CUDA graphs on a GPU, plain inductor here) trains the eager losses and
-    reports the real bytes/patch, not the padded one."""
+    reports the real bytes/patch, not the padded one; it resumes."""
     out = work / "one_graph"
     train.main(blt_argv(work, entropy_dir, out, 3, 4, "--one-graph"))
     assert losses(out) == pytest.approx(losses(reference)[:3], abs=2e-4)
     bpp = [r["bytes_per_patch"] for r in rows(out) if "bytes_per_patch" in r]
     assert bpp == pytest.approx([r["bytes_per_patch"] for r in rows(reference) if "bytes_per_patch" in r][:3])
+    train.main(blt_argv(work, entropy_dir, out, 5, 4, "--one-graph", "--resume"))  # optimizer state restored
+    assert losses(out) == pytest.approx(losses(reference)[:5], abs=2e-4)
     with pytest.raises(SystemExit):
         train.main(blt_argv(work, entropy_dir, work / "bad", 3, 4, "--one-graph", "--activation-checkpointing"))
