@@ -10,8 +10,8 @@ forward, the BLT forward/backward and the optimizer step. Prints bytes/s, MFU (m
 from blt.flops over the H200's 989 TFLOP/s dense bf16 peak), peak memory and the ratio.
 
 Ours runs twice: compiled stack by stack (dynamic shapes), and as `blt.train --one-graph`
-runs it: the whole forward and loss as one CUDA graph on patch counts padded to a multiple of
-128 (Patching.padded), the patching outside it.
+runs it: the patcher as one CUDA graph, then the whole forward and loss as another on patch
+counts padded to a multiple of 128 (Patching.padded).
 """
 
 import argparse
@@ -28,7 +28,7 @@ from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
-from blt.train import PATCH_PAD, OneGraph  # noqa: E402
+from blt.train import OneGraph  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -52,7 +52,7 @@ def profile(step, sec):
             step()
         torch.cuda.synchronize()
     avg = prof.key_averages()
-    print(avg.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    print(avg.table(sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=90))
     print(avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
     kernels = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"profiled: {kernels / 2 / 1e3:.1f} ms of CUDA kernels per step against {1e3 * sec:.1f} ms of wall time")
@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our step")
     ap.add_argument("--skip-graphs", action="store_true", help="skip the --one-graph (CUDA graphs) variant of ours")
+    ap.add_argument("--skip-modules", action="store_true", help="skip the per-module compiled variant of ours")
+    ap.add_argument("--autotune", action="store_true", help="compile the one graph with inductor's max-autotune")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev = "cuda"
@@ -105,19 +107,20 @@ def main():
         bpp = model.patch(x).bytes_per_patch
     flops = blt_flops_per_byte(cfg, bpp, T).train
     rows = []
-    sec, mem = timed(ours_step, args.steps, args.warmup)
-    rows.append(("blt (ours)", B * T / sec, mem))
-    print(f"ours: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
-    if args.profile:
-        profile(ours_step, sec)
+    if not args.skip_modules:
+        sec, mem = timed(ours_step, args.steps, args.warmup)
+        rows.append(("blt (ours)", B * T / sec, mem))
+        print(f"ours: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
+        if args.profile:
+            profile(ours_step, sec)
 
     if not args.no_compile and not args.skip_graphs:
-        # `blt.train --one-graph`: the whole forward and loss as one CUDA graph (backward too)
-        # on patch counts padded to a multiple of PATCH_PAD; the patching runs outside it.
+        # `blt.train --one-graph`: the patcher as one CUDA graph, then the whole forward and
+        # loss as another (backward too) on patch counts padded to a multiple of PATCH_PAD.
         try:
             whole = BLT(cfg, entropy_model).to(dev)
             whole.load_state_dict(model.state_dict())
-            one_graph = OneGraph(whole, torch.device(dev))
+            one_graph = OneGraph(whole, torch.device(dev), accumulate=False, autotune=args.autotune)
             batch = torch.cat([x, y[:, -1:]], dim=1)
             g_opt = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                                       weight_decay=0.1, fused=True)  # fmt: skip
@@ -127,10 +130,10 @@ def main():
                     loss, _ = one_graph(batch)
                 loss.backward()
                 g_opt.step()
-                g_opt.zero_grad(set_to_none=False)  # as blt.train with --one-graph
+                one_graph.zero_grad(g_opt)
 
             sec, mem = timed(graph_step, args.steps, args.warmup + 2)
-            rows.append((f"blt (ours), --one-graph (P to {PATCH_PAD}s)", B * T / sec, mem))
+            rows.append((f"ours, --one-graph{' (autotuned)' if args.autotune else ''}", B * T / sec, mem))
             print(f"ours, --one-graph: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
             if args.profile:
                 profile(graph_step, sec)
@@ -162,11 +165,12 @@ def main():
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
     print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
-    print(f"{'model':30s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s}")
+    print(f"{'model':36s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s}")
     for name, bps, mem in rows:
-        print(f"{name:30s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f}")
-    if len(rows) == 2:
-        print(f"speed-up: {rows[0][1] / rows[1][1]:.1f}x")
+        print(f"{name:36s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f}")
+    if not args.skip_hf:
+        for name, bps, _ in rows[:-1]:
+            print(f"speed-up of {name}: {bps / rows[-1][1]:.1f}x transformers")
 
 
 if __name__ == "__main__":

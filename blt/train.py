@@ -76,6 +76,7 @@ from blt.entropy_model import EntropyModel
 from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
 from blt.model import BLT
+from blt.patcher import Patching, lengths_from_starts, patch_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
 LN2 = math.log(2)
@@ -346,7 +347,7 @@ def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
                 fully_shard(block)
             blocks[i] = block
     frozen = model.entropy_model if isinstance(model, BLT) else None
-    if (args.compile or one_graph) and frozen is not None:
+    if args.compile and not one_graph and frozen is not None:  # OneGraph compiles it whole
         for block in frozen.layers:
             block.compile()
     if args.dist == "fsdp":
@@ -541,21 +542,37 @@ class StopOnSignal:
 
 
 class OneGraph:
-    """--one-graph: the BLT's patching runs outside (the entropy model, then one host sync for
-    the patch count), then the whole forward and loss run as one compiled graph, fed patch
-    lengths padded to a multiple of PATCH_PAD (Patching.padded) so that a few shapes recur.
-    On CUDA the graph and its backward are CUDA graphs (mode "reduce-overhead"): a step is a
-    handful of launches instead of thousands, which is what bounds a small model's step."""
+    """--one-graph: two compiled graphs per micro-batch with one host sync between them.
 
-    def __init__(self, raw: BLT, device: torch.device):
-        self.raw, self.cuda = raw, device.type == "cuda"
-        self.loss = torch.compile(self._loss, mode="reduce-overhead" if self.cuda else None, dynamic=False)
-        # A CUDA graph's outputs (the backward's gradients among them) live in memory that its
-        # next replay overwrites. Gradients that already exist are accumulated into in place, so
-        # they are made here once and zeroed, not freed, between steps (train_step).
-        for p in raw.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+    1. The patcher (the frozen entropy model and the patching rule) on the (B, T) window:
+       a fixed shape, so one graph. Then the host reads the patch count.
+    2. The whole forward and loss, fed patch lengths padded to a multiple of PATCH_PAD
+       (Patching.padded) so that a few shapes recur.
+
+    On CUDA both are CUDA graphs (mode "reduce-overhead"), the loss graph's backward too: a step
+    is a handful of launches instead of thousands, which is what bounds a small model's step.
+    A CUDA graph's outputs (the backward's gradients among them) live in memory that its next
+    replay overwrites. With one micro-batch per step, autograd stores the gradients as they come
+    and zero_grad frees them before the next replay. With several, the next micro-batch's
+    gradients are added to the stored ones, so these must not be graph outputs: they are made
+    here once and zeroed, not freed, between steps (train_step).
+    """
+
+    def __init__(self, raw: BLT, device: torch.device, accumulate: bool, autotune: bool = False):
+        self.raw, self.cuda, self.accumulate = raw, device.type == "cuda", accumulate
+        # max-autotune: also CUDA graphs, plus benchmarked choices of matmul and attention kernels
+        mode = ("max-autotune" if autotune else "reduce-overhead") if self.cuda else None
+        self.loss = torch.compile(self._loss, mode=mode, dynamic=False)
+        self.starts = torch.compile(self._starts, mode=mode, dynamic=False) if self.cuda else self._starts
+        if accumulate:
+            for p in raw.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    def _starts(self, inputs):
+        with torch.no_grad():
+            cfg, em = self.raw.cfg.patcher, self.raw.entropy_model
+            return patch_starts(inputs, cfg, em.entropies(inputs) if cfg.needs_entropy else None)
 
     def _loss(self, inputs, targets, lengths, next_starts_patch):
         return self.raw(inputs, targets, patch_lengths=lengths, next_starts_patch=next_starts_patch).loss
@@ -563,12 +580,16 @@ class OneGraph:
     def __call__(self, batch: torch.Tensor):
         """(B, T+1) batch -> (loss, Patching)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        with torch.no_grad():
-            patching = self.raw.patch(inputs)
-        padded = patching.padded(PATCH_PAD)
+        T = inputs.shape[1]
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
+        starts = self.starts(inputs)  # the same patches as BLT.patch
+        patching = Patching(lengths_from_starts(starts[:, :T]), starts[:, T].clone())
+        padded = patching.padded(PATCH_PAD)
         return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch), patching
+
+    def zero_grad(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=not self.accumulate)
 
 
 def loss_and_patching(model, batch: torch.Tensor):
@@ -594,7 +615,10 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_grap
         bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
     norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=one_graph is None)  # see OneGraph
+    if one_graph is not None:
+        one_graph.zero_grad(optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return loss_sum / args.grad_accum, bpp_sum / args.grad_accum, norm
 
 
@@ -645,7 +669,7 @@ def train(args, build, export) -> None:
         if len(state["rng"]) == world:  # else (new world size) keep the fresh per-rank seeds
             set_rng_state(state["rng"][rank], device)
     # after the optimizer state is loaded: that fills the state only while no gradient exists
-    one_graph = OneGraph(raw, device) if getattr(args, "one_graph", False) else None
+    one_graph = OneGraph(raw, device, args.grad_accum > 1) if getattr(args, "one_graph", False) else None
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
     metrics = Metrics(out / "metrics.jsonl", step if state else None, master)
