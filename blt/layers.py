@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from blt.config import TransformerConfig
-from blt.masks import CrossLists
 
 _compiled_flex = None
 
@@ -34,17 +33,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """Scaled dot-product attention, q (B,H,Q,Dh), k/v (B,Hkv,K,Dh) -> (B,H,Q,Dh).
 
     mask: None (every query sees every key), a boolean tensor broadcastable to (B,H,Q,K)
-    (True = may attend; dense SDPA backend), a FlexAttention BlockMask, or a masks.CrossLists.
-    A query row with no visible key outputs zeros in every backend (FlexAttention's
-    convention) instead of NaN.
+    (True = may attend; dense SDPA backend), or a FlexAttention BlockMask. A query row with no
+    visible key outputs zeros in both backends (FlexAttention's convention) instead of NaN.
     """
     if isinstance(mask, BlockMask):
         return _flex(q, k, v, mask)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if isinstance(mask, CrossLists):
-        return (_bytes_read_patches if mask.byte_queries else _patches_read_bytes)(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v)
     visible = mask.any(dim=-1, keepdim=True)  # (B,1,Q,1)
@@ -52,46 +48,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible)
     return out * visible.to(out.dtype)
-
-
-def _gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B,H,S,Dh), index (B,T,n) slot positions -> (B,H,T,n,Dh)."""
-    B, H, _, Dh = x.shape
-    T, n = index.shape[1:]
-    flat = index.reshape(B, 1, T * n, 1).expand(B, H, T * n, Dh)
-    return x.gather(2, flat).view(B, H, T, n, Dh)
-
-
-def _bytes_read_patches(q, k, v, lists: CrossLists) -> torch.Tensor:
-    """Decoder cross-attention: byte query t (q: B,H,T,Dh) attends to the n patch slots it
-    lists (k, v: B,H,P·k,Dh). A softmax over n scores per byte, in float32."""
-    scores = torch.einsum("bhtd,bhtnd->bhtn", q.float(), _gather_slots(k, lists.index).float()) * q.shape[-1] ** -0.5
-    valid = lists.valid[:, None]
-    scores = torch.where(valid, scores, float("-inf"))
-    top = scores.amax(-1, keepdim=True).detach()  # softmax does not depend on the shift
-    weights = torch.exp(scores - torch.where(top.isfinite(), top, 0.0))
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)  # no valid slot: all 0
-    return torch.einsum("bhtn,bhtnd->bhtd", weights, _gather_slots(v, lists.index).float()).to(q.dtype)
-
-
-def _patches_read_bytes(q, k, v, lists: CrossLists) -> torch.Tensor:
-    """Encoder cross-attention: patch query slot j (q: B,H,P·k,Dh) attends to the bytes that
-    list it (k, v: B,H,T,Dh). Each byte scores its n slots; a softmax per slot over the bytes
-    that chose it is a segment softmax: a scatter-max, exponentials, and scatter-adds of the
-    weights and of the weighted values, in float32."""
-    B, H, S, Dh = q.shape
-    T, n = lists.index.shape[1:]
-    slots = lists.index.reshape(B, 1, T * n).expand(B, H, T * n)
-    scores = torch.einsum("bhtnd,bhtd->bhtn", _gather_slots(q, lists.index).float(), k.float()) * Dh**-0.5
-    scores = torch.where(lists.valid[:, None], scores, float("-inf")).reshape(B, H, T * n)
-    with torch.no_grad():  # the shift: softmax does not depend on it
-        top = scores.new_full((B, H, S), float("-inf")).scatter_reduce(2, slots, scores, reduce="amax")
-        top = torch.where(top.isfinite(), top, 0.0)
-    weights = torch.exp(scores - top.gather(2, slots))  # (B,H,T·n); 0 where not valid
-    total = scores.new_zeros(B, H, S).scatter_add(2, slots, weights)
-    values = (weights.view(B, H, T, n, 1) * v.float()[:, :, :, None]).reshape(B, H, T * n, Dh)
-    out = scores.new_zeros(B, H, S, Dh).scatter_add(2, slots[..., None].expand(B, H, T * n, Dh), values)
-    return (out / total.clamp(min=1e-30)[..., None]).to(q.dtype)  # a slot no byte reads: 0
 
 
 class RMSNorm(nn.Module):

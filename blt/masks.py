@@ -17,23 +17,22 @@ the HF port, given lengths that sum to T, never show the last patch to any byte
 (`next_starts_patch=False`); their entropy patcher appends a zero-length patch when byte T
 would open one, which amounts to our `next_starts_patch=True`.
 
-Five masks (True = may attend):
+Four masks (True = may attend):
     enc_self, dec_self (T, T)  causal, sliding window over bytes (encoder, decoder)
     enc_cross  (P·k, T)    patch query j sees the bytes of patch j (or of j-w+1..j)
     patch_self (P, P)      causal over patches (global transformer)
     dec_cross  (T, P·k)    byte t sees patch dec_id[t] (or dec_id[t]-w+1..dec_id[t])
 
-Two backends with identical semantics: dense boolean tensors for SDPA (CPU, reference), and
-"flex" (CUDA; no T×T tensor is materialised): FlexAttention BlockMasks for the three
-self-attentions, and for the two cross-attentions, where a byte meets only k·w patch slots,
-the short lists of CrossLists.
+Two backends with identical semantics: dense boolean tensors for SDPA (CPU, reference) and
+FlexAttention BlockMasks (CUDA; no T×T tensor is materialised).
 """
 
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+BLOCK = 128  # FlexAttention's block size
 _causal_cache: dict = {}  # (T, window, device) -> BlockMask; these depend on shapes only
 
 
@@ -119,7 +118,15 @@ def build_masks(
     patch_self = causal_mask(num_patches, patch_window, backend, device)
     if backend == "flex":
 
-        enc, dec = cross_lists(patch_ids, dec_ids, num_patches, k, ew, dw)
+        def enc_mod(b, h, q, kv):
+            d = q // k - patch_ids[b, kv]
+            return (d >= 0) & (d < ew)
+
+        def dec_mod(b, h, q, kv):
+            d = dec_ids[b, q] - kv // k
+            return (d >= 0) & (d < dw)
+
+        enc, dec = _cross_block_masks(enc_mod, dec_mod, patch_ids, dec_ids, num_patches, k, ew, dw)
     else:
         qp = torch.arange(num_patches * k, device=device) // k  # (P·k,)
         d = qp[None, :, None] - patch_ids[:, None, :]  # (B, P·k, T)
@@ -129,46 +136,41 @@ def build_masks(
     return BLTMasks(enc_self, enc, patch_self, dec, dec_self)
 
 
-@dataclass
-class CrossLists:
-    """A cross-attention mask stored as short lists instead of a Q×K grid.
+def _from_ranges(mask_mod, lo: torch.Tensor, hi: torch.Tensor, Q: int, K: int) -> BlockMask:
+    """BlockMask whose query block i may touch key positions lo[:, i]..hi[:, i] (inclusive)."""
+    nkb = -(-K // BLOCK)
+    lo_b, hi_b = lo.clamp(min=0) // BLOCK, hi.clamp(max=K - 1) // BLOCK
+    num = torch.where(hi >= lo, hi_b - lo_b + 1, 0).clamp(0, nkb)
+    idx = (lo_b[..., None] + torch.arange(nkb, device=lo.device)).clamp(max=nkb - 1)
+    return BlockMask.from_kv_blocks(
+        num[:, None].int(), idx[:, None].int(), BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Q, K)
+    )
 
-    Every byte meets only a few patch slots: the decoder's byte t reads the k slots of each of
-    its dw latest complete patches, and the encoder's byte t is read by the k query slots of
-    each of the ew patches from its own on. So each byte lists its n = k·w partners:
-    index (B,T,n) holds their positions on the patch side and valid (B,T,n) whether each is
-    real (a partner before patch 0 or past the last one is listed, clamped, and not valid).
-    byte_queries: True when the bytes are the queries (decoder), False when they are the keys
-    (encoder). layers.attend computes these attentions with gathers and scatters: linear in T,
-    with no block of mostly-masked keys to pay for, as a 128×128 FlexAttention tile would.
+
+def _cross_block_masks(enc_mod, dec_mod, patch_ids, dec_ids, P, k, ew, dw):
+    """Encoder/decoder cross-attention BlockMasks built straight from patch ranges.
+
+    create_block_mask would evaluate the mask at all B·P·k·T points; patches are contiguous
+    byte ranges, so each query block's key range follows from a few gathers instead.
     """
-
-    index: torch.Tensor
-    valid: torch.Tensor
-    byte_queries: bool
-    num_slots: int  # P·k, the size of the patch side
-
-    def dense(self) -> torch.Tensor:
-        """The same mask as a (B,1,Q,K) boolean tensor (what the dense backend builds)."""
-        B, T, _ = self.index.shape
-        grid = torch.zeros(B, T, self.num_slots, dtype=torch.long, device=self.index.device)
-        grid = grid.scatter_reduce(2, self.index, self.valid.long(), reduce="amax").bool()
-        return (grid if self.byte_queries else grid.transpose(1, 2))[:, None]
-
-
-def cross_lists(patch_ids: torch.Tensor, dec_ids: torch.Tensor, P: int, k: int, ew: int, dw: int):
-    """The encoder and decoder cross-attention masks as CrossLists (see build_masks)."""
+    B, T = patch_ids.shape
     dev = patch_ids.device
-    slot = torch.arange(k, device=dev)
-
-    def lists(patches, valid):  # (B,T,w) patch indices -> (B,T,w·k) slot indices
-        index = (patches.clamp(0, P - 1)[..., None] * k + slot).flatten(2)
-        return index, valid[..., None].expand(*valid.shape, k).flatten(2)
-
-    enc_patches = patch_ids[..., None] + torch.arange(ew, device=dev)  # patches that read byte t
-    dec_patches = dec_ids[..., None] - torch.arange(dw, device=dev)  # patches byte t reads
-    enc = CrossLists(*lists(enc_patches, enc_patches < P), byte_queries=False, num_slots=P * k)
-    dec = CrossLists(*lists(dec_patches, dec_patches >= 0), byte_queries=True, num_slots=P * k)
+    counts = torch.zeros(B, P + 1, dtype=torch.long, device=dev).scatter_add_(
+        1, patch_ids.clamp(min=0), torch.ones_like(patch_ids)
+    )[:, :P]
+    ends = counts.cumsum(1) - 1  # last byte of each patch
+    starts = ends - counts + 1
+    # encoder: query block rows q0..q1 hold patches q0//k..q1//k, which read bytes of patches p0-ew+1..p1
+    q0 = torch.arange(0, P * k, BLOCK, device=dev)
+    q1 = (q0 + BLOCK - 1).clamp(max=P * k - 1)
+    p0, p1 = (q0 // k - ew + 1).clamp(min=0), q1 // k
+    enc = _from_ranges(enc_mod, starts[:, p0], ends[:, p1], P * k, T)
+    # decoder: bytes t0..t1 read patch keys of patches dec[t0]-dw+1 .. dec[t1] (dec ids never decrease)
+    t0 = torch.arange(0, T, BLOCK, device=dev)
+    t1 = (t0 + BLOCK - 1).clamp(max=T - 1)
+    lo = (dec_ids[:, t0] - dw + 1).clamp(min=0) * k
+    hi = (dec_ids[:, t1] + 1) * k - 1
+    dec = _from_ranges(dec_mod, lo, hi, T, P * k)
     return enc, dec
 
 
