@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--batch-size 8] [--seq-len 4096] [--steps 10] [--warmup 3]
 
 Both models get the `bench` preset's shapes (encoder 1x384, global 6x768, decoder 4x384, k=2,
-hash n=3..8 with 50,002 rows, entropy model 4x256), the same weights (converted), bf16
+hash n=3..8 with 50,002 rows, entropy model 4x256 with FFN 768), the same weights (converted), bf16
 autocast, AdamW, random bytes, and patches from the same entropy model at the same
 threshold (calibrated to ~4.5 bytes/patch): each timed step includes the entropy model's
 forward, the BLT forward/backward and the optimizer step. Prints bytes/s, MFU (model FLOPs
@@ -15,6 +15,7 @@ counts padded to a multiple of 128 (Patching.padded).
 """
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,11 @@ def random_batch(B, T, device):
     return x[:, :-1], x[:, 1:]
 
 
+def adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                             weight_decay=0.1, fused=True)  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=8)
@@ -89,41 +95,50 @@ def main():
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         H = entropy_model.entropies(x)
     cfg.patcher.threshold, achieved = calibrate_threshold(H.float(), x, cfg.patcher, 4.5)
-    model = BLT(cfg, entropy_model).to(dev)
-    if not args.no_compile:
-        for part in (model.encoder, model.global_model, model.decoder, model.entropy_model):
-            part.compile(dynamic=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
-                            weight_decay=0.1, fused=True)
-
-    def ours_step():
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = model(x, y).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    init = BLT(cfg, copy.deepcopy(entropy_model)).to(dev)
     with torch.no_grad():
-        bpp = model.patch(x).bytes_per_patch
+        bpp = init.patch(x).bytes_per_patch
     flops = blt_flops_per_byte(cfg, bpp, T).train
+    weights = {k: v.cpu() for k, v in init.state_dict().items()}
+    del init
+
+    def fresh() -> BLT:
+        """The same weights, on the GPU alone: each variant's peak memory is its own."""
+        torch.cuda.empty_cache()
+        model = BLT(cfg, copy.deepcopy(entropy_model)).to(dev)
+        model.load_state_dict(weights)
+        return model
+
     rows = []
     if not args.skip_modules:
+        model = fresh()
+        if not args.no_compile:
+            for part in (model.encoder, model.global_model, model.decoder, model.entropy_model):
+                part.compile(dynamic=True)
+        opt = adamw(model)
+
+        def ours_step():
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = model(x, y).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
         sec, mem = timed(ours_step, args.steps, args.warmup)
         rows.append(("blt (ours)", B * T / sec, mem))
         print(f"ours: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
         if args.profile:
             profile(ours_step, sec)
+        del model, opt, ours_step
 
     if not args.no_compile and not args.skip_graphs:
         # `blt.train --one-graph`: the patcher as one CUDA graph, then the whole forward and
         # loss as another (backward too) on patch counts padded to a multiple of PATCH_PAD.
         try:
-            whole = BLT(cfg, entropy_model).to(dev)
-            whole.load_state_dict(model.state_dict())
+            whole = fresh()
             one_graph = OneGraph(whole, torch.device(dev), accumulate=False, autotune=args.autotune)
             batch = torch.cat([x, y[:, -1:]], dim=1)
-            g_opt = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
-                                      weight_decay=0.1, fused=True)  # fmt: skip
+            g_opt = adamw(whole)
 
             def graph_step():
                 with torch.autocast("cuda", torch.bfloat16):
@@ -137,21 +152,18 @@ def main():
             print(f"ours, --one-graph: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
             if args.profile:
                 profile(graph_step, sec)
-            del whole, g_opt, one_graph
+            del whole, g_opt, one_graph, graph_step
         except Exception as e:  # report it and carry on with the comparison
             print(f"ours, --one-graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
-        torch.cuda.empty_cache()
 
     if not args.skip_hf:
         from blt.convert_hf import to_hf_model
 
-        hf = to_hf_model(model.float()).to(dev)
-        del model, opt
+        hf = to_hf_model(fresh().float()).to(dev)
         torch.cuda.empty_cache()
         hf.train()
         hf.model.patcher.eval()
-        hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4,
-                                   betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        hf_opt = adamw(hf)
 
         def hf_step():
             with torch.autocast("cuda", torch.bfloat16):
