@@ -48,9 +48,7 @@ class LocalDecoder(nn.Module):
 
     def forward(self, h, patch_out, self_mask, cross_mask, positions=None, caches=None):
         """h (B,T,D) encoder byte states, patch_out (B,P,D_global) -> logits (B,T,260)."""
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)
-        rope = self.rope(positions)
+        rope = self.rope.table(h.shape[1]) if positions is None else self.rope(positions)
         kv = self.patch_keys(patch_out)
         h = self.dropout(h)
         for i, layer in enumerate(self.layers):

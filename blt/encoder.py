@@ -70,9 +70,7 @@ class LocalEncoder(nn.Module):
     def forward(self, tokens, patch_ids, num_patches, self_mask, cross_mask, positions=None, caches=None):
         """tokens (B,T), patch_ids (B,T) -> byte states (B,T,D), patch states (B,P,k·D)."""
         B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device)
-        rope = self.rope(positions)
+        rope = self.rope.table(T) if positions is None else self.rope(positions)
         h = self.dropout(self.embed(tokens))
         queries = None
         for i, layer in enumerate(self.layers):

@@ -44,11 +44,9 @@ class EntropyModel(nn.Module):
         whole window is processed with a sliding-window causal mask.
         """
         B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device)
         if mask is None:
             mask = causal_mask(T, self.cfg.window, default_backend(tokens.device), tokens.device)
-        rope = self.rope(positions)
+        rope = self.rope.table(T) if positions is None else self.rope(positions)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, None if caches is None else caches[i])

@@ -28,9 +28,7 @@ class GlobalTransformer(nn.Module):
 
     def forward(self, x, mask, positions=None, caches=None):
         """x (B,P,k·D_enc) -> (B,P,D_global)."""
-        if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device)
-        rope = self.rope(positions)
+        rope = self.rope.table(x.shape[1]) if positions is None else self.rope(positions)
         h = self.dropout(self.in_proj(x) if self.in_proj is not None else x)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, None if caches is None else caches[i])

@@ -64,17 +64,36 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embeddings with interleaved pairs (x[2m], x[2m+1]), as Meta's code."""
+    """Rotary position embeddings with interleaved pairs (x[2m], x[2m+1]), as Meta's code.
 
-    def __init__(self, head_dim: int, theta: float):
+    `table(T)` serves positions 0..T-1 from cos/sin tables made once (the official code
+    precomputes them too). Inside a compiled graph they are then read: computed from the
+    positions instead, sin and cos would be recomputed in every kernel that rotates q or k.
+    """
+
+    def __init__(self, head_dim: int, theta: float, positions: int = 4096):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._make_tables(positions)
+
+    def _make_tables(self, n: int) -> None:
+        cos, sin = self(torch.arange(n, device=self.inv_freq.device))
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) or (B,T) -> cos, sin of shape (..., T, Dh/2), float32."""
         freqs = positions.float()[..., None] * self.inv_freq
         return freqs.cos(), freqs.sin()
+
+    def table(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, Dh/2) for positions 0..T-1: the same values as forward(arange(T))."""
+        if T > self.cos_table.shape[0]:
+            if torch.compiler.is_compiling():  # no new buffers while tracing: compute them
+                return self(torch.arange(T, device=self.inv_freq.device))
+            self._make_tables(max(T, 2 * self.cos_table.shape[0]))
+        return self.cos_table[:T], self.sin_table[:T]
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -75,6 +75,7 @@ from blt.data import Batcher, DataConfig, DataError, iter_eval_batches, prepare_
 from blt.entropy_model import EntropyModel
 from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
+from blt.layers import Rotary
 from blt.model import BLT
 from blt.patcher import Patching, lengths_from_starts, patch_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
@@ -564,6 +565,7 @@ class OneGraph:
         mode = ("max-autotune" if autotune else "reduce-overhead") if self.cuda else None
         self.loss = torch.compile(self._loss, mode=mode, dynamic=False)
         self.starts = torch.compile(self._starts, mode=mode, dynamic=False) if self.cuda else self._starts
+        self.rotaries = [m for m in raw.modules() if isinstance(m, Rotary)]
         if accumulate:
             for p in raw.parameters():
                 if p.requires_grad and p.grad is None:
@@ -581,6 +583,8 @@ class OneGraph:
         """(B, T+1) batch -> (loss, Patching)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         T = inputs.shape[1]
+        for rotary in self.rotaries:
+            rotary.table(T)  # grown here if need be, so that the graphs read the tables
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
         starts = self.starts(inputs)  # the same patches as BLT.patch

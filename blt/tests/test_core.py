@@ -14,7 +14,7 @@ import blt.masks as M
 from blt import patcher as PT
 from blt.config import PATCH_MODES, PRESETS, BLTConfig, ConfigError, PatcherConfig, load_json, preset, tiny
 from blt.entropy_model import EntropyModel
-from blt.layers import attend
+from blt.layers import Rotary, apply_rotary, attend
 from blt.model import BLT, LN2
 from blt.ngram_hash import PRIMES, HashNgramEmbedding, ngram_hash
 from blt.tokens import BOE_ID, BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE, StreamDecoder, decode, encode, ids_to_bytes
@@ -338,6 +338,24 @@ def _build(pl, nsp, T, args, backend):
     did = M.decoder_patch_ids(pid, nsp)
     return M.build_masks(pid, did, pl.shape[1], args["k"], args["enc_window"], args["dec_window"], args["patch_window"],
                          args["enc_cross_window"], args["dec_cross_window"], backend)  # fmt: skip
+
+
+def test_rotary_tables_match_positions():
+    """Rotary.table(T) serves the values forward(arange(T)) computes, bit for bit, past its
+    first size too (the tables grow); and the rotation is the interleaved-pair one."""
+    rot = Rotary(16, 10000.0, positions=64)
+    for T in (1, 37, 64, 150):
+        cos, sin = rot.table(T)
+        want = rot(torch.arange(T))
+        assert torch.equal(cos, want[0]) and torch.equal(sin, want[1]), T
+    assert rot.cos_table.shape[0] >= 150
+    x = torch.randn(1, 1, 150, 16)
+    got = apply_rotary(x, rot.table(150))
+    t, m = 149, 3  # one pair by hand: (x0, x1) turned by the angle t / 10000^(2m/16)
+    angle = t / 10000.0 ** (2 * m / 16)
+    x0, x1 = x[0, 0, t, 2 * m].item(), x[0, 0, t, 2 * m + 1].item()
+    assert got[0, 0, t, 2 * m].item() == pytest.approx(x0 * math.cos(angle) - x1 * math.sin(angle), abs=1e-4)
+    assert got[0, 0, t, 2 * m + 1].item() == pytest.approx(x0 * math.sin(angle) + x1 * math.cos(angle), abs=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,0 +1,112 @@
+"""FlexAttention kernel choices for the BLT's four attention shapes, one GPU.
+
+    python bench/flex_blocks.py [--batch-size 8] [--seq-len 4096] [--bytes-per-patch 4.5]
+
+The `bench` preset's attentions at B=8 × 4096 bytes, with masks from blt.masks for random
+patches of the given mean size: byte self-attention (window 512, 6 heads), global
+self-attention (causal over patches, 12 heads), encoder cross-attention (k = 2 queries per
+patch over its bytes) and decoder cross-attention (bytes over the k slots of their patch).
+Each runs forward + backward, compiled, with the default kernel choice, with a few fixed
+`kernel_options` (forward tiles BLOCK_M × BLOCK_N; backward tiles BLOCK_M1/N1 for dK/dV
+and BLOCK_M2/N2 for dQ) and with inductor's own search (max-autotune). Prints the time of
+each and the fastest per shape, so that layers._flex can be given the winners.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blt import masks as M  # noqa: E402
+from blt.config import bench  # noqa: E402
+
+CHOICES = {
+    "default": {},
+    "fwd 128x64 w4 s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    "fwd 128x128 w8 s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    "fwd 64x64 w4 s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "fwd 64x128 w4 s2": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    "bwd 64/64 64/64": dict(BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64),
+    "bwd 64/128 128/64": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64),
+    "bwd 32/128 128/32": dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32),
+}
+
+
+def random_patch_lengths(B: int, T: int, mean: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, P) lengths summing to T per row: BOS alone, then sizes 1 + Poisson(mean - 1)."""
+    rows = []
+    for _ in range(B):
+        sizes = (1 + torch.poisson(torch.full((T,), mean - 1.0), generator=gen)).long()
+        ends = torch.cumsum(sizes, 0)
+        row = [1] + sizes[ends < T - 1].tolist()
+        row.append(T - sum(row))
+        rows.append(row)
+    P = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (P - len(r)) for r in rows])
+
+
+def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> float:
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, kernel_options=options or None),
+                       mode=mode, dynamic=False)  # fmt: skip
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
+    for _ in range(3):
+        fn(q, k, v).backward(grad)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn(q, k, v).backward(grad)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--bytes-per-patch", type=float, default=4.5)
+    ap.add_argument("--no-autotune", action="store_true", help="skip inductor's max-autotune search")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    dev, B, T = "cuda", args.batch_size, args.seq_len
+    cfg, gen = bench(), torch.Generator().manual_seed(0)
+    lengths = random_patch_lengths(B, T, args.bytes_per_patch, gen)
+    lengths = torch.nn.functional.pad(lengths, (0, -lengths.shape[1] % 128)).to(dev)  # as --one-graph pads
+    P, k = lengths.shape[1], cfg.cross_attn_k
+    pid = M.patch_ids_from_lengths(lengths, T)
+    masks = M.build_masks(pid, M.decoder_patch_ids(pid, None), P, k, cfg.encoder.window, cfg.decoder.window,
+                          cfg.global_model.window, None, None, "flex")  # fmt: skip
+    e, g = cfg.encoder, cfg.global_model
+    shapes = {  # name: (mask, heads, queries, keys)
+        f"byte self (window {e.window})": (masks.enc_self, e.n_heads, T, T),
+        "global self (causal)": (masks.patch_self, g.n_heads, P, P),
+        "encoder cross": (masks.enc_cross, e.n_heads, P * k, T),
+        "decoder cross": (masks.dec_cross, e.n_heads, T, P * k),
+    }
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} P={P} (padded) bf16")
+    choices = dict(CHOICES)
+    if not args.no_autotune:
+        choices["max-autotune"] = None
+    for name, (mask, H, Q, K) in shapes.items():
+        q = torch.randn(B, H, Q, e.head_dim, device=dev, dtype=torch.bfloat16)
+        kv = [torch.randn(B, H, K, e.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+        times = {}
+        for label, options in choices.items():
+            mode = "max-autotune-no-cudagraphs" if options is None else None
+            try:
+                times[label] = fwd_bwd_ms(q, *kv, mask, options, mode)
+                print(f"{name:28s} {label:20s} {times[label]:8.3f} ms fwd+bwd", flush=True)
+            except Exception as err:  # an option the kernel cannot take (e.g. too much shared memory)
+                print(f"{name:28s} {label:20s} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+        if times:
+            best = min(times, key=times.get)
+            print(f"{name:28s} fastest: {best} ({times[best]:.3f} ms; default {times.get('default', float('nan')):.3f} ms)")
+
+
+if __name__ == "__main__":
+    main()
