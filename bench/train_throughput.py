@@ -155,6 +155,7 @@ def main():
             del whole, g_opt, one_graph, graph_step
         except Exception as e:  # report it and carry on with the comparison
             print(f"ours, --one-graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
+        torch._dynamo.reset()  # drop the compiled graphs and their CUDA-graph memory pools
 
     if not args.skip_hf:
         from blt.convert_hf import to_hf_model
