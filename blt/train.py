@@ -354,7 +354,9 @@ def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
     if args.dist == "fsdp":
         fully_shard(model, ignored_params=set(frozen.parameters()) if frozen is not None else None)
     elif args.dist == "ddp":
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer needs syncing (rotary tables and frequencies are the same on every rank),
+        # so none is broadcast before each forward.
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
 
 
