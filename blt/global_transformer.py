@@ -3,7 +3,6 @@ representations. It holds most of the parameters and runs once per patch, not pe
 Like the reference code it has no final norm: the decoder normalises what it reads.
 """
 
-import torch
 from torch import nn
 
 from blt.config import BLTConfig

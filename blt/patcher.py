@@ -106,16 +106,27 @@ def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
     return lengths.scatter_add_(1, ids, torch.ones_like(ids))
 
 
-def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None) -> Patching:
-    """Patch a batch. Entropy-based modes run `entropy_model` (frozen, no grad) on the window."""
+def model_patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None):
+    """(B,T) -> ((B,T+1) starts, entropies or None). Entropy-based modes run `entropy_model`
+    (frozen, no grad) on the window. All on the device, no host sync (one compiled graph in
+    train --one-graph)."""
     entropies = None
     if cfg.needs_entropy:
         if entropy_model is None:
             raise ValueError(f"patching mode {cfg.mode!r} needs an entropy model")
         entropies = entropy_model.entropies(tokens)
-    starts = patch_starts(tokens, cfg, entropies)
-    T = tokens.shape[1]
+    return patch_starts(tokens, cfg, entropies), entropies
+
+
+def patching_from_starts(starts: torch.Tensor, entropies: torch.Tensor | None = None) -> Patching:
+    """(B,T+1) starts -> Patching (reads the patch count: one host sync)."""
+    T = starts.shape[1] - 1
     return Patching(lengths_from_starts(starts[:, :T]), starts[:, T], entropies)
+
+
+def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None) -> Patching:
+    """Patch a batch. Entropy-based modes run `entropy_model` (frozen, no grad) on the window."""
+    return patching_from_starts(*model_patch_starts(tokens, cfg, entropy_model))
 
 
 def mean_bytes_per_patch(entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig) -> float:

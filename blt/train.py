@@ -77,7 +77,7 @@ from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
 from blt.layers import Rotary
 from blt.model import BLT
-from blt.patcher import Patching, lengths_from_starts, patch_starts
+from blt.patcher import model_patch_starts, patching_from_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
 LN2 = math.log(2)
@@ -575,8 +575,7 @@ class OneGraph:
 
     def _starts(self, inputs):
         with torch.no_grad():
-            cfg, em = self.raw.cfg.patcher, self.raw.entropy_model
-            return patch_starts(inputs, cfg, em.entropies(inputs) if cfg.needs_entropy else None)
+            return model_patch_starts(inputs, self.raw.cfg.patcher, self.raw.entropy_model)[0]
 
     def _loss(self, inputs, targets, lengths, next_starts_patch):
         return self.raw(inputs, targets, patch_lengths=lengths, next_starts_patch=next_starts_patch).loss
@@ -589,8 +588,8 @@ class OneGraph:
             rotary.table(T)  # grown here if need be, so that the graphs read the tables
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        starts = self.starts(inputs)  # the same patches as BLT.patch
-        patching = Patching(lengths_from_starts(starts[:, :T]), starts[:, T].clone())
+        # BLT.patch's patches; the starts are cloned out of the CUDA graph's memory
+        patching = patching_from_starts(self.starts(inputs).clone())
         padded = patching.padded(PATCH_PAD)
         return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch), patching
 
