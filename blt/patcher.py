@@ -98,10 +98,11 @@ def _forced_splits(starts: torch.Tensor, max_len: int) -> torch.Tensor:
     return (p - patch_start) % max_len == 0
 
 
-def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
-    """(B,T) bool starts (column 0 True) -> (B,P) patch lengths, zero-padded on the right."""
+def lengths_from_starts(starts: torch.Tensor, num_patches: int | None = None) -> torch.Tensor:
+    """(B,T) bool starts (column 0 True) -> (B,P) patch lengths, zero-padded on the right.
+    P is the largest row's patch count: read from the device (a host sync) unless given."""
     ids = starts.long().cumsum(1) - 1  # (B,T) patch id of each byte
-    P = int(ids[:, -1].max().item()) + 1
+    P = int(ids[:, -1].max().item()) + 1 if num_patches is None else num_patches
     lengths = torch.zeros(starts.shape[0], P, dtype=torch.long, device=starts.device)
     return lengths.scatter_add_(1, ids, torch.ones_like(ids))
 
@@ -118,10 +119,11 @@ def model_patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=N
     return patch_starts(tokens, cfg, entropies), entropies
 
 
-def patching_from_starts(starts: torch.Tensor, entropies: torch.Tensor | None = None) -> Patching:
-    """(B,T+1) starts -> Patching (reads the patch count: one host sync)."""
+def patching_from_starts(starts: torch.Tensor, entropies: torch.Tensor | None = None, num_patches: int | None = None) -> Patching:
+    """(B,T+1) starts -> Patching. Reads the patch count from the device (one host sync) unless
+    num_patches, the largest row's count (starts[:, :T].sum(1).max()), is given."""
     T = starts.shape[1] - 1
-    return Patching(lengths_from_starts(starts[:, :T]), starts[:, T], entropies)
+    return Patching(lengths_from_starts(starts[:, :T], num_patches), starts[:, T], entropies)
 
 
 def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None) -> Patching:

@@ -548,7 +548,9 @@ class OneGraph:
     """--one-graph: two compiled graphs per micro-batch with one host sync between them.
 
     1. The patcher (the frozen entropy model and the patching rule) on the (B, T) window:
-       a fixed shape, so one graph. Then the host reads the patch count.
+       a fixed shape, so one graph. Then the host reads the patch count. In training this
+       runs one micro-batch ahead (Lookahead): the count is read while the GPU still works
+       on the previous micro-batch, so the GPU never waits for the host here.
     2. The whole forward and loss, fed patch lengths padded to a multiple of PATCH_PAD
        (Patching.padded) so that a few shapes recur.
 
@@ -563,15 +565,34 @@ class OneGraph:
 
     def __init__(self, raw: BLT, device: torch.device, accumulate: bool, autotune: bool = False):
         self.raw, self.cuda, self.accumulate = raw, device.type == "cuda", accumulate
-        # max-autotune: also CUDA graphs, plus benchmarked choices of matmul and attention kernels
-        mode = ("max-autotune" if autotune else "reduce-overhead") if self.cuda else None
-        self.loss = torch.compile(self._loss, mode=mode, dynamic=False)
-        self.starts = torch.compile(self._starts, mode=mode, dynamic=False) if self.cuda else self._starts
+        # CUDA graphs ("reduce-overhead"), with block sizes of the fused pointwise and reduction
+        # kernels tuned at compile time; max-autotune also benchmarks matmul and attention kernels.
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "max_autotune": autotune}
+        options = options if self.cuda else None
+        self.loss = torch.compile(self._loss, options=options, dynamic=False)
+        self.starts = torch.compile(self._starts, options=options, dynamic=False) if self.cuda else self._starts
         self.rotaries = [m for m in raw.modules() if isinstance(m, Rotary)]
+        self.pending = None  # the patcher's work queued for the upcoming batch
         if accumulate:
             for p in raw.parameters():
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
+
+    def _launch_patcher(self, batch: torch.Tensor):
+        """Queue the patcher graph on a (B, T+1) batch -> (batch, starts, patch count, event).
+        The count is copied to pinned host memory once the event has fired."""
+        inputs = batch[:, :-1]
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        starts = self.starts(inputs).clone()  # out of the CUDA graph's memory
+        count = starts[:, : inputs.shape[1]].sum(1).max()
+        if not self.cuda:
+            return batch, starts, count, None
+        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host.copy_(count, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return batch, starts, host, ready
 
     def _starts(self, inputs):
         with torch.no_grad():
@@ -580,21 +601,49 @@ class OneGraph:
     def _loss(self, inputs, targets, lengths, next_starts_patch):
         return self.raw(inputs, targets, patch_lengths=lengths, next_starts_patch=next_starts_patch).loss
 
-    def __call__(self, batch: torch.Tensor):
-        """(B, T+1) batch -> (loss, Patching)."""
+    def __call__(self, batch: torch.Tensor, upcoming: torch.Tensor | None = None):
+        """(B, T+1) batch -> (loss, Patching): BLT.patch's patches, then the loss.
+
+        upcoming: the next micro-batch, if known (same shape; neither may change in place
+        afterwards). Its patcher graph is queued before this batch's loss graph, and the next
+        call finds its patches done: the host then reads the patch count while the GPU works
+        on this batch, instead of leaving the GPU idle at the sync."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        T = inputs.shape[1]
         for rotary in self.rotaries:
-            rotary.table(T)  # grown here if need be, so that the graphs read the tables
-        if self.cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        # BLT.patch's patches; the starts are cloned out of the CUDA graph's memory
-        patching = patching_from_starts(self.starts(inputs).clone())
+            rotary.table(inputs.shape[1])  # grown here if need be, so that the graphs read the tables
+        if self.pending is None or self.pending[0] is not batch:
+            self.pending = self._launch_patcher(batch)
+        _, starts, count, ready = self.pending
+        self.pending = self._launch_patcher(upcoming) if upcoming is not None else None
+        if ready is not None:
+            ready.synchronize()
+        patching = patching_from_starts(starts, num_patches=int(count))
         padded = patching.padded(PATCH_PAD)
         return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch), patching
 
     def zero_grad(self, optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self.accumulate)
+
+
+class Lookahead:
+    """A Batcher's batches on the device, the next one visible: peek() moves the batch that
+    next() will return to the device without advancing the batcher, so --one-graph can patch
+    it one micro-batch early. The batcher's step (what checkpoints save) is unchanged by it."""
+
+    def __init__(self, batcher, device: torch.device):
+        self.batcher, self.device = batcher, device
+        self.ahead = None  # (step, device batch)
+
+    def peek(self) -> torch.Tensor:
+        step = self.batcher.step
+        if self.ahead is None or self.ahead[0] != step:
+            self.ahead = (step, self.batcher.batch_at(step).to(self.device, non_blocking=True))
+        return self.ahead[1]
+
+    def __next__(self) -> torch.Tensor:
+        batch = self.peek()
+        self.batcher.step += 1
+        return batch
 
 
 def loss_and_patching(model, batch: torch.Tensor):
@@ -606,8 +655,14 @@ def loss_and_patching(model, batch: torch.Tensor):
 def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_graph=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad
     norm), all device tensors: reading them would make the host wait for the GPU, so the loop
-    reads them only when it logs. one_graph: a OneGraph (--one-graph) computes the loss."""
-    forward = one_graph or (lambda batch: loss_and_patching(model, batch))
+    reads them only when it logs. one_graph: a OneGraph (--one-graph) computes the loss; given a
+    Lookahead as batcher, it patches the next micro-batch early."""
+
+    def forward(batch):
+        if one_graph is None:
+            return loss_and_patching(model, batch)
+        return one_graph(batch, batcher.peek() if isinstance(batcher, Lookahead) else None)
+
     loss_sum = torch.zeros((), device=device)
     bpp_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
@@ -675,6 +730,7 @@ def train(args, build, export) -> None:
             set_rng_state(state["rng"][rank], device)
     # after the optimizer state is loaded: that fills the state only while no gradient exists
     one_graph = OneGraph(raw, device, args.grad_accum > 1) if getattr(args, "one_graph", False) else None
+    batches = batcher if one_graph is None else Lookahead(batcher, device)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
     metrics = Metrics(out / "metrics.jsonl", step if state else None, master)
@@ -710,7 +766,7 @@ def train(args, build, export) -> None:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, bpp, norm = train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_graph)
+            loss, bpp, norm = train_step(model, raw, optimizer, batches, args, device, amp_dtype, one_graph)
             step += 1
             run_steps += 1
             window += torch.stack((loss.double(), bpp))

@@ -356,3 +356,54 @@ def test_one_graph_training_matches_eager(work, entropy_dir, reference):
     assert losses(single[1]) == pytest.approx(losses(single[0]), abs=2e-4)
     with pytest.raises(SystemExit):
         train.main(blt_argv(work, entropy_dir, work / "bad", 3, 4, "--one-graph", "--activation-checkpointing"))
+
+
+def test_one_graph_patches_the_upcoming_batch_early():
+    """OneGraph(batch, upcoming) queues the patcher for `upcoming` and reuses it on the next
+    call: each batch is patched once, with the patches and loss of an unpipelined call."""
+    from blt.config import tiny
+    from blt.entropy_model import EntropyModel
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = BLT(cfg, EntropyModel(cfg.entropy_model))
+    og = train.OneGraph(model, torch.device("cpu"), accumulate=False)
+    og.loss = og._loss  # eager: this test is about the patcher's schedule
+    patched = []
+    og.starts = lambda inputs: patched.append(inputs) or og._starts(inputs)
+    batches = [torch.cat([torch.ones(2, 1, dtype=torch.long), torch.randint(4, 260, (2, 48))], 1) for _ in range(3)]
+    model.cfg.patcher.threshold = model.entropy_model.entropies(torch.cat(batches)).median().item()
+
+    expected = []
+    for batch in batches:
+        loss, patching = og(batch)  # no upcoming batch: patched here, nothing left pending
+        expected.append((loss.item(), patching.patch_lengths))
+        assert og.pending is None
+    assert len(patched) == 3
+    assert all(e[1].shape != expected[0][1].shape or not torch.equal(e[1], expected[0][1]) for e in expected[1:])
+    patched.clear()
+
+    for i, batch in enumerate(batches):
+        loss, patching = og(batch, batches[i + 1] if i + 1 < len(batches) else None)
+        assert loss.item() == pytest.approx(expected[i][0], abs=1e-6)
+        assert torch.equal(patching.patch_lengths, expected[i][1])
+    assert [p.data_ptr() for p in patched] == [b[:, :-1].data_ptr() for b in batches]  # each once, in order
+    # a different batch than the pending one is patched anew, not given the pending patches
+    og(batches[0], batches[1])
+    loss, patching = og(batches[2])
+    assert torch.equal(patching.patch_lengths, expected[2][1]) and len(patched) == 6
+
+
+def test_lookahead_peeks_without_moving_the_batcher():
+    from blt.data import Batcher
+
+    tokens = torch.arange(1000).numpy()
+    plain, seen = Batcher(tokens, 2, 16, seed=3), Batcher(tokens, 2, 16, seed=3)
+    ahead = train.Lookahead(seen, torch.device("cpu"))
+    for _ in range(4):
+        upcoming = ahead.peek()
+        assert ahead.peek() is upcoming and seen.step == plain.step
+        batch = next(ahead)
+        assert batch is upcoming
+        assert torch.equal(batch, next(plain))
+    assert seen.state_dict() == plain.state_dict()
