@@ -637,7 +637,10 @@ class Lookahead:
     def peek(self) -> torch.Tensor:
         step = self.batcher.step
         if self.ahead is None or self.ahead[0] != step:
-            self.ahead = (step, self.batcher.batch_at(step).to(self.device, non_blocking=True))
+            batch = self.batcher.batch_at(step)
+            if self.device.type == "cuda":  # from pageable memory the copy may wait for the GPU
+                batch = batch.pin_memory()
+            self.ahead = (step, batch.to(self.device, non_blocking=True))
         return self.ahead[1]
 
     def __next__(self) -> torch.Tensor:
