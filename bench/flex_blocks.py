@@ -51,8 +51,7 @@ def random_patch_lengths(B: int, T: int, mean: float, gen: torch.Generator) -> t
 
 
 def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> float:
-    # the block mask goes in as an argument, as layers._flex passes it: captured by a closure,
-    # its tensors would be baked into the compiled graph instead
+    # the block mask goes in as an argument, as layers._flex passes it
     torch._dynamo.reset()
     fn = torch.compile(flex_attention, mode=mode, dynamic=False)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))

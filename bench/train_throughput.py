@@ -118,7 +118,10 @@ def main():
             target = getattr(target, name)
         if not hasattr(target, leaf):
             sys.exit(f"--inductor: torch._inductor.config has no option {key!r}")
-        setattr(target, leaf, ast.literal_eval(value))
+        try:
+            setattr(target, leaf, ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            sys.exit(f"--inductor: {item!r} is not KEY=VALUE with a Python literal VALUE")
     dev = "cuda"
     B, T = args.batch_size, args.seq_len
     torch.manual_seed(0)
