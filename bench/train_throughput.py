@@ -17,6 +17,7 @@ counts padded to a multiple of 128 (Patching.padded).
 import argparse
 import ast
 import copy
+import gzip
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,9 @@ def timed(step, steps, warmup):
     return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30
 
 
-def profile(step, sec):
-    """The top CUDA kernels and host ops of two steps, and kernel time against wall time."""
+def profile(step, sec, out: Path | None = None):
+    """The top CUDA kernels and host ops of two steps, and kernel time against wall time. With
+    `out`, also writes every kernel's row (kernels.txt) and the timeline (trace.json.gz) there."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()
@@ -57,6 +59,13 @@ def profile(step, sec):
     avg = prof.key_averages()
     print(avg.table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=90))
     print(avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=-1, max_name_column_width=200))
+        prof.export_chrome_trace(str(out / "trace.json"))
+        with open(out / "trace.json", "rb") as f, gzip.open(out / "trace.json.gz", "wb") as z:
+            z.write(f.read())
+        (out / "trace.json").unlink()
     # kernels only: the GPU-side spans of annotations (e.g. "Optimizer.step") would count twice
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     groups: dict[str, float] = {}
@@ -103,13 +112,16 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our step")
+    ap.add_argument("--profile-out", type=Path, metavar="DIR",
+                    help="with --profile, also write the one-graph step's full kernel table and timeline to DIR")  # fmt: skip
     ap.add_argument("--skip-graphs", action="store_true", help="skip the --one-graph (CUDA graphs) variant of ours")
     ap.add_argument("--skip-modules", action="store_true", help="skip the per-module compiled variant of ours")
     ap.add_argument("--autotune", action="store_true", help="compile the one graph with inductor's max-autotune")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set a torch._inductor.config option (Python literal), e.g. coordinate_descent_tuning=True")  # fmt: skip
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
     for item in args.inductor:
         key, _, value = item.partition("=")
         target = torch._inductor.config
@@ -190,7 +202,7 @@ def main():
             rows.append((f"ours, --one-graph{' (autotuned)' if args.autotune else ''}", B * T / sec, mem))
             print(f"ours, --one-graph: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
             if args.profile:
-                profile(graph_step, sec)
+                profile(graph_step, sec, args.profile_out)
             del whole, g_opt, one_graph, graph_step
         except Exception as e:  # report it and carry on with the comparison
             print(f"ours, --one-graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
