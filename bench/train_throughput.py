@@ -9,9 +9,10 @@ threshold (calibrated to ~4.5 bytes/patch): each timed step includes the entropy
 forward, the BLT forward/backward and the optimizer step. Prints bytes/s, MFU (model FLOPs
 from blt.flops over the H200's 989 TFLOP/s dense bf16 peak), peak memory and the ratio.
 
-Ours runs twice: compiled stack by stack (dynamic shapes), and as `blt.train --one-graph`
-runs it: the patcher as one CUDA graph, then the whole forward and loss as another on patch
-counts padded to a multiple of 128 (Patching.padded).
+Ours runs twice: compiled stack by stack (dynamic shapes), and as `blt.train --one-graph
+--tune-kernels` runs it: the patcher as one CUDA graph, then the whole forward and loss as
+another on patch counts padded to a multiple of 128 (Patching.padded). Each row also gives
+the first step's time, compilation included.
 """
 
 import argparse
@@ -38,7 +39,12 @@ PEAK_BF16 = 989e12
 
 
 def timed(step, steps, warmup):
-    for _ in range(warmup):
+    """-> (seconds per step, peak GiB, seconds of the first step: compilation included)."""
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -46,7 +52,7 @@ def timed(step, steps, warmup):
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30
+    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30, first
 
 
 def profile(step, sec, out: Path | None = None):
@@ -116,6 +122,8 @@ def main():
                     help="with --profile, also write the one-graph step's full kernel table and timeline to DIR")  # fmt: skip
     ap.add_argument("--skip-graphs", action="store_true", help="skip the --one-graph (CUDA graphs) variant of ours")
     ap.add_argument("--skip-modules", action="store_true", help="skip the per-module compiled variant of ours")
+    ap.add_argument("--no-tune-kernels", action="store_true",
+                    help="compile the one graph as blt.train --one-graph does by default: without --tune-kernels")  # fmt: skip
     ap.add_argument("--autotune", action="store_true", help="compile the one graph with inductor's max-autotune")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set a torch._inductor.config option (Python literal), e.g. coordinate_descent_tuning=True")  # fmt: skip
@@ -175,9 +183,9 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        sec, mem = timed(ours_step, args.steps, args.warmup)
-        rows.append(("blt (ours)", B * T / sec, mem))
-        print(f"ours: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
+        sec, mem, first = timed(ours_step, args.steps, args.warmup)
+        rows.append(("blt (ours)", B * T / sec, mem, first))
+        print(f"ours: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB, first step {first:.0f} s", flush=True)
         if args.profile:
             profile(ours_step, sec)
         del model, opt, ours_step
@@ -187,7 +195,8 @@ def main():
         # loss as another (backward too) on patch counts padded to a multiple of PATCH_PAD.
         try:
             whole = fresh()
-            one_graph = OneGraph(whole, torch.device(dev), accumulate=False, autotune=args.autotune)
+            tune = not args.no_tune_kernels
+            one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune)
             batch = torch.cat([x, y[:, -1:]], dim=1)
             g_opt = adamw(whole)
 
@@ -198,9 +207,10 @@ def main():
                 g_opt.step()
                 one_graph.zero_grad(g_opt)
 
-            sec, mem = timed(graph_step, args.steps, args.warmup + 2)
-            rows.append((f"ours, --one-graph{' (autotuned)' if args.autotune else ''}", B * T / sec, mem))
-            print(f"ours, --one-graph: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB", flush=True)
+            sec, mem, first = timed(graph_step, args.steps, args.warmup + 2)
+            name = f"ours, --one-graph{' --tune-kernels' if tune else ''}{' (max-autotune)' if args.autotune else ''}"
+            rows.append((name, B * T / sec, mem, first))
+            print(f"{name}: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB, first step {first:.0f} s", flush=True)
             if args.profile:
                 profile(graph_step, sec, args.profile_out)
             del whole, g_opt, one_graph, graph_step
@@ -224,16 +234,16 @@ def main():
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
 
-        sec, mem = timed(hf_step, args.steps, 2)
-        rows.append(("transformers BltForCausalLM", B * T / sec, mem))
+        sec, mem, first = timed(hf_step, args.steps, 2)
+        rows.append(("transformers BltForCausalLM", B * T / sec, mem, first))
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
     print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
-    print(f"{'model':36s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s}")
-    for name, bps, mem in rows:
-        print(f"{name:36s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f}")
+    print(f"{'model':36s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'first step s':>13s}")
+    for name, bps, mem, first in rows:
+        print(f"{name:36s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f} {first:13.0f}")
     if not args.skip_hf:
-        for name, bps, _ in rows[:-1]:
+        for name, bps, *_ in rows[:-1]:
             print(f"speed-up of {name}: {bps / rows[-1][1]:.1f}x transformers")
 
 

@@ -177,6 +177,9 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--one-graph", action="store_true",
                    help="compile the whole BLT forward and loss as one graph (CUDA graphs on CUDA) on patch counts "
                         f"padded to a multiple of {PATCH_PAD}; the patching runs outside it; one process")  # fmt: skip
+    g.add_argument("--tune-kernels", action="store_true",
+                   help="with --one-graph on CUDA: tune the fused kernels' block sizes while compiling (a few percent "
+                        "faster steps, minutes more compilation per padded patch count; for long runs)")  # fmt: skip
     g.add_argument("--init-from", metavar="DIR",
                    help="start from the weights of this model folder (e.g. a run on other data), not from a random "
                         "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
@@ -563,11 +566,13 @@ class OneGraph:
     here once and zeroed, not freed, between steps (train_step).
     """
 
-    def __init__(self, raw: BLT, device: torch.device, accumulate: bool, autotune: bool = False):
+    def __init__(self, raw: BLT, device: torch.device, accumulate: bool, tune_kernels: bool = False, autotune: bool = False):
         self.raw, self.cuda, self.accumulate = raw, device.type == "cuda", accumulate
-        # CUDA graphs ("reduce-overhead"), with block sizes of the fused pointwise and reduction
-        # kernels tuned at compile time; max-autotune also benchmarks matmul and attention kernels.
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "max_autotune": autotune}
+        # CUDA graphs ("reduce-overhead"). tune_kernels: block sizes of the fused pointwise and
+        # reduction kernels tuned at compile time (coordinate descent), a few percent off the step
+        # for minutes more compilation per padded patch count; autotune (max-autotune) also
+        # benchmarks matmul and attention kernels.
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": tune_kernels, "max_autotune": autotune}
         options = options if self.cuda else None
         self.loss = torch.compile(self._loss, options=options, dynamic=False)
         self.starts = torch.compile(self._starts, options=options, dynamic=False) if self.cuda else self._starts
@@ -732,7 +737,7 @@ def train(args, build, export) -> None:
         if len(state["rng"]) == world:  # else (new world size) keep the fresh per-rank seeds
             set_rng_state(state["rng"][rank], device)
     # after the optimizer state is loaded: that fills the state only while no gradient exists
-    one_graph = OneGraph(raw, device, args.grad_accum > 1) if getattr(args, "one_graph", False) else None
+    one_graph = OneGraph(raw, device, args.grad_accum > 1, args.tune_kernels) if getattr(args, "one_graph", False) else None
     batches = batcher if one_graph is None else Lookahead(batcher, device)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
@@ -868,6 +873,8 @@ def main(argv=None) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.one_graph and (args.dist != "none" or args.activation_checkpointing):
         parser.error("--one-graph runs in one process, without --activation-checkpointing")
+    if args.tune_kernels and not args.one_graph:
+        parser.error("--tune-kernels tunes the --one-graph compilation; add --one-graph")
     cfg, entropy_dir = blt_config(parser, args)
     run(
         args,

@@ -234,6 +234,7 @@ def test_train_time_eval_is_exact(reference):
         (["--config", "tiny", "--patch-mode", "static", "--patch-size", "0"], "--patch-size must be >= 1"),
         (["--dtype", "bf16", "--device", "cpu"], "needs --device cuda"),
         (["--dist", "ddp"], "needs torchrun"),
+        (["--tune-kernels"], "--tune-kernels tunes the --one-graph compilation"),
     ],
 )
 def test_bad_cli_values_are_one_line_errors(argv, message, capsys):
