@@ -9,7 +9,8 @@ patch over its bytes) and decoder cross-attention (bytes over the k slots of the
 Each runs forward + backward, compiled, with the default kernel choice, with a few fixed
 `kernel_options` (forward tiles BLOCK_M × BLOCK_N; backward tiles BLOCK_M1/N1 for dK/dV
 and BLOCK_M2/N2 for dQ), with the forward tiles of the fastest forward joined to the
-backward tiles of the fastest backward, and with inductor's own search (max-autotune).
+backward tiles of the fastest backward, with FlexAttention's FLASH backend where its package
+is installed, and with inductor's own search (max-autotune).
 Prints the kernels' GPU time of each and the fastest fixed choice per shape.
 """
 
@@ -34,6 +35,9 @@ CHOICES = {
     "bwd 64/64 64/64": dict(BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64),
     "bwd 64/128 128/64": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64),
     "bwd 32/128 128/32": dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32),
+    # FlashAttention-4's CuTe kernels instead of Triton's (experimental in torch; needs the
+    # optional flash-attn-4 package, else this choice reports that it failed)
+    "FLASH backend": dict(BACKEND="FLASH"),
 }
 
 
@@ -69,11 +73,11 @@ def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> tuple[float, float]:
         for _ in range(steps):
             run()
         torch.cuda.synchronize()
-    fwd = bwd = 0.0
+    fwd = bwd = 0.0  # every kernel of the call (the backward's preprocessing too), split by name
     for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA or e.is_user_annotation or "flex" not in e.name:
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.is_user_annotation:
             continue
-        if "backward" in e.name:
+        if "backward" in e.name.lower() or "bwd" in e.name.lower():
             bwd += e.device_time
         else:
             fwd += e.device_time
@@ -82,7 +86,7 @@ def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> tuple[float, float]:
 
 def combined(times: dict, choices: dict) -> dict | None:
     """The forward tiles of the fastest forward and the backward tiles of the fastest backward."""
-    fixed = {label: choices[label] for label in times if choices.get(label)}
+    fixed = {label: choices[label] for label in times if choices.get(label) and "BACKEND" not in choices[label]}
     if not fixed:
         return None
     fwd = min(fixed, key=lambda label: times[label][0])
