@@ -119,17 +119,18 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our step")
     ap.add_argument("--profile-out", type=Path, metavar="DIR",
-                    help="with --profile, also write the one-graph step's full kernel table and timeline to DIR")  # fmt: skip
+                    help="profile, and also write the one-graph step's full kernel table and timeline to DIR")  # fmt: skip
     ap.add_argument("--skip-graphs", action="store_true", help="skip the --one-graph (CUDA graphs) variant of ours")
     ap.add_argument("--skip-modules", action="store_true", help="skip the per-module compiled variant of ours")
     ap.add_argument("--no-tune-kernels", action="store_true",
                     help="compile the one graph as blt.train --one-graph does by default: without --tune-kernels")  # fmt: skip
     ap.add_argument("--autotune", action="store_true", help="compile the one graph with inductor's max-autotune")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                    help="set a torch._inductor.config option (Python literal), e.g. coordinate_descent_tuning=True")  # fmt: skip
+                    help="set a torch._inductor.config option (Python literal), e.g. combo_kernels=True")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
+    args.profile = args.profile or args.profile_out is not None
     for item in args.inductor:
         key, _, value = item.partition("=")
         target = torch._inductor.config
@@ -239,9 +240,9 @@ def main():
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
     print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
-    print(f"{'model':36s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'first step s':>13s}")
+    print(f"{'model':48s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'first step s':>13s}")
     for name, bps, mem, first in rows:
-        print(f"{name:36s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f} {first:13.0f}")
+        print(f"{name:48s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f} {first:13.0f}")
     if not args.skip_hf:
         for name, bps, *_ in rows[:-1]:
             print(f"speed-up of {name}: {bps / rows[-1][1]:.1f}x transformers")
