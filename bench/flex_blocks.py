@@ -54,19 +54,22 @@ def random_patch_lengths(B: int, T: int, mean: float, gen: torch.Generator) -> t
     return torch.tensor([r + [0] * (P - len(r)) for r in rows])
 
 
-def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> tuple[float, float]:
-    """GPU time of the forward and the backward kernels, in ms per call. Kernel time, not wall
-    time: at these sizes the host's per-call work would hide the kernels' differences."""
+def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> tuple[float, float, tuple]:
+    """GPU time of the forward and the backward kernels, in ms per call, and the output with
+    its gradients. Kernel time, not wall time: at these sizes the host's per-call work would
+    hide the kernels' differences."""
     # the block mask goes in as an argument, as layers._flex passes it
     torch._dynamo.reset()
     fn = torch.compile(flex_attention, mode=mode, dynamic=False)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    grad = torch.randn_like(q)
+    grad = torch.randn(q.shape, dtype=q.dtype, device=q.device, generator=torch.Generator(q.device).manual_seed(1))
 
     def run():  # autograd.grad, not backward: no kernels adding into .grad
-        torch.autograd.grad(fn(q, k, v, block_mask=mask, kernel_options=options or None), (q, k, v), grad)
+        out = fn(q, k, v, block_mask=mask, kernel_options=options or None)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad))
 
-    for _ in range(3):
+    results = run()
+    for _ in range(2):
         run()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -81,7 +84,13 @@ def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> tuple[float, float]:
             bwd += e.device_time
         else:
             fwd += e.device_time
-    return fwd / 1e3 / steps, bwd / 1e3 / steps
+    return fwd / 1e3 / steps, bwd / 1e3 / steps, results
+
+
+def max_error(results, reference) -> float:
+    """Largest absolute difference of output, dq, dk and dv, relative to the reference's scale."""
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
+               for a, b in zip(results, reference))  # fmt: skip
 
 
 def combined(times: dict, choices: dict) -> dict | None:
@@ -102,6 +111,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--bytes-per-patch", type=float, default=4.5)
     ap.add_argument("--no-autotune", action="store_true", help="skip inductor's max-autotune search")
+    ap.add_argument("--only", metavar="LABEL", action="append", choices=list(CHOICES),
+                    help="measure only this choice (repeatable; the default choice is always measured)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -121,19 +132,25 @@ def main():
         "decoder cross": (masks.dec_cross, e.n_heads, T, P * k),
     }
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} P={P} (padded) bf16")
-    print("kernel time per call (ms): forward + backward = total")
+    print("kernel time per call (ms): forward + backward = total; error: largest difference of the output and")
+    print("its gradients from the default choice's, relative to the largest value")
     for name, (mask, H, Q, K) in shapes.items():
         q = torch.randn(B, H, Q, e.head_dim, device=dev, dtype=torch.bfloat16)
         kv = [torch.randn(B, H, K, e.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2)]
-        choices, times = dict(CHOICES), {}
+        choices, times, reference = dict(CHOICES), {}, None
+        if args.only:
+            choices = {label: choices[label] for label in choices if label == "default" or label in args.only}
 
         def measure(label):
+            nonlocal reference
             options = choices[label]
             mode = "max-autotune-no-cudagraphs" if options is None else None
             try:
-                times[label] = fwd_bwd_ms(q, *kv, mask, options, mode)
-                f, b = times[label]
-                print(f"{name:24s} {label:20s} {f:7.3f} + {b:7.3f} = {f + b:7.3f}", flush=True)
+                f, b, results = fwd_bwd_ms(q, *kv, mask, options, mode)
+                times[label] = f, b
+                reference = reference or results
+                error = max_error(results, reference)
+                print(f"{name:24s} {label:20s} {f:7.3f} + {b:7.3f} = {f + b:7.3f}  error {error:.1e}", flush=True)
             except Exception as err:  # an option the kernel cannot take (e.g. too much shared memory)
                 print(f"{name:24s} {label:20s} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
+from blt.layers import FLEX_BACKENDS, set_flex_backend  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
 from blt.train import OneGraph  # noqa: E402
@@ -85,7 +86,7 @@ def profile(step, sec, out: Path | None = None):
 def kernel_kind(name: str) -> str:
     """A coarse class of a CUDA kernel by its name, for the per-step time breakdown."""
     n = name.lower()
-    if "flex" in n or "tem_fused" in n:
+    if "flex" in n or "tem_fused" in n or "flash_attn" in n:  # Triton's or FlashAttention-4's
         return "attention"
     if any(w in n for w in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "cublas")):
         return "matmul"
@@ -127,9 +128,15 @@ def main():
     ap.add_argument("--autotune", action="store_true", help="compile the one graph with inductor's max-autotune")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set a torch._inductor.config option (Python literal), e.g. combo_kernels=True")  # fmt: skip
+    ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
+                    help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
+    try:
+        set_flex_backend(args.attention)
+    except ValueError as err:
+        sys.exit(f"--attention: {err}")
     args.profile = args.profile or args.profile_out is not None
     for item in args.inductor:
         key, _, value = item.partition("=")
@@ -210,6 +217,7 @@ def main():
 
             sec, mem, first = timed(graph_step, args.steps, args.warmup + 2)
             name = f"ours, --one-graph{' --tune-kernels' if tune else ''}{' (max-autotune)' if args.autotune else ''}"
+            name += f" --attention {args.attention}" if args.attention != "triton" else ""
             rows.append((name, B * T / sec, mem, first))
             print(f"{name}: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB, first step {first:.0f} s", flush=True)
             if args.profile:
@@ -240,9 +248,9 @@ def main():
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
     print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
-    print(f"{'model':48s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'first step s':>13s}")
+    print(f"{'model':60s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'first step s':>13s}")
     for name, bps, mem, first in rows:
-        print(f"{name:48s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f} {first:13.0f}")
+        print(f"{name:60s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f} {first:13.0f}")
     if not args.skip_hf:
         for name, bps, *_ in rows[:-1]:
             print(f"speed-up of {name}: {bps / rows[-1][1]:.1f}x transformers")

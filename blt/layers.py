@@ -5,6 +5,8 @@ attention entry point with its two backends.
 Shape symbols: B batch, H heads, Q queries, K keys, T bytes, P patches, D width.
 """
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,23 +15,56 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from blt.config import TransformerConfig
 
 _compiled_flex = None
+FLEX_BACKENDS = ("triton", "flash")
+_flex_options: dict | None = None  # FlexAttention kernel_options; None = torch's Triton kernels
 
 
-def _flex(q, k, v, block_mask):
+def set_flex_backend(name: str) -> None:
+    """Which kernels run FlexAttention on CUDA: torch's own Triton kernels ("triton", the
+    default) or FlashAttention-4's CuTe kernels ("flash": FlexAttention's experimental
+    BACKEND="FLASH", same masks and math; needs the optional flash-attn-4 package; see
+    flex_kernel_options for where it applies). Set it before the first compiled call:
+    compiled graphs keep the backend they were traced with."""
+    global _flex_options
+    if name not in FLEX_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {list(FLEX_BACKENDS)}")
+    if name == "flash":
+        try:
+            found = importlib.util.find_spec("flash_attn.cute") is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise ValueError("attention backend 'flash' needs FlashAttention-4: pip install flash-attn-4")
+    _flex_options = {"BACKEND": "FLASH"} if name == "flash" else None
+
+
+def flex_kernel_options(dtype: torch.dtype, cross: bool, compiling: bool) -> dict | None:
+    """FlexAttention's kernel_options for one call under the chosen backend. The FLASH
+    backend takes only 16-bit inputs and static shapes, so it runs only inside a graph being
+    compiled (blt.train --one-graph compiles one per padded patch count), and only for the
+    self-attentions: on the cross-attentions' masks (a few keys per query) Triton's kernels
+    were faster (bench/flex_blocks.py)."""
+    if cross or not compiling or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return _flex_options
+
+
+def _flex(q, k, v, block_mask, cross: bool = False):
     """FlexAttention, compiled on CUDA (eager elsewhere, for tests). Sequence lengths change
     with every batch's patch count, so the kernel is compiled for dynamic shapes: a static one
-    would hit the recompile limit and fall back to the slow unfused path."""
+    would hit the recompile limit and fall back to the slow unfused path. Inside a graph being
+    compiled, this call is traced into it, with the kernel options of the chosen backend."""
     global _compiled_flex
     if q.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=True)
-        fn = _compiled_flex
+        fn, options = _compiled_flex, flex_kernel_options(q.dtype, cross, torch.compiler.is_compiling())
     else:
-        fn = flex_attention
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        fn, options = flex_attention, None
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, cross: bool = False) -> torch.Tensor:
     """Scaled dot-product attention, q (B,H,Q,Dh), k/v (B,Hkv,K,Dh) -> (B,H,Q,Dh).
 
     mask: None (every query sees every key), a boolean tensor broadcastable to (B,H,Q,K)
@@ -37,7 +72,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     visible key outputs zeros in both backends (FlexAttention's convention) instead of NaN.
     """
     if isinstance(mask, BlockMask):
-        return _flex(q, k, v, mask)
+        return _flex(q, k, v, mask, cross)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -151,7 +186,7 @@ class CrossAttention(nn.Module):
         kv = self.kv_norm(kv)
         k = self.wk(kv).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.wv(kv).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask, cross=True)
         return self.wo(out.transpose(1, 2).reshape(B, Q, -1))
 
 

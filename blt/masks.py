@@ -142,8 +142,11 @@ def _from_ranges(mask_mod, lo: torch.Tensor, hi: torch.Tensor, Q: int, K: int) -
     lo_b, hi_b = lo.clamp(min=0) // BLOCK, hi.clamp(max=K - 1) // BLOCK
     num = torch.where(hi >= lo, hi_b - lo_b + 1, 0).clamp(0, nkb)
     idx = (lo_b[..., None] + torch.arange(nkb, device=lo.device)).clamp(max=nkb - 1)
+    num, idx = num[:, None].int(), idx[:, None].int()
+    # no key block is fully visible to a whole query block; saying so (zero full blocks) is what
+    # FlashAttention-4's kernels need to take a block mask
     return BlockMask.from_kv_blocks(
-        num[:, None].int(), idx[:, None].int(), BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Q, K)
+        num, idx, torch.zeros_like(num), torch.zeros_like(idx), BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Q, K)
     )
 
 

@@ -75,7 +75,7 @@ from blt.data import Batcher, DataConfig, DataError, iter_eval_batches, prepare_
 from blt.entropy_model import EntropyModel
 from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
-from blt.layers import Rotary
+from blt.layers import FLEX_BACKENDS, Rotary, set_flex_backend
 from blt.model import BLT
 from blt.patcher import model_patch_starts, patching_from_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
@@ -180,6 +180,9 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-kernels", action="store_true",
                    help="with --one-graph on CUDA: tune the fused kernels' block sizes while compiling (a few percent "
                         "faster steps, minutes more compilation per padded patch count; for long runs)")  # fmt: skip
+    g.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
+                   help="with --one-graph on CUDA: FlexAttention's self-attention kernels, torch's Triton ones or "
+                        "FlashAttention-4's (optional flash-attn-4 package; experimental in torch)")  # fmt: skip
     g.add_argument("--init-from", metavar="DIR",
                    help="start from the weights of this model folder (e.g. a run on other data), not from a random "
                         "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
@@ -875,6 +878,12 @@ def main(argv=None) -> None:
         parser.error("--one-graph runs in one process, without --activation-checkpointing")
     if args.tune_kernels and not args.one_graph:
         parser.error("--tune-kernels tunes the --one-graph compilation; add --one-graph")
+    if args.attention != "triton" and not (args.one_graph and args.device == "cuda"):
+        parser.error(f"--attention {args.attention} runs inside --one-graph on CUDA (its kernels need static shapes)")
+    try:
+        set_flex_backend(args.attention)
+    except ValueError as err:
+        parser.error(f"--attention: {err}")
     cfg, entropy_dir = blt_config(parser, args)
     run(
         args,

@@ -1,6 +1,7 @@
 """Property tests of the BLT building blocks against references written straight from the
 documented definitions (docstrings of patcher.py, masks.py, ngram_hash.py, tokens.py)."""
 
+import importlib.util
 import json
 import math
 import random
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+import blt.layers as layers
 import blt.masks as M
 from blt import patcher as PT
 from blt.config import PATCH_MODES, PRESETS, BLTConfig, ConfigError, PatcherConfig, load_json, preset, tiny
@@ -528,6 +530,53 @@ def test_full_model_dense_vs_flex(variant):
     flex = model(tokens, backend="flex", **kwargs).logits
     assert torch.isfinite(dense).all() and torch.isfinite(flex).all()
     assert (dense - flex).abs().max() < 1e-4
+
+
+def test_attention_backend_choice(monkeypatch):
+    """--attention flash sends only the self-attentions of a graph being compiled, in 16-bit, to
+    FlashAttention-4; cross-attentions, float32 calls and eager calls keep Triton's kernels."""
+    with pytest.raises(ValueError, match="unknown attention backend 'cudnn'"):
+        layers.set_flex_backend("cudnn")
+    try:
+        installed = importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:
+        installed = False
+    if not installed:
+        with pytest.raises(ValueError, match="pip install flash-attn-4"):
+            layers.set_flex_backend("flash")
+    assert layers.flex_kernel_options(torch.bfloat16, cross=False, compiling=True) is None  # triton: no options
+    monkeypatch.setattr(layers, "_flex_options", {"BACKEND": "FLASH"})
+    assert layers.flex_kernel_options(torch.bfloat16, cross=False, compiling=True) == {"BACKEND": "FLASH"}
+    assert layers.flex_kernel_options(torch.float16, cross=False, compiling=True) == {"BACKEND": "FLASH"}
+    assert layers.flex_kernel_options(torch.bfloat16, cross=True, compiling=True) is None
+    assert layers.flex_kernel_options(torch.float32, cross=False, compiling=True) is None
+    assert layers.flex_kernel_options(torch.bfloat16, cross=False, compiling=False) is None
+
+
+@torch.no_grad()
+def test_model_marks_its_cross_attentions(monkeypatch):
+    """Every FlexAttention call of a forward says whether it is a cross-attention: the
+    encoder's and decoder's cross-attentions do, the byte and patch self-attentions do not."""
+    calls = []
+    flex = layers._flex
+
+    def record(q, k, v, block_mask, cross=False):
+        calls.append((cross, q.shape[2], k.shape[2]))
+        return flex(q, k, v, block_mask, cross)
+
+    monkeypatch.setattr(layers, "_flex", record)
+    tokens = text_tokens(2, 100, torch.Generator().manual_seed(3))
+    model = tiny_model("entropy", seed=1, calibrate_on=tokens).eval()
+    model(tokens, backend="flex")
+    cfg, T = model.cfg, tokens.shape[1]
+    cross = [(q, k) for is_cross, q, k in calls if is_cross]
+    own = [(q, k) for is_cross, q, k in calls if not is_cross]
+    e, d = cfg.encoder, cfg.decoder
+    assert len(cross) == (e.n_layers if e.cross_attn_all_layers else 1) + (d.n_layers if d.cross_attn_all_layers else 1)
+    assert all(q != k for q, k in cross) and all(q == k for q, k in own)
+    byte_layers = e.n_layers + d.n_layers  # (the patcher's entropy model keeps CPU's dense masks here)
+    assert len(own) == byte_layers + cfg.global_model.n_layers
+    assert sum(q == T for q, _ in own) == byte_layers
 
 
 @torch.no_grad()

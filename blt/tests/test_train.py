@@ -235,6 +235,7 @@ def test_train_time_eval_is_exact(reference):
         (["--dtype", "bf16", "--device", "cpu"], "needs --device cuda"),
         (["--dist", "ddp"], "needs torchrun"),
         (["--tune-kernels"], "--tune-kernels tunes the --one-graph compilation"),
+        (["--attention", "flash"], "--attention flash runs inside --one-graph on CUDA"),
     ],
 )
 def test_bad_cli_values_are_one_line_errors(argv, message, capsys):
