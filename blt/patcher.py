@@ -101,10 +101,13 @@ def _forced_splits(starts: torch.Tensor, max_len: int) -> torch.Tensor:
 def lengths_from_starts(starts: torch.Tensor, num_patches: int | None = None) -> torch.Tensor:
     """(B,T) bool starts (column 0 True) -> (B,P) patch lengths, zero-padded on the right.
     P is the largest row's patch count: read from the device (a host sync) unless given."""
-    ids = starts.long().cumsum(1) - 1  # (B,T) patch id of each byte
+    ids = starts.long().cumsum(1) - 1  # (B,T) patch id of each byte, non-decreasing along a row
     P = int(ids[:, -1].max().item()) + 1 if num_patches is None else num_patches
-    lengths = torch.zeros(starts.shape[0], P, dtype=torch.long, device=starts.device)
-    return lengths.scatter_add_(1, ids, torch.ones_like(ids))
+    # bytes with id <= p, by binary search in each sorted row (a scatter-add of ones would
+    # contend on every patch's counter), then the differences: each patch's own byte count
+    patch = torch.arange(P, device=starts.device).expand(starts.shape[0], P).contiguous()
+    ends = torch.searchsorted(ids, patch, right=True)
+    return ends.diff(dim=1, prepend=torch.zeros_like(ends[:, :1]))
 
 
 def model_patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None):

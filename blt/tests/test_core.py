@@ -224,6 +224,24 @@ def test_static_patching(T, patch_size, max_len, lengths, next_starts):
     assert p.next_starts_patch.tolist() == [next_starts, next_starts]
 
 
+def test_lengths_from_starts_counts_each_run():
+    """Patch lengths are the runs between starts, row by row, zero-padded to the largest count
+    (or to num_patches when given)."""
+    gen = torch.Generator().manual_seed(11)
+    for B, T, p in [(1, 1, 0.5), (3, 17, 0.3), (4, 40, 0.9), (2, 33, 0.05)]:
+        starts = torch.rand(B, T, generator=gen) < p
+        starts[:, 0] = True
+        rows = []
+        for row in starts.tolist():
+            at = [i for i, s in enumerate(row) if s] + [T]
+            rows.append([b - a for a, b in zip(at, at[1:])])
+        P = max(len(r) for r in rows)
+        for extra in (0, 5):
+            want = [r + [0] * (P + extra - len(r)) for r in rows]
+            assert PT.lengths_from_starts(starts, P + extra).tolist() == want
+        assert PT.lengths_from_starts(starts).tolist() == [r + [0] * (P - len(r)) for r in rows]
+
+
 def _space_patches(text: str, max_len=None):
     tokens = torch.tensor([encode(text)])
     p = PT.patch(tokens, PatcherConfig(mode="space", max_patch_length=max_len))
