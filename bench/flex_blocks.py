@@ -1,6 +1,7 @@
 """FlexAttention kernel choices for the BLT's four attention shapes, one GPU.
 
     python bench/flex_blocks.py [--batch-size 8] [--seq-len 4096] [--bytes-per-patch 4.5]
+                                [--no-autotune] [--only "FLASH backend"]
 
 The `bench` preset's attentions at B=8 × 4096 bytes, with masks from blt.masks for random
 patches of the given mean size: byte self-attention (window 512, 6 heads), global
@@ -11,7 +12,8 @@ Each runs forward + backward, compiled, with the default kernel choice, with a f
 and BLOCK_M2/N2 for dQ), with the forward tiles of the fastest forward joined to the
 backward tiles of the fastest backward, with FlexAttention's FLASH backend where its package
 is installed, and with inductor's own search (max-autotune).
-Prints the kernels' GPU time of each and the fastest fixed choice per shape.
+Prints the kernels' GPU time of each, how far its output and gradients are from the default
+choice's, and the fastest fixed choice per shape.
 """
 
 import argparse

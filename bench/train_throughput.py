@@ -12,7 +12,8 @@ from blt.flops over the H200's 989 TFLOP/s dense bf16 peak), peak memory and the
 Ours runs twice: compiled stack by stack (dynamic shapes), and as `blt.train --one-graph
 --tune-kernels` runs it: the patcher as one CUDA graph, then the whole forward and loss as
 another on patch counts padded to a multiple of 128 (Patching.padded). Each row also gives
-the first step's time, compilation included.
+the first step's time, compilation included. `--attention flash` runs our self-attentions on
+FlashAttention-4's kernels, as `blt.train --attention flash` does (optional flash-attn-4 package).
 """
 
 import argparse
@@ -134,9 +135,10 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     try:
-        set_flex_backend(args.attention)
+        set_flex_backend(args.attention)  # checks that the package is there
     except ValueError as err:
         sys.exit(f"--attention: {err}")
+    set_flex_backend("triton")  # until the one-graph variant: the FLASH kernels need static shapes
     args.profile = args.profile or args.profile_out is not None
     for item in args.inductor:
         key, _, value = item.partition("=")
@@ -203,6 +205,7 @@ def main():
         # loss as another (backward too) on patch counts padded to a multiple of PATCH_PAD.
         try:
             whole = fresh()
+            set_flex_backend(args.attention)
             tune = not args.no_tune_kernels
             one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune)
             batch = torch.cat([x, y[:, -1:]], dim=1)
@@ -226,6 +229,7 @@ def main():
         except Exception as e:  # report it and carry on with the comparison
             print(f"ours, --one-graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
         torch._dynamo.reset()  # drop the compiled graphs and their CUDA-graph memory pools
+        set_flex_backend("triton")
 
     if not args.skip_hf:
         from blt.convert_hf import to_hf_model
