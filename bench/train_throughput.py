@@ -35,7 +35,7 @@ from blt.flops import blt_flops_per_byte  # noqa: E402
 from blt.layers import FLEX_BACKENDS, set_flex_backend  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
-from blt.train import OneGraph  # noqa: E402
+from blt.train import PATCH_PAD, OneGraph  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -129,6 +129,10 @@ def main():
     ap.add_argument("--autotune", action="store_true", help="compile the one graph with inductor's max-autotune")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set a torch._inductor.config option (Python literal), e.g. combo_kernels=True")  # fmt: skip
+    ap.add_argument("--patch-pad", type=int, default=PATCH_PAD,
+                    help="the one graph's patch count is padded to a multiple of this, as blt.train --patch-pad")  # fmt: skip
+    ap.add_argument("--pack-patches", action="store_true",
+                    help="the one graph's global transformer on packed rows, as blt.train --pack-patches")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                     help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
@@ -140,6 +144,8 @@ def main():
         sys.exit(f"--attention: {err}")
     set_flex_backend("triton")  # until the one-graph variant: the FLASH kernels need static shapes
     args.profile = args.profile or args.profile_out is not None
+    if args.patch_pad < 1:
+        sys.exit("--patch-pad must be >= 1")
     for item in args.inductor:
         key, _, value = item.partition("=")
         target = torch._inductor.config
@@ -165,7 +171,9 @@ def main():
     cfg.patcher.threshold, achieved = calibrate_threshold(H.float(), x, cfg.patcher, 4.5)
     init = BLT(cfg, copy.deepcopy(entropy_model)).to(dev)
     with torch.no_grad():
-        bpp = init.patch(x).bytes_per_patch
+        patching = init.patch(x)
+    bpp, real = patching.bytes_per_patch, int((patching.patch_lengths > 0).sum())
+    padded = patching.padded(args.patch_pad).patch_lengths.numel()
     flops = blt_flops_per_byte(cfg, bpp, T).train
     weights = {k: v.cpu() for k, v in init.state_dict().items()}
     del init
@@ -202,12 +210,13 @@ def main():
 
     if not args.no_compile and not args.skip_graphs:
         # `blt.train --one-graph`: the patcher as one CUDA graph, then the whole forward and
-        # loss as another (backward too) on patch counts padded to a multiple of PATCH_PAD.
+        # loss as another (backward too) on patch counts padded to a multiple of --patch-pad.
         try:
             whole = fresh()
             set_flex_backend(args.attention)
             tune = not args.no_tune_kernels
-            one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune)
+            one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune,
+                                 patch_pad=args.patch_pad, pack=args.pack_patches)  # fmt: skip
             batch = torch.cat([x, y[:, -1:]], dim=1)
             g_opt = adamw(whole)
 
@@ -221,6 +230,8 @@ def main():
             sec, mem, first = timed(graph_step, args.steps, args.warmup + 2)
             name = f"ours, --one-graph{' --tune-kernels' if tune else ''}{' (max-autotune)' if args.autotune else ''}"
             name += f" --attention {args.attention}" if args.attention != "triton" else ""
+            name += f" --patch-pad {args.patch_pad}" if args.patch_pad != PATCH_PAD else ""
+            name += " --pack-patches" if args.pack_patches else ""
             rows.append((name, B * T / sec, mem, first))
             print(f"{name}: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB, first step {first:.0f} s", flush=True)
             if args.profile:
@@ -252,6 +263,10 @@ def main():
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
     print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
+    packed = -(-real // args.patch_pad) * args.patch_pad
+    print(f"patches: {real} real; the one graph's global transformer runs on {padded} as (B, P) padded to a "
+          f"multiple of {args.patch_pad} ({100 * (1 - real / padded):.1f}% padding), {packed} packed "
+          f"({100 * (1 - real / packed):.1f}%)")  # fmt: skip
     print(f"{'model':60s} {'bytes/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'first step s':>13s}")
     for name, bps, mem, first in rows:
         print(f"{name:60s} {bps:12,.0f} {100 * bps * flops / PEAK_BF16:6.1f}% {mem:9.1f} {first:13.0f}")

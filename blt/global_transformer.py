@@ -25,9 +25,11 @@ class GlobalTransformer(nn.Module):
         for layer in self.layers:
             init_block(layer)
 
-    def forward(self, x, mask, positions=None, caches=None):
-        """x (B,P,k·D_enc) -> (B,P,D_global)."""
-        rope = self.rope.table(x.shape[1]) if positions is None else self.rope(positions)
+    def forward(self, x, mask, positions=None, caches=None, rope=None):
+        """x (B,P,k·D_enc) -> (B,P,D_global). Positions 0..P-1, or `positions`, or the cos/sin
+        tables of each position given as `rope` (packed rows: blt.packing)."""
+        if rope is None:
+            rope = self.rope.table(x.shape[1]) if positions is None else self.rope(positions)
         h = self.dropout(self.in_proj(x) if self.in_proj is not None else x)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, None if caches is None else caches[i])

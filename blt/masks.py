@@ -96,6 +96,39 @@ def causal_mask(T: int, window: int | None, backend: str, device, kv_len: int | 
     return ((kv <= q) & _window_ok(q - kv, window))[None, None]
 
 
+def packed_patch_mask(doc: torch.Tensor, first: torch.Tensor, window: int | None, backend: str):
+    """Causal (sliding-window) self-attention over packed patch slots (blt.packing), within each
+    slot's own row only. doc (N,): row of each slot (non-decreasing); first (N,): first slot of
+    that row."""
+    N = doc.shape[0]
+
+    def mod(b, h, q, kv):
+        return (kv <= q) & (doc[q] == doc[kv]) & _window_ok(q - kv, window)
+
+    if backend != "flex":
+        q = torch.arange(N, device=doc.device)
+        return mod(None, None, q[:, None], q[None, :])[None, None]
+    # Query block [q0, q1] reads keys from its first query's row start (or window) up to q1.
+    # Key blocks that lie wholly inside q1's row and before q0 are full: every pair is visible.
+    # What stays partial is the range below those, and the diagonal block.
+    nb = -(-N // BLOCK)
+    i = torch.arange(nb, device=doc.device)
+    q0, q1 = i * BLOCK, (i * BLOCK + BLOCK - 1).clamp(max=N - 1)
+    lo = first[q0] if window is None else torch.maximum(first[q0], q0 - window + 1)
+    lo_b = lo // BLOCK
+    full_lo = torch.maximum(-(-first[q1] // BLOCK), lo_b)  # first full key block
+    n_full = (i - full_lo).clamp(min=0) if window is None else torch.zeros_like(i)
+    part_end = torch.where(n_full > 0, full_lo, i)  # partial: lo_b .. part_end-1, then i
+    t = torch.arange(nb, device=doc.device)
+    part_idx = torch.where(t[None] < (part_end - lo_b)[:, None], lo_b[:, None] + t[None], i[:, None])
+    full_idx = (full_lo[:, None] + t[None]).clamp(max=nb - 1)
+    as_mask = lambda x: x[None, None].int()  # noqa: E731  (B, H) broadcast dims
+    return BlockMask.from_kv_blocks(
+        as_mask(part_end - lo_b + 1), as_mask(part_idx), as_mask(n_full), as_mask(full_idx),
+        BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(N, N),
+    )  # fmt: skip
+
+
 def build_masks(
     patch_ids: torch.Tensor,
     dec_ids: torch.Tensor,

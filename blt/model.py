@@ -24,6 +24,7 @@ from blt.decoder import LocalDecoder
 from blt.encoder import LocalEncoder
 from blt.entropy_model import EntropyModel
 from blt.global_transformer import GlobalTransformer
+from blt.packing import pack, packing_plan, unpack
 from blt.patcher import Patching, patch
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
@@ -90,10 +91,14 @@ class BLT(nn.Module):
         patch_lengths: torch.Tensor | None = None,
         next_starts_patch: torch.Tensor | None = None,
         backend: str | None = None,
+        packed_slots: int | None = None,
     ) -> BLTOutput:
         """tokens (B,T) -> BLTOutput. Without patch_lengths the patcher decides the patches;
         with them, next_starts_patch (B,) says whether the window's last patch is complete
-        (None: complete; False: the official code's and the HF port's reading of lengths)."""
+        (None: complete; False: the official code's and the HF port's reading of lengths).
+        packed_slots: run the global transformer on the rows' patches packed end to end in a
+        sequence of this many slots (blt.packing; at least their total), not on the padded
+        (B, P) layout: the same outputs, without computing the padding."""
         B, T = tokens.shape
         if patch_lengths is None:
             patching = self.patch(tokens)
@@ -111,7 +116,14 @@ class BLT(nn.Module):
             backend=backend,
         )  # fmt: skip
         h, patches = self.encoder(tokens, patch_ids, P, masks.enc_self, masks.enc_cross)
-        patch_out = self.global_model(patches, masks.patch_self)
+        if packed_slots is None:
+            patch_out = self.global_model(patches, masks.patch_self)
+        else:
+            plan = packing_plan(patching.patch_lengths, packed_slots)
+            mask = M.packed_patch_mask(plan.doc, plan.first, c.global_model.window, backend)
+            cos, sin = self.global_model.rope.table(P)
+            packed = self.global_model(pack(patches, plan), mask, rope=(cos[plan.pos], sin[plan.pos]))
+            patch_out = unpack(packed, plan)
         logits = self.decoder(h, patch_out, masks.dec_self, masks.dec_cross)
         loss = None
         if targets is not None:

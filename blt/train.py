@@ -176,10 +176,16 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-patch-length", type=int, help="split longer patches")
     g.add_argument("--one-graph", action="store_true",
                    help="compile the whole BLT forward and loss as one graph (CUDA graphs on CUDA) on patch counts "
-                        f"padded to a multiple of {PATCH_PAD}; the patching runs outside it; one process")  # fmt: skip
+                        f"padded to a multiple of --patch-pad; the patching runs outside it; one process")  # fmt: skip
+    g.add_argument("--patch-pad", type=int, default=PATCH_PAD,
+                   help="with --one-graph: pad the patch count to a multiple of this; smaller wastes less global "
+                        "compute on padding and compiles more shapes")  # fmt: skip
     g.add_argument("--tune-kernels", action="store_true",
                    help="with --one-graph on CUDA: tune the fused kernels' block sizes while compiling (a few percent "
                         "faster steps, minutes more compilation per padded patch count; for long runs)")  # fmt: skip
+    g.add_argument("--pack-patches", action="store_true",
+                   help="with --one-graph: run the global transformer on the rows' patches packed end to end, "
+                        "not on rows padded to the longest (same outputs, no compute on padding; more shapes)")  # fmt: skip
     g.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                    help="with --one-graph on CUDA: FlexAttention's self-attention kernels, torch's Triton ones or "
                         "FlashAttention-4's (optional flash-attn-4 package; experimental in torch)")  # fmt: skip
@@ -557,8 +563,10 @@ class OneGraph:
        a fixed shape, so one graph. Then the host reads the patch count. In training this
        runs one micro-batch ahead (Lookahead): the count is read while the GPU still works
        on the previous micro-batch, so the GPU never waits for the host here.
-    2. The whole forward and loss, fed patch lengths padded to a multiple of PATCH_PAD
-       (Patching.padded) so that a few shapes recur.
+    2. The whole forward and loss, fed patch lengths padded to a multiple of patch_pad
+       (Patching.padded) so that a few shapes recur. With pack, the global transformer runs on
+       the rows' patches packed end to end (blt.packing), the total also padded to patch_pad:
+       the padding of short rows is then not computed.
 
     On CUDA both are CUDA graphs (mode "reduce-overhead"), the loss graph's backward too: a step
     is a handful of launches instead of thousands, which is what bounds a small model's step.
@@ -569,8 +577,12 @@ class OneGraph:
     here once and zeroed, not freed, between steps (train_step).
     """
 
-    def __init__(self, raw: BLT, device: torch.device, accumulate: bool, tune_kernels: bool = False, autotune: bool = False):
-        self.raw, self.cuda, self.accumulate = raw, device.type == "cuda", accumulate
+    def __init__(
+        self, raw: BLT, device: torch.device, accumulate: bool, tune_kernels: bool = False, autotune: bool = False,
+        patch_pad: int = PATCH_PAD, pack: bool = False,
+    ):  # fmt: skip
+        self.raw, self.cuda, self.accumulate, self.patch_pad = raw, device.type == "cuda", accumulate, patch_pad
+        self.pack = pack  # the global transformer on packed rows (blt.packing), padded to patch_pad
         # CUDA graphs ("reduce-overhead"). tune_kernels: block sizes of the fused pointwise and
         # reduction kernels tuned at compile time (coordinate descent), a few percent off the step
         # for minutes more compilation per padded patch count; autotune (max-autotune) also
@@ -593,10 +605,11 @@ class OneGraph:
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
         starts = self.starts(inputs).clone()  # out of the CUDA graph's memory
-        count = starts[:, : inputs.shape[1]].sum(1).max()
+        per_row = starts[:, : inputs.shape[1]].sum(1)
+        count = torch.stack((per_row.max(), per_row.sum()))  # the longest row's patches, all patches
         if not self.cuda:
             return batch, starts, count, None
-        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host = torch.empty(2, dtype=count.dtype, pin_memory=True)
         host.copy_(count, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
@@ -606,8 +619,8 @@ class OneGraph:
         with torch.no_grad():
             return model_patch_starts(inputs, self.raw.cfg.patcher, self.raw.entropy_model)[0]
 
-    def _loss(self, inputs, targets, lengths, next_starts_patch):
-        return self.raw(inputs, targets, patch_lengths=lengths, next_starts_patch=next_starts_patch).loss
+    def _loss(self, inputs, targets, lengths, next_starts_patch, packed_slots=None):
+        return self.raw(inputs, targets, lengths, next_starts_patch, packed_slots=packed_slots).loss
 
     def __call__(self, batch: torch.Tensor, upcoming: torch.Tensor | None = None):
         """(B, T+1) batch -> (loss, Patching): BLT.patch's patches, then the loss.
@@ -625,9 +638,11 @@ class OneGraph:
         self.pending = self._launch_patcher(upcoming) if upcoming is not None else None
         if ready is not None:
             ready.synchronize()
-        patching = patching_from_starts(starts, num_patches=int(count))
-        padded = patching.padded(PATCH_PAD)
-        return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch), patching
+        longest, total = count.tolist()
+        patching = patching_from_starts(starts, num_patches=longest)
+        padded = patching.padded(self.patch_pad)
+        slots = -(-total // self.patch_pad) * self.patch_pad if self.pack else None
+        return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch, slots), patching
 
     def zero_grad(self, optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self.accumulate)
@@ -740,7 +755,10 @@ def train(args, build, export) -> None:
         if len(state["rng"]) == world:  # else (new world size) keep the fresh per-rank seeds
             set_rng_state(state["rng"][rank], device)
     # after the optimizer state is loaded: that fills the state only while no gradient exists
-    one_graph = OneGraph(raw, device, args.grad_accum > 1, args.tune_kernels) if getattr(args, "one_graph", False) else None
+    one_graph = None
+    if getattr(args, "one_graph", False):
+        one_graph = OneGraph(raw, device, args.grad_accum > 1, args.tune_kernels, patch_pad=args.patch_pad,
+                             pack=args.pack_patches)  # fmt: skip
     batches = batcher if one_graph is None else Lookahead(batcher, device)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
@@ -878,6 +896,12 @@ def main(argv=None) -> None:
         parser.error("--one-graph runs in one process, without --activation-checkpointing")
     if args.tune_kernels and not args.one_graph:
         parser.error("--tune-kernels tunes the --one-graph compilation; add --one-graph")
+    if args.patch_pad < 1:
+        parser.error("--patch-pad must be >= 1")
+    if args.patch_pad != PATCH_PAD and not args.one_graph:
+        parser.error("--patch-pad pads the --one-graph patch count; add --one-graph")
+    if args.pack_patches and not args.one_graph:
+        parser.error("--pack-patches packs the --one-graph global transformer; add --one-graph")
     if args.attention != "triton" and not (args.one_graph and args.device == "cuda"):
         parser.error(f"--attention {args.attention} runs inside --one-graph on CUDA (its kernels need static shapes)")
     try:

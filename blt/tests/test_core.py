@@ -597,6 +597,89 @@ def test_model_marks_its_cross_attentions(monkeypatch):
     assert sum(q == T for q, _ in own) == byte_layers
 
 
+def _packing_rows(seed: int):
+    """Patch lengths of a few rows: trailing empty patches, one empty patch inside a row."""
+    rng = random.Random(seed)
+    rows = [[1] + [rng.randint(1, 6) for _ in range(rng.randint(0, 700))] for _ in range(rng.randint(1, 4))]
+    rows[0][len(rows[0]) // 2] = 0 if len(rows[0]) > 2 else rows[0][len(rows[0]) // 2]
+    return rows, _pad_rows(rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packing_puts_each_row_after_the_last(seed):
+    """Each row's patches, up to its last non-empty one, go end to end; the rest is padding;
+    unpack(pack(x)) gives x back where a patch has a slot and zeros elsewhere."""
+    from blt.packing import pack, packing_plan, unpack
+
+    rows, lengths = _packing_rows(seed)
+    kept = [max(j + 1 for j, n in enumerate(r) if n > 0) for r in rows]
+    slots = sum(kept) + seed * 7
+    plan = packing_plan(lengths, slots)
+    want_doc = [b for b, n in enumerate(kept) for _ in range(n)] + [len(rows)] * (slots - sum(kept))
+    want_pos = [j for n in kept for j in range(n)] + [0] * (slots - sum(kept))
+    assert plan.doc.tolist() == want_doc and plan.pos.tolist() == want_pos
+    starts = [sum(kept[:b]) for b in range(len(rows))] + [sum(kept)]
+    assert plan.first.tolist() == [starts[d] for d in want_doc]
+    x = torch.randn(*lengths.shape, 5)
+    packed = pack(x, plan)
+    assert packed.shape == (1, slots, 5) and not packed[0, sum(kept):].any()
+    back = unpack(packed, plan)
+    for b, n in enumerate(kept):
+        assert torch.equal(back[b, :n], x[b, :n]) and not back[b, n:].any()
+
+
+@pytest.mark.parametrize(("seed", "window"), [(0, None), (1, None), (2, None), (5, None), (3, 50), (4, 300)])
+def test_packed_patch_mask(seed, window):
+    """Causal within a row only (and within the window); the flex block lists cover every
+    visible pair, their full blocks are wholly visible, and there are full blocks to skip."""
+    from blt.packing import packing_plan
+
+    rows, lengths = _packing_rows(seed)
+    plan = packing_plan(lengths, sum(len(r) for r in rows) + 40)
+    doc, N = plan.doc, plan.doc.shape[0]
+    q, kv = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    want = (doc[:, None] == doc[None, :]) & (kv <= q) & ((q - kv < window) if window else True)
+    dense = M.packed_patch_mask(plan.doc, plan.first, window, "dense")
+    assert torch.equal(dense[0, 0], want)
+    flex = M.packed_patch_mask(plan.doc, plan.first, window, "flex")
+    assert_block_structure(flex, want[None], "packed")
+    if window is None and max(len(r) for r in rows) >= 3 * M.BLOCK:  # a row spans a whole block below another
+        assert int(flex.full_kv_num_blocks.sum()) > 0
+    q, k, v = (torch.randn(1, 2, N, 8) for _ in range(3))
+    assert (attend(q, k, v, flex) - attend(q, k, v, dense)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["entropy", "given-lengths", "global-window"])
+def test_packed_global_transformer_matches_padded(variant):
+    """The global transformer on packed rows gives the padded layout's logits and gradients
+    (gradients with the dense masks: FlexAttention has no CPU backward)."""
+    gen = torch.Generator().manual_seed(7)
+    tokens = text_tokens(3, 160, gen)
+    model = tiny_model("entropy", seed=3, calibrate_on=tokens)
+    if variant == "global-window":
+        model.cfg.global_model.window = 5
+    patching = model.patch(tokens)
+    lengths, nsp = patching.patch_lengths, patching.next_starts_patch
+    if variant == "given-lengths":  # an empty patch inside row 0, trailing ones in row 1
+        lengths = torch.tensor([[1, 3, 0, 4] + [8] * 19, [1] + [9] * 10 + [69] + [0] * 11, [1] + [7] * 21 + [12]])
+        assert lengths.sum(1).tolist() == [160] * 3
+        nsp = torch.tensor([True, False, True])
+    total = int(((lengths > 0) * (torch.arange(lengths.shape[1]) + 1)).amax(1).sum())
+    for backend in ("dense", "flex"):
+        outs = []
+        for slots in (None, total, total + 37):
+            model.zero_grad()
+            with torch.set_grad_enabled(backend == "dense"):
+                out = model(tokens, tokens.roll(-1, 1), lengths, nsp, backend=backend, packed_slots=slots)
+            if backend == "dense":
+                out.loss.backward()
+            outs.append((out.logits.detach(), [p.grad for p in model.global_model.parameters()]))
+        for logits, grads in outs[1:]:
+            assert (logits - outs[0][0]).abs().max() < 1e-5, backend
+            if backend == "dense":
+                assert all((g - g0).abs().max() < 1e-5 for g, g0 in zip(grads, outs[0][1]))
+
+
 @torch.no_grad()
 def test_padding_patches_do_not_change_logits():
     """Extra zero-length patches only add fully masked keys/queries: same logits up to rounding

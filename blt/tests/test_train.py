@@ -236,6 +236,9 @@ def test_train_time_eval_is_exact(reference):
         (["--dist", "ddp"], "needs torchrun"),
         (["--tune-kernels"], "--tune-kernels tunes the --one-graph compilation"),
         (["--attention", "flash"], "--attention flash runs inside --one-graph on CUDA"),
+        (["--patch-pad", "0", "--one-graph"], "--patch-pad must be >= 1"),
+        (["--patch-pad", "32"], "--patch-pad pads the --one-graph patch count"),
+        (["--pack-patches"], "--pack-patches packs the --one-graph global transformer"),
     ],
 )
 def test_bad_cli_values_are_one_line_errors(argv, message, capsys):
@@ -416,6 +419,64 @@ def test_one_graph_patches_the_upcoming_batch_early():
     og(batches[0], batches[1])
     loss, patching = og(batches[2])
     assert torch.equal(patching.patch_lengths, expected[2][1]) and len(patched) == 6
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_one_graph_patch_pad_changes_shapes_not_losses():
+    """The padded patch count is the next multiple of patch_pad, and so is the packed global
+    transformer's (pack=True); the loss depends on neither."""
+    from blt.config import tiny
+    from blt.entropy_model import EntropyModel
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = BLT(cfg, EntropyModel(cfg.entropy_model))
+    batch = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.randint(4, 260, (2, 80))], 1)
+    model.cfg.patcher.threshold = model.entropy_model.entropies(batch[:, :-1]).median().item()
+    losses, shapes = [], []
+    for pad in (1, 5, 16, 128):
+        og = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=pad)
+        og.loss = lambda inputs, targets, lengths, *rest, og=og: shapes.append(lengths.shape[1]) or og._loss(inputs, targets, lengths, *rest)
+        loss, patching = og(batch)
+        losses.append(loss.item())
+        real = patching.patch_lengths.shape[1]
+        assert shapes[-1] == -(-real // pad) * pad
+    assert len(set(shapes)) > 2
+    assert losses == pytest.approx([losses[0]] * 4, abs=1e-5)
+    # packed: the global transformer gets the total patch count padded to patch_pad, same loss
+    og = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=16, pack=True)
+    slots = []
+    og.loss = lambda *args: slots.append(args[-1]) or og._loss(*args)
+    loss, patching = og(batch)
+    total = int((patching.patch_lengths > 0).sum())
+    assert slots == [-(-total // 16) * 16] and slots[0] < batch.shape[0] * shapes[2]
+    assert loss.item() == pytest.approx(losses[0], abs=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_one_graph_packed_loss_traces_and_matches(traced_only):
+    """The packed global transformer traced into the loss graph (dynamo and AOTAutograd) gives
+    the eager padded layout's loss and gradients."""
+    from blt.config import tiny
+    from blt.entropy_model import EntropyModel
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = BLT(cfg, EntropyModel(cfg.entropy_model))
+    batch = torch.cat([torch.ones(3, 1, dtype=torch.long), torch.randint(4, 260, (3, 150))], 1)
+    model.cfg.patcher.threshold = model.entropy_model.entropies(batch[:, :-1]).median().item()
+    eager = train.OneGraph(model, torch.device("cpu"), accumulate=False)
+    eager.loss = eager._loss
+    want, patching = eager(batch)
+    assert len(set((patching.patch_lengths > 0).sum(1).tolist())) > 1  # rows of different lengths
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    loss, _ = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=8, pack=True)(batch)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert traced_only and loss.item() == pytest.approx(want.item(), abs=1e-5)
+    assert len(grads) == len(want_grads) and all((g - w).abs().max() < 1e-5 for g, w in zip(grads, want_grads))
 
 
 def test_lookahead_peeks_without_moving_the_batcher():

@@ -1,0 +1,67 @@
+"""The global transformer's rows packed end to end: a way to run it, not a change to the model.
+
+Rows of a batch hold different numbers of patches. In the (B, P) layout every row is padded
+to the longest one (and `--one-graph` pads P further, to a few recurring shapes), so the
+global transformer, which does most of the model's arithmetic, also runs on the padding.
+Packed, each row's patches sit one after the other in a single sequence of N slots (N at
+least their total; the slots past it are padding), and each row is its own document: a patch
+attends causally only within its row (masks.packed_patch_mask), at its own position in the
+row. The outputs are those of the (B, P) layout, without the padding's work:
+
+    (B, P) layout                    packed (N = 8)
+    row 0: a0 a1 a2  .  .            a0 a1 a2 b0 b1 b2 b3 -
+    row 1: b0 b1 b2 b3  .            doc  0  0  0  1  1  1  1  2     (2 = padding)
+                                     pos  0  1  2  0  1  2  3  0
+
+A row's patches end at its last non-empty patch; an empty patch before it keeps its slot,
+so that every patch keeps its position.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PatchPacking:
+    doc: torch.Tensor  # (N,) row of each slot; B for the padding slots at the end
+    pos: torch.Tensor  # (N,) index of each slot's patch within its row (0 for padding)
+    src: torch.Tensor  # (N,) index of each slot's patch in the flattened (B·P) layout
+    first: torch.Tensor  # (N,) first slot of each slot's row
+    dest: torch.Tensor  # (B, P) slot of each patch of the (B, P) layout
+    kept: torch.Tensor  # (B, P) bool: the patch has a slot (it is not trailing padding)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.doc < self.dest.shape[0]
+
+
+def packing_plan(patch_lengths: torch.Tensor, slots: int) -> PatchPacking:
+    """(B, P) patch lengths -> where each row's patches go in a sequence of `slots` slots.
+    `slots` must be at least the rows' total patch count (trailing empty patches dropped)."""
+    B, P = patch_lengths.shape
+    device = patch_lengths.device
+    j = torch.arange(P, device=device)
+    n = ((patch_lengths > 0) * (j + 1)).amax(1)  # (B,) patches per row, up to its last non-empty one
+    ends = n.cumsum(0)
+    starts = ends - n
+    slot = torch.arange(slots, device=device)
+    doc = torch.searchsorted(ends, slot, right=True)  # rows that end at or before the slot
+    row = doc.clamp(max=B - 1)
+    valid = doc < B
+    pos = torch.where(valid, slot - starts[row], 0)
+    first = torch.where(valid, starts[row], ends[-1])
+    kept = j[None] < n[:, None]
+    dest = (starts[:, None] + j[None]).clamp(max=slots - 1)
+    return PatchPacking(doc, pos, torch.where(valid, row * P + pos, 0), first, dest, kept)
+
+
+def pack(x: torch.Tensor, plan: PatchPacking) -> torch.Tensor:
+    """(B, P, D) -> (1, N, D): each patch in its slot, zeros in the padding slots."""
+    flat = x.reshape(-1, x.shape[-1])[plan.src]
+    return torch.where(plan.valid[:, None], flat, 0).unsqueeze(0)
+
+
+def unpack(y: torch.Tensor, plan: PatchPacking) -> torch.Tensor:
+    """(1, N, D) -> (B, P, D): each patch's output back in its row, zeros for trailing padding."""
+    return torch.where(plan.kept[..., None], y[0][plan.dest], 0)
