@@ -122,11 +122,8 @@ def packed_patch_mask(doc: torch.Tensor, first: torch.Tensor, window: int | None
     t = torch.arange(nb, device=doc.device)
     part_idx = torch.where(t[None] < (part_end - lo_b)[:, None], lo_b[:, None] + t[None], i[:, None])
     full_idx = (full_lo[:, None] + t[None]).clamp(max=nb - 1)
-    as_mask = lambda x: x[None, None].int()  # noqa: E731  (B, H) broadcast dims
-    return BlockMask.from_kv_blocks(
-        as_mask(part_end - lo_b + 1), as_mask(part_idx), as_mask(n_full), as_mask(full_idx),
-        BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(N, N),
-    )  # fmt: skip
+    blocks = [x[None, None].int() for x in (part_end - lo_b + 1, part_idx, n_full, full_idx)]  # (B, H) = (1, 1)
+    return BlockMask.from_kv_blocks(*blocks, BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(N, N))
 
 
 def build_masks(
