@@ -176,7 +176,7 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-patch-length", type=int, help="split longer patches")
     g.add_argument("--one-graph", action="store_true",
                    help="compile the whole BLT forward and loss as one graph (CUDA graphs on CUDA) on patch counts "
-                        f"padded to a multiple of --patch-pad; the patching runs outside it; one process")  # fmt: skip
+                        "padded to a multiple of --patch-pad; the patching runs outside it; one process")  # fmt: skip
     g.add_argument("--patch-pad", type=int, default=PATCH_PAD,
                    help="with --one-graph: pad the patch count to a multiple of this; smaller wastes less global "
                         "compute on padding and compiles more shapes")  # fmt: skip
