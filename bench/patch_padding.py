@@ -1,0 +1,66 @@
+"""How much of the global transformer's work is padding, on real text (CPU is enough).
+
+    python bench/patch_padding.py --checkpoint checkpoints --data valid [--batch-size 16]
+        [--seq-len 2048] [--batches 3] [--patch-pad 128]
+
+Cuts the text into consecutive (B, T) windows, patches them with the model's own patcher (its
+entropy model and θ), and prints, per batch, each row's patch count and the share of padding
+in the global transformer's input: as `blt.train --one-graph` lays it out, (B, P) with every row
+padded to the longest and P to a multiple of --patch-pad, and as `--pack-patches` does, all
+rows end to end with only the total padded.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blt.checkpoint import CheckpointError  # noqa: E402
+from blt.data import DataError, encode_documents, load_documents  # noqa: E402
+from blt.model import BLT  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True, help="a model folder (ours or BltForCausalLM)")
+    ap.add_argument("--data", required=True, help="text: train|valid|tinystories, or a path/glob of local files")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--patch-pad", type=int, default=128)
+    args = ap.parse_args()
+    if min(args.batch_size, args.seq_len, args.batches, args.patch_pad) < 1:
+        sys.exit("--batch-size, --seq-len, --batches and --patch-pad must be >= 1")
+    B, T = args.batch_size, args.seq_len
+    need, docs, size = args.batches * B * T, [], 0
+    try:
+        model = BLT.from_pretrained(args.checkpoint).eval()
+        for doc in load_documents(args.data):
+            docs.append(doc)
+            size += len(doc) + 2  # BOS and EOS
+            if size >= need:
+                break
+    except (CheckpointError, DataError) as err:
+        sys.exit(f"error: {err}")
+    tokens = torch.as_tensor(encode_documents(docs).astype("int64"))
+    if tokens.numel() < need:
+        sys.exit(f"--data holds {tokens.numel()} tokens; {args.batches} batches of {B} x {T} need {need}")
+    real_sum = padded_sum = packed_sum = 0
+    for i in range(args.batches):
+        with torch.no_grad():
+            patching = model.patch(tokens[i * B * T : (i + 1) * B * T].view(B, T))
+        rows = (patching.patch_lengths > 0).sum(1)
+        real, padded = int(rows.sum()), patching.padded(args.patch_pad).patch_lengths.numel()
+        packed = -(-real // args.patch_pad) * args.patch_pad
+        real_sum, padded_sum, packed_sum = real_sum + real, padded_sum + padded, packed_sum + packed
+        print(f"batch {i}: patches per row {rows.min().item()}-{rows.max().item()}; "
+              f"padding {100 * (1 - real / padded):.1f}% as (B, P), {100 * (1 - real / packed):.1f}% packed")  # fmt: skip
+    print(f"all {args.batches} batches of {B} x {T} bytes (mean {B * T * args.batches / real_sum:.2f} bytes/patch): "
+          f"padding {100 * (1 - real_sum / padded_sum):.1f}% as (B, P), {100 * (1 - real_sum / packed_sum):.1f}% packed")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
