@@ -133,6 +133,8 @@ def main():
                     help="the one graph's patch count is padded to a multiple of this, as blt.train --patch-pad")  # fmt: skip
     ap.add_argument("--pack-patches", action="store_true",
                     help="the one graph's global transformer on packed rows, as blt.train --pack-patches")  # fmt: skip
+    ap.add_argument("--bf16-residual", action="store_true",
+                    help="the one graph with the byte-level residual stream in bf16, as blt.train --bf16-residual")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                     help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
@@ -213,6 +215,7 @@ def main():
         # loss as another (backward too) on patch counts padded to a multiple of --patch-pad.
         try:
             whole = fresh()
+            whole.encoder.autocast_residual = args.bf16_residual
             set_flex_backend(args.attention)
             tune = not args.no_tune_kernels
             one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune,
@@ -232,6 +235,7 @@ def main():
             name += f" --attention {args.attention}" if args.attention != "triton" else ""
             name += f" --patch-pad {args.patch_pad}" if args.patch_pad != PATCH_PAD else ""
             name += " --pack-patches" if args.pack_patches else ""
+            name += " --bf16-residual" if args.bf16_residual else ""
             rows.append((name, B * T / sec, mem, first))
             print(f"{name}: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB, first step {first:.0f} s", flush=True)
             if args.profile:

@@ -37,6 +37,12 @@ class LocalEncoder(nn.Module):
         self.cross_attn = nn.ModuleList(CrossAttention(e) for _ in range(e.n_layers if e.cross_attn_all_layers else 1))
         self.patch_proj = nn.Linear(e.dim, e.dim * self.k, bias=False)
         self.dropout = nn.Dropout(e.dropout)
+        # Under autocast, carry the byte-level residual stream (encoder, then decoder) in the
+        # autocast dtype (bf16) from the embeddings on, as the official code's bf16 parameters
+        # make it; False keeps it float32, as autocast alone does (the transformers port). The
+        # global transformer's is bf16 either way: its input comes out of a matrix product.
+        # A training choice, not part of the model: not saved.
+        self.autocast_residual = False
 
     def init_weights(self):
         std = self.cfg.dim ** -0.5
@@ -71,7 +77,10 @@ class LocalEncoder(nn.Module):
         """tokens (B,T), patch_ids (B,T) -> byte states (B,T,D), patch states (B,P,k·D)."""
         B, T = tokens.shape
         rope = self.rope.table(T) if positions is None else self.rope(positions)
-        h = self.dropout(self.embed(tokens))
+        h = self.embed(tokens)
+        if self.autocast_residual and torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        h = self.dropout(h)
         queries = None
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, self_mask, None if caches is None else caches[i])

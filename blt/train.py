@@ -186,6 +186,9 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack-patches", action="store_true",
                    help="with --one-graph: run the global transformer on the rows' patches packed end to end, "
                         "not on rows padded to the longest (same outputs, no compute on padding; more shapes)")  # fmt: skip
+    g.add_argument("--bf16-residual", action="store_true",
+                   help="under bf16 autocast, carry the byte-level residual stream in bf16 (as the official code's "
+                        "bf16 parameters do) instead of float32: less memory traffic")  # fmt: skip
     g.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                    help="with --one-graph on CUDA: FlexAttention's self-attention kernels, torch's Triton ones or "
                         "FlashAttention-4's (optional flash-attn-4 package; experimental in torch)")  # fmt: skip
@@ -902,6 +905,8 @@ def main(argv=None) -> None:
         parser.error("--patch-pad pads the --one-graph patch count; add --one-graph")
     if args.pack_patches and not args.one_graph:
         parser.error("--pack-patches packs the --one-graph global transformer; add --one-graph")
+    if args.bf16_residual and args.dtype != "bf16":
+        parser.error("--bf16-residual needs bf16 autocast (--dtype bf16, on CUDA)")
     if args.attention != "triton" and not (args.one_graph and args.device == "cuda"):
         parser.error(f"--attention {args.attention} runs inside --one-graph on CUDA (its kernels need static shapes)")
     try:
@@ -909,9 +914,15 @@ def main(argv=None) -> None:
     except ValueError as err:
         parser.error(f"--attention: {err}")
     cfg, entropy_dir = blt_config(parser, args)
+
+    def build(checkpoint):
+        model = build_blt(cfg, entropy_dir, checkpoint, args.init_from)
+        model.encoder.autocast_residual = args.bf16_residual
+        return model
+
     run(
         args,
-        build=lambda checkpoint: build_blt(cfg, entropy_dir, checkpoint, args.init_from),
+        build=build,
         export=lambda model, data, device: export_blt(model, entropy_dir, Path(args.out) / "model"),
     )
 

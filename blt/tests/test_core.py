@@ -681,6 +681,40 @@ def test_packed_global_transformer_matches_padded(variant):
 
 
 @torch.no_grad()
+def test_autocast_residual_stream_dtype():
+    """encoder.autocast_residual: under autocast the byte-level blocks (encoder, decoder) get
+    their residual stream in the autocast dtype, as the global transformer's already is (its
+    input comes out of a matrix product); the loss moves by bf16 rounding only; without
+    autocast nothing changes."""
+    from blt.layers import TransformerBlock
+
+    tokens = text_tokens(2, 120, torch.Generator().manual_seed(4))
+    model = tiny_model("entropy", seed=5, calibrate_on=tokens).eval()
+    seen = []
+    for name, part in (("local", model.encoder), ("global", model.global_model), ("local", model.decoder)):
+        for block in (m for m in part.modules() if isinstance(m, TransformerBlock)):
+            block.register_forward_pre_hook(lambda module, args, name=name: seen.append((name, args[0].dtype)))
+    patching = model.patch(tokens)
+    run = lambda: model(tokens, tokens.roll(-1, 1), patching.patch_lengths, patching.next_starts_patch).loss  # noqa: E731
+
+    def dtypes(loss):
+        out = {name: {dtype for n, dtype in seen if n == name} for name in ("local", "global")}
+        seen.clear()
+        return out
+
+    plain = run()
+    assert dtypes(plain) == {"local": {torch.float32}, "global": {torch.float32}}
+    with torch.autocast("cpu", torch.bfloat16):
+        wide = run()
+        assert dtypes(wide) == {"local": {torch.float32}, "global": {torch.bfloat16}}
+        model.encoder.autocast_residual = True
+        narrow = run()
+        assert dtypes(narrow) == {"local": {torch.bfloat16}, "global": {torch.bfloat16}}
+    assert torch.equal(run(), plain)
+    assert abs(narrow.item() - wide.item()) < 0.02 * wide.item() and narrow.item() != wide.item()
+
+
+@torch.no_grad()
 def test_padding_patches_do_not_change_logits():
     """Extra zero-length patches only add fully masked keys/queries: same logits up to rounding
     (CPU SDPA is not bitwise invariant to the key count, so not torch.equal)."""

@@ -239,6 +239,7 @@ def test_train_time_eval_is_exact(reference):
         (["--patch-pad", "0", "--one-graph"], "--patch-pad must be >= 1"),
         (["--patch-pad", "32"], "--patch-pad pads the --one-graph patch count"),
         (["--pack-patches"], "--pack-patches packs the --one-graph global transformer"),
+        (["--bf16-residual"], "--bf16-residual needs bf16 autocast"),
     ],
 )
 def test_bad_cli_values_are_one_line_errors(argv, message, capsys):
