@@ -24,7 +24,7 @@ from blt.decoder import LocalDecoder
 from blt.encoder import LocalEncoder
 from blt.entropy_model import EntropyModel
 from blt.global_transformer import GlobalTransformer
-from blt.packing import pack, packing_plan, unpack
+from blt.packing import pack, packed_patch_count, packing_plan, unpack
 from blt.patcher import Patching, patch
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
@@ -50,6 +50,10 @@ class BLT(nn.Module):
         self.global_model = GlobalTransformer(cfg)
         self.decoder = LocalDecoder(cfg)
         self.entropy_model = None
+        # Run the global transformer on packed rows (blt.packing) when forward is not given
+        # packed_slots: the slots are then exactly the rows' patches (one host read). An
+        # execution choice, not part of the model: not saved.
+        self.pack_patches = False
         self.init_weights()
         if entropy_model is not None:
             self.set_entropy_model(entropy_model)
@@ -98,7 +102,8 @@ class BLT(nn.Module):
         (None: complete; False: the official code's and the HF port's reading of lengths).
         packed_slots: run the global transformer on the rows' patches packed end to end in a
         sequence of this many slots (blt.packing; at least their total), not on the padded
-        (B, P) layout: the same outputs, without computing the padding."""
+        (B, P) layout: the same outputs, without computing the padding. With pack_patches set
+        and no packed_slots, the slots are exactly the patches."""
         B, T = tokens.shape
         if patch_lengths is None:
             patching = self.patch(tokens)
@@ -116,6 +121,8 @@ class BLT(nn.Module):
             backend=backend,
         )  # fmt: skip
         h, patches = self.encoder(tokens, patch_ids, P, masks.enc_self, masks.enc_cross)
+        if packed_slots is None and self.pack_patches:
+            packed_slots = packed_patch_count(patching.patch_lengths)
         if packed_slots is None:
             patch_out = self.global_model(patches, masks.patch_self)
         else:

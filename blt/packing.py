@@ -36,13 +36,24 @@ class PatchPacking:
         return self.doc < self.dest.shape[0]
 
 
+def row_patch_counts(patch_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, P) -> (B,) patches per row, up to its last non-empty one."""
+    j = torch.arange(patch_lengths.shape[1], device=patch_lengths.device)
+    return ((patch_lengths > 0) * (j + 1)).amax(1)
+
+
+def packed_patch_count(patch_lengths: torch.Tensor) -> int:
+    """The rows' total patch count: the fewest slots packing_plan takes (reads the device)."""
+    return int(row_patch_counts(patch_lengths).sum())
+
+
 def packing_plan(patch_lengths: torch.Tensor, slots: int) -> PatchPacking:
     """(B, P) patch lengths -> where each row's patches go in a sequence of `slots` slots.
     `slots` must be at least the rows' total patch count (trailing empty patches dropped)."""
     B, P = patch_lengths.shape
     device = patch_lengths.device
     j = torch.arange(P, device=device)
-    n = ((patch_lengths > 0) * (j + 1)).amax(1)  # (B,) patches per row, up to its last non-empty one
+    n = row_patch_counts(patch_lengths)
     ends = n.cumsum(0)
     starts = ends - n
     slot = torch.arange(slots, device=device)

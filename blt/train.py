@@ -184,8 +184,8 @@ def blt_parser() -> argparse.ArgumentParser:
                    help="with --one-graph on CUDA: tune the fused kernels' block sizes while compiling (a few percent "
                         "faster steps, minutes more compilation per padded patch count; for long runs)")  # fmt: skip
     g.add_argument("--pack-patches", action="store_true",
-                   help="with --one-graph: run the global transformer on the rows' patches packed end to end, "
-                        "not on rows padded to the longest (same outputs, no compute on padding; more shapes)")  # fmt: skip
+                   help="run the global transformer on the rows' patches packed end to end, not on rows padded to "
+                        "the longest (same outputs, no compute on padding; with --one-graph: more shapes)")  # fmt: skip
     g.add_argument("--bf16-residual", action="store_true",
                    help="under bf16 autocast, carry the byte-level residual stream in bf16 (as the official code's "
                         "bf16 parameters do) instead of float32: less memory traffic")  # fmt: skip
@@ -903,8 +903,6 @@ def main(argv=None) -> None:
         parser.error("--patch-pad must be >= 1")
     if args.patch_pad != PATCH_PAD and not args.one_graph:
         parser.error("--patch-pad pads the --one-graph patch count; add --one-graph")
-    if args.pack_patches and not args.one_graph:
-        parser.error("--pack-patches packs the --one-graph global transformer; add --one-graph")
     if args.bf16_residual and args.dtype != "bf16":
         parser.error("--bf16-residual needs bf16 autocast (--dtype bf16, on CUDA)")
     if args.attention != "triton" and not (args.one_graph and args.device == "cuda"):
@@ -918,6 +916,7 @@ def main(argv=None) -> None:
     def build(checkpoint):
         model = build_blt(cfg, entropy_dir, checkpoint, args.init_from)
         model.encoder.autocast_residual = args.bf16_residual
+        model.pack_patches = args.pack_patches and not args.one_graph  # OneGraph packs on its own
         return model
 
     run(
