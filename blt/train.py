@@ -181,7 +181,7 @@ def blt_parser() -> argparse.ArgumentParser:
                    help="with --one-graph: pad the patch count to a multiple of this; smaller wastes less global "
                         "compute on padding and compiles more shapes")  # fmt: skip
     g.add_argument("--tune-kernels", action="store_true",
-                   help="with --one-graph on CUDA: tune the fused kernels' block sizes while compiling (about 1% "
+                   help="with --one-graph on CUDA: tune the fused kernels' block sizes while compiling (about 1%% "
                         "faster steps, minutes more compilation per padded patch count; for long runs)")  # fmt: skip
     g.add_argument("--pack-patches", action="store_true",
                    help="run the global transformer on the rows' patches packed end to end, not on rows padded to "

@@ -5,6 +5,7 @@ traceback checks need real processes. Everything runs on one thread: these model
 small to gain from more, and a second thread on a busy 2-core machine is much slower.
 """
 
+import importlib
 import json
 import math
 import os
@@ -306,6 +307,15 @@ def test_resume_refuses_a_different_run(work, entropy_dir, reference, capsys):
     with pytest.raises(SystemExit):
         train.main(blt_argv(work, entropy_dir, work / "nothing-here", STEPS, 4, "--resume"))
     assert "error: --resume: no checkpoint in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["train", "train_entropy", "eval", "generate", "export", "visualize", "plot_metrics"])
+def test_every_command_prints_its_help(tool, capsys):
+    """--help renders (argparse formats help strings with %: a bare % in one breaks it)."""
+    module = importlib.import_module(f"blt.{tool}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
 def test_errors_reach_the_shell_without_traceback(tmp_path):
