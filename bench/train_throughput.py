@@ -218,11 +218,11 @@ def main():
         # loss as another (backward too) on patch counts padded to a multiple of --patch-pad.
         try:
             whole = fresh()
-            whole.encoder.autocast_residual = args.bf16_residual
+            whole.pack_patches, whole.encoder.autocast_residual = args.pack_patches, args.bf16_residual
             set_flex_backend(args.attention)
             tune = not args.no_tune_kernels
             one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune,
-                                 patch_pad=args.patch_pad, pack=args.pack_patches)  # fmt: skip
+                                 patch_pad=args.patch_pad)  # fmt: skip
             batch = torch.cat([x, y[:, -1:]], dim=1)
             g_opt = adamw(whole)
 

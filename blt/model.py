@@ -50,9 +50,9 @@ class BLT(nn.Module):
         self.global_model = GlobalTransformer(cfg)
         self.decoder = LocalDecoder(cfg)
         self.entropy_model = None
-        # Run the global transformer on packed rows (blt.packing) when forward is not given
-        # packed_slots: the slots are then exactly the rows' patches (one host read). An
-        # execution choice, not part of the model: not saved.
+        # Run the global transformer on packed rows (blt.packing). Without packed_slots, forward
+        # packs into exactly the rows' patches (one host read); train's OneGraph passes a padded
+        # count it already has. An execution choice, not part of the model: not saved.
         self.pack_patches = False
         self.init_weights()
         if entropy_model is not None:

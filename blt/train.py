@@ -567,9 +567,9 @@ class OneGraph:
        runs one micro-batch ahead (Lookahead): the count is read while the GPU still works
        on the previous micro-batch, so the GPU never waits for the host here.
     2. The whole forward and loss, fed patch lengths padded to a multiple of patch_pad
-       (Patching.padded) so that a few shapes recur. With pack, the global transformer runs on
-       the rows' patches packed end to end (blt.packing), the total also padded to patch_pad:
-       the padding of short rows is then not computed.
+       (Patching.padded) so that a few shapes recur. With raw.pack_patches, the global
+       transformer runs on the rows' patches packed end to end (blt.packing), the total also
+       padded to patch_pad (from the count read here, so the graph reads nothing back).
 
     On CUDA both are CUDA graphs (mode "reduce-overhead"), the loss graph's backward too: a step
     is a handful of launches instead of thousands, which is what bounds a small model's step.
@@ -582,10 +582,9 @@ class OneGraph:
 
     def __init__(
         self, raw: BLT, device: torch.device, accumulate: bool, tune_kernels: bool = False, autotune: bool = False,
-        patch_pad: int = PATCH_PAD, pack: bool = False,
+        patch_pad: int = PATCH_PAD,
     ):  # fmt: skip
         self.raw, self.cuda, self.accumulate, self.patch_pad = raw, device.type == "cuda", accumulate, patch_pad
-        self.pack = pack  # the global transformer on packed rows (blt.packing), padded to patch_pad
         # CUDA graphs ("reduce-overhead"). tune_kernels: block sizes of the fused pointwise and
         # reduction kernels tuned at compile time (coordinate descent), a few percent off the step
         # for minutes more compilation per padded patch count; autotune (max-autotune) also
@@ -644,7 +643,7 @@ class OneGraph:
         longest, total = count.tolist()
         patching = patching_from_starts(starts, num_patches=longest)
         padded = patching.padded(self.patch_pad)
-        slots = -(-total // self.patch_pad) * self.patch_pad if self.pack else None
+        slots = -(-total // self.patch_pad) * self.patch_pad if self.raw.pack_patches else None
         return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch, slots), patching
 
     def zero_grad(self, optimizer) -> None:
@@ -760,8 +759,7 @@ def train(args, build, export) -> None:
     # after the optimizer state is loaded: that fills the state only while no gradient exists
     one_graph = None
     if getattr(args, "one_graph", False):
-        one_graph = OneGraph(raw, device, args.grad_accum > 1, args.tune_kernels, patch_pad=args.patch_pad,
-                             pack=args.pack_patches)  # fmt: skip
+        one_graph = OneGraph(raw, device, args.grad_accum > 1, args.tune_kernels, patch_pad=args.patch_pad)
     batches = batcher if one_graph is None else Lookahead(batcher, device)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
@@ -916,7 +914,7 @@ def main(argv=None) -> None:
     def build(checkpoint):
         model = build_blt(cfg, entropy_dir, checkpoint, args.init_from)
         model.encoder.autocast_residual = args.bf16_residual
-        model.pack_patches = args.pack_patches and not args.one_graph  # OneGraph packs on its own
+        model.pack_patches = args.pack_patches
         return model
 
     run(

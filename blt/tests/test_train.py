@@ -373,11 +373,22 @@ def test_compiled_training_matches_eager(work, entropy_dir, reference, traced_on
     assert traced_only, "no block went through torch.compile"
 
 
-def test_packed_training_matches_padded(work, entropy_dir, reference):
+def _count_packings(monkeypatch) -> list:
+    """Record the slot count of every packing_plan the model makes."""
+    import blt.model
+
+    made, plan = [], blt.model.packing_plan
+    monkeypatch.setattr(blt.model, "packing_plan", lambda lengths, slots: made.append(slots) or plan(lengths, slots))
+    return made
+
+
+def test_packed_training_matches_padded(work, entropy_dir, reference, monkeypatch):
     """--pack-patches without --one-graph (the global transformer on exactly the rows' patches,
     packed) trains the padded reference's losses, held-out evaluation included."""
     out = work / "packed"
+    made = _count_packings(monkeypatch)
     train.main(blt_argv(work, entropy_dir, out, 3, 4, "--pack-patches"))
+    assert len(made) >= 3 * 2  # every micro-batch of the 3 steps was packed
     assert losses(out) == pytest.approx(losses(reference)[:3], abs=2e-4)
     train_bpb = [r["eval_bpb"] for r in rows(out) if "eval_bpb" in r][-1]  # evaluated packed
     assert train_bpb == pytest.approx(direct_bpb(out / "model", 64)[0], rel=1e-5)  # and padded
@@ -444,7 +455,7 @@ def test_one_graph_patches_the_upcoming_batch_early():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
 def test_one_graph_patch_pad_changes_shapes_not_losses():
     """The padded patch count is the next multiple of patch_pad, and so is the packed global
-    transformer's (pack=True); the loss depends on neither."""
+    transformer's (model.pack_patches); the loss depends on neither."""
     from blt.config import tiny
     from blt.entropy_model import EntropyModel
 
@@ -464,7 +475,8 @@ def test_one_graph_patch_pad_changes_shapes_not_losses():
     assert len(set(shapes)) > 2
     assert losses == pytest.approx([losses[0]] * 4, abs=1e-5)
     # packed: the global transformer gets the total patch count padded to patch_pad, same loss
-    og = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=16, pack=True)
+    model.pack_patches = True
+    og = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=16)
     slots = []
     og.loss = lambda *args: slots.append(args[-1]) or og._loss(*args)
     loss, patching = og(batch)
@@ -474,7 +486,7 @@ def test_one_graph_patch_pad_changes_shapes_not_losses():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
-def test_one_graph_packed_loss_traces_and_matches(traced_only):
+def test_one_graph_packed_loss_traces_and_matches(traced_only, monkeypatch):
     """The packed global transformer traced into the loss graph (dynamo and AOTAutograd) gives
     the eager padded layout's loss and gradients."""
     from blt.config import tiny
@@ -492,7 +504,11 @@ def test_one_graph_packed_loss_traces_and_matches(traced_only):
     want.backward()
     want_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    loss, _ = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=8, pack=True)(batch)
+    model.pack_patches = True
+    made = _count_packings(monkeypatch)
+    loss, _ = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=8)(batch)
+    total = int((patching.patch_lengths > 0).sum())
+    assert made and set(made) == {-(-total // 8) * 8}  # packed into the padded count, traced
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert traced_only and loss.item() == pytest.approx(want.item(), abs=1e-5)
