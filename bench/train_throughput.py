@@ -22,6 +22,7 @@ import copy
 import gzip
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -133,6 +134,9 @@ def main():
                     help="the one graph's patch count is padded to a multiple of this, as blt.train --patch-pad")  # fmt: skip
     ap.add_argument("--pack-patches", action="store_true",
                     help="our global transformer on packed rows, as blt.train --pack-patches")  # fmt: skip
+    ap.add_argument("--precomputed-entropies", action="store_true",
+                    help="patch from entropies computed before the timed steps, as blt.train --precomputed-entropies "
+                         "(no entropy model in the step); transformers then gets the same patches as patch_lengths")  # fmt: skip
     ap.add_argument("--bf16-residual", action="store_true",
                     help="our byte-level residual stream in bf16, as blt.train --bf16-residual")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
@@ -148,6 +152,7 @@ def main():
     args.profile = args.profile or args.profile_out is not None
     if args.patch_pad < 1:
         sys.exit("--patch-pad must be >= 1")
+    inductor = {}  # also passed to OneGraph, whose own options would otherwise win
     for item in args.inductor:
         key, _, value = item.partition("=")
         target = torch._inductor.config
@@ -157,7 +162,8 @@ def main():
         if not hasattr(target, leaf):
             sys.exit(f"--inductor: torch._inductor.config has no option {key!r}")
         try:
-            setattr(target, leaf, ast.literal_eval(value))
+            inductor[key] = ast.literal_eval(value)
+            setattr(target, leaf, inductor[key])
         except (ValueError, SyntaxError):
             sys.exit(f"--inductor: {item!r} is not KEY=VALUE with a Python literal VALUE")
     dev = "cuda"
@@ -188,6 +194,9 @@ def main():
         return model
 
     options = (" --pack-patches" if args.pack_patches else "") + (" --bf16-residual" if args.bf16_residual else "")
+    options += " --precomputed-entropies" if args.precomputed_entropies else ""
+    options += "".join(f" --inductor {item}" for item in args.inductor)
+    given = (patching.patch_lengths, patching.next_starts_patch) if args.precomputed_entropies else (None, None)
     rows = []
     if not args.skip_modules:
         model = fresh()
@@ -200,7 +209,7 @@ def main():
 
         def ours_step():
             with torch.autocast("cuda", torch.bfloat16):
-                loss = model(x, y).loss
+                loss = model(x, y, *given).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -222,8 +231,9 @@ def main():
             set_flex_backend(args.attention)
             tune = not args.no_tune_kernels
             one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune,
-                                 patch_pad=args.patch_pad)  # fmt: skip
+                                 patch_pad=args.patch_pad, inductor=inductor)  # fmt: skip
             batch = torch.cat([x, y[:, -1:]], dim=1)
+            batch = (batch, H.half()) if args.precomputed_entropies else batch  # float16, as the cache stores them
             g_opt = adamw(whole)
 
             def graph_step():
@@ -245,6 +255,7 @@ def main():
             del whole, g_opt, one_graph, graph_step
         except Exception as e:  # report it and carry on with the comparison
             print(f"ours, --one-graph: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", flush=True)
+            traceback.print_exc()  # the whole story on stderr
         torch._dynamo.reset()  # drop the compiled graphs and their CUDA-graph memory pools
         set_flex_backend("triton")
 
@@ -259,7 +270,7 @@ def main():
 
         def hf_step():
             with torch.autocast("cuda", torch.bfloat16):
-                out = hf(input_ids=x, labels=x, use_cache=False)
+                out = hf(input_ids=x, labels=x, patch_lengths=given[0], use_cache=False)
             out.loss.backward()
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)

@@ -452,6 +452,37 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------ precomputed entropies
+
+ENTROPY_DTYPE = np.dtype("<f2")  # entropies are at most ln 260 = 5.56 nats: float16 keeps ~3e-3
+
+
+def entropy_shard(tokens: np.ndarray, path: str | os.PathLike, compute) -> np.ndarray:
+    """The entropy of every position of a token stream, memory-mapped from `path` as float16.
+
+    If `path` does not exist, `compute(tokens, out)` fills a new map of the stream's length
+    (e.g. entropy_model.stream_entropies); it is written beside `path` and renamed into place,
+    so an interrupted build leaves nothing behind that a later run would trust. The caller puts
+    whatever the entropies depend on (entropy model, context, dtype) in the file name."""
+    path = Path(path)
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            out = np.memmap(tmp, dtype=ENTROPY_DTYPE, mode="w+", shape=(len(tokens),))
+            compute(tokens, out)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    entropies = np.memmap(path, dtype=ENTROPY_DTYPE, mode="r")
+    if len(entropies) != len(tokens):
+        raise DataError(f"{path}: {len(entropies)} entropies for a stream of {len(tokens)} tokens (corrupt file)")
+    return entropies
+
+
 # ----------------------------------------------------------------------------- batches
 
 
@@ -464,14 +495,22 @@ class Batcher:
     (B, seq_len+1) int64 tensor, where B = `batch_size` is the per-rank batch. The rows
     of all ranks together are exactly the batch a single process would draw with
     batch_size = B * world_size. Each step costs one numpy fancy index into the memory map.
+
+    With `entropies` (entropy_shard: one per token of the stream) a batch is a pair: the token
+    rows and the (B, seq_len) float16 entropies of their first seq_len positions, the inputs.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+        entropies: np.ndarray | None = None,
+    ):  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if len(tokens) < seq_len + 1:
             raise DataError(f"the token stream has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-        self.tokens = tokens
+        if entropies is not None and len(entropies) != len(tokens):
+            raise DataError(f"{len(entropies)} entropies for a stream of {len(tokens)} tokens")
+        self.tokens, self.entropies = tokens, entropies
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed
@@ -479,13 +518,16 @@ class Batcher:
         self.global_batch_size = batch_size * world_size
         self.step = 0
 
-    def batch_at(self, step: int) -> torch.Tensor:
+    def batch_at(self, step: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the global batch at `step` (it does not change `self.step`)."""
         rng = np.random.default_rng((self.seed, step))
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch_size)
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        windows = self.tokens[mine[:, None] + np.arange(self.seq_len + 1)]
-        return torch.from_numpy(np.asarray(windows, dtype=np.int64))
+        index = mine[:, None] + np.arange(self.seq_len + 1)
+        windows = torch.from_numpy(np.asarray(self.tokens[index], dtype=np.int64))
+        if self.entropies is None:
+            return windows
+        return windows, torch.from_numpy(np.asarray(self.entropies[index[:, :-1]]))
 
     def __iter__(self) -> Batcher:
         return self

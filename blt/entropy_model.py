@@ -56,3 +56,54 @@ class EntropyModel(nn.Module):
     def entropies(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,T) -> (B,T) entropy of the prediction made at each position (for the next byte)."""
         return entropy(self(tokens))
+
+    @property
+    def receptive_field(self) -> int | None:
+        """How many earlier positions one position's output can depend on: each layer looks
+        window - 1 positions back. None without a window (full causal attention)."""
+        w = self.cfg.window
+        return None if w is None else self.cfg.n_layers * (w - 1)
+
+
+@torch.no_grad()
+def stream_entropies(
+    model: EntropyModel, tokens, out, context: int, chunk: int = 8192, batch: int = 8,
+    dtype: torch.dtype | None = None, progress=None,
+) -> None:  # fmt: skip
+    """Entropies of a whole token stream (a numpy array, e.g. a memory-mapped shard) into `out`
+    (same length): out[i] is the entropy of the prediction the model makes at position i when
+    it reads the stream from position i - context - (i mod chunk) on.
+
+    The stream is cut into pieces of `chunk` positions, each run with the `context` positions
+    before it; `batch` pieces per forward. With context >= model.receptive_field this is what
+    one forward over the whole stream would give (up to float rounding). dtype: autocast to it
+    (e.g. torch.bfloat16 on CUDA). progress(n): called with the positions done after each forward.
+    """
+    import numpy as np
+
+    device = next(model.parameters()).device
+    n = len(tokens)
+    starts = list(range(0, n, chunk))
+
+    def run(windows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(windows.astype(np.int64)).to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model.entropies(x).float().cpu()
+
+    # Pieces whose context and chunk are both whole share one shape and are batched; the ones
+    # at either end of the stream (shorter context or chunk) run alone.
+    full = [s for s in starts if s >= context and s + chunk <= n]
+    edges = [s for s in starts if not (s >= context and s + chunk <= n)]
+    span = np.arange(context + chunk)
+    for i in range(0, len(full), batch):
+        group = np.asarray(full[i : i + batch])
+        H = run(np.asarray(tokens[(group - context)[:, None] + span]))[:, context:]
+        for s, h in zip(group, H):
+            out[s : s + chunk] = h.numpy()
+        if progress:
+            progress(len(group) * chunk)
+    for s in edges:
+        lo, hi = max(0, s - context), min(n, s + chunk)
+        out[s:hi] = run(np.asarray(tokens[lo:hi])[None])[0, s - lo :].numpy()
+        if progress:
+            progress(hi - s)

@@ -47,6 +47,23 @@ def packed_patch_count(patch_lengths: torch.Tensor) -> int:
     return int(row_patch_counts(patch_lengths).sum())
 
 
+@torch.library.custom_op("blt::slot_rows", mutates_args=())
+def slot_rows(ends: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B,) cumulative row ends -> (slots,) int32 row of each slot (B past the last row).
+
+    A library op rather than an inline torch.searchsorted so that a compiler keeps its result as
+    a buffer: the packed mask's mask_mod reads it, and torch 2.11's inductor otherwise inlines a
+    computed capture into the attention kernel, which FlashAttention-4's kernels (CuTe DSL)
+    cannot express."""
+    slot = torch.arange(slots, device=ends.device)
+    return torch.searchsorted(ends, slot, right=True).int()
+
+
+@slot_rows.register_fake
+def _(ends: torch.Tensor, slots: int) -> torch.Tensor:
+    return ends.new_empty(slots, dtype=torch.int32)
+
+
 def packing_plan(patch_lengths: torch.Tensor, slots: int) -> PatchPacking:
     """(B, P) patch lengths -> where each row's patches go in a sequence of `slots` slots.
     `slots` must be at least the rows' total patch count (trailing empty patches dropped)."""
@@ -57,8 +74,8 @@ def packing_plan(patch_lengths: torch.Tensor, slots: int) -> PatchPacking:
     ends = n.cumsum(0)
     starts = ends - n
     slot = torch.arange(slots, device=device)
-    doc = torch.searchsorted(ends, slot, right=True)  # rows that end at or before the slot
-    row = doc.clamp(max=B - 1)
+    doc = slot_rows(ends, slots)  # rows that end at or before the slot
+    row = doc.long().clamp(max=B - 1)
     valid = doc < B
     pos = torch.where(valid, slot - starts[row], 0)
     first = torch.where(valid, starts[row], ends[-1])

@@ -29,6 +29,7 @@ SIGINT/SIGTERM finish the current step, save a checkpoint and exit (a second sig
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +73,13 @@ from blt.checkpoint import (
     write_model_files,
 )
 from blt.config import PATCH_MODES, PRESETS, BLTConfig, ConfigError, entropy_config_from_dict, load_json
-from blt.data import Batcher, DataConfig, DataError, iter_eval_batches, prepare_data
-from blt.entropy_model import EntropyModel
+from blt.data import Batcher, DataConfig, DataError, entropy_shard, iter_eval_batches, prepare_data
+from blt.entropy_model import EntropyModel, stream_entropies
 from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
 from blt.layers import FLEX_BACKENDS, Rotary, set_flex_backend
 from blt.model import BLT
-from blt.patcher import model_patch_starts, patching_from_starts
+from blt.patcher import model_patch_starts, patch_starts, patching_from_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
 LN2 = math.log(2)
@@ -186,6 +188,11 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack-patches", action="store_true",
                    help="run the global transformer on the rows' patches packed end to end, not on rows padded to "
                         "the longest (same outputs, no compute on padding; with --one-graph: more shapes)")  # fmt: skip
+    g.add_argument("--precomputed-entropies", action="store_true",
+                   help="patch training batches from entropies that the frozen entropy model computes once over the "
+                        "training shard (cached beside it), as the official training does, instead of running it on "
+                        "every batch; each byte's entropy then sees its full context, across window edges. "
+                        "Evaluation still patches live")  # fmt: skip
     g.add_argument("--bf16-residual", action="store_true",
                    help="under bf16 autocast, carry the byte-level residual stream in bf16 (as the official code's "
                         "bf16 parameters do) instead of float32: less memory traffic")  # fmt: skip
@@ -318,6 +325,46 @@ def prepare(args, rank: int, world: int):
     if rank != 0:
         data = prepare_data(cfg)
     return data
+
+
+ENTROPY_CHUNK = 8192  # positions per piece when precomputing a shard's entropies
+
+
+def precomputed_entropies(raw: BLT, data, args, rank: int, world: int) -> np.ndarray:
+    """--precomputed-entropies: the entropy of every training token, computed once by the frozen
+    entropy model (rank 0, the others wait) and cached beside the shard. The file name holds a
+    hash of what the entropies depend on: the entropy model's config and weights, its context
+    and the dtype. Each piece of the stream is run with the model's whole receptive field before
+    it, so every entropy is what a run over the unbroken stream would give."""
+    em = raw.entropy_model
+    context = em.receptive_field or args.seq_len  # a full-attention model: a training window's worth
+    key = hashlib.sha256(json.dumps([asdict(em.cfg), context, ENTROPY_CHUNK, args.dtype], sort_keys=True).encode())
+    for name, tensor in sorted(em.state_dict().items()):
+        key.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    path = data.directory / f"train.entropies-{key.hexdigest()[:16]}.f16"
+
+    def compute(tokens, out):
+        was_training = em.training
+        em.eval()
+        with tqdm(total=len(tokens), unit="B", unit_scale=True, desc="entropies (once per data and entropy model)") as bar:
+            dtype = torch.bfloat16 if args.dtype == "bf16" else None
+            stream_entropies(em, tokens, out, context, ENTROPY_CHUNK, dtype=dtype, progress=bar.update)
+        em.train(was_training)
+
+    if rank == 0:
+        entropies = entropy_shard(data.train, path, compute)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        entropies = entropy_shard(data.train, path, compute)
+    return entropies
+
+
+def to_device(batch, device: torch.device, pin: bool = False):
+    """A batch (a tensor, or tokens and entropies) on the device; pinned first if asked."""
+    if isinstance(batch, tuple):
+        return tuple(to_device(t, device, pin) for t in batch)
+    return (batch.pin_memory() if pin else batch).to(device, non_blocking=True)
 
 
 # ---- model wrapping ----------------------------------------------------------------------
@@ -582,15 +629,20 @@ class OneGraph:
 
     def __init__(
         self, raw: BLT, device: torch.device, accumulate: bool, tune_kernels: bool = False, autotune: bool = False,
-        patch_pad: int = PATCH_PAD,
+        patch_pad: int = PATCH_PAD, inductor: dict | None = None,
     ):  # fmt: skip
         self.raw, self.cuda, self.accumulate, self.patch_pad = raw, device.type == "cuda", accumulate, patch_pad
         # CUDA graphs ("reduce-overhead"). tune_kernels: block sizes of the fused pointwise and
         # reduction kernels tuned at compile time (coordinate descent), a few percent off the step
         # for minutes more compilation per padded patch count; autotune (max-autotune) also
-        # benchmarks matmul and attention kernels.
+        # benchmarks matmul and attention kernels. Combo kernels: independent small kernels
+        # (e.g. the casts of many weights to bf16) launched as one, 1.7% off the step on an H200.
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": tune_kernels, "max_autotune": autotune}
-        options = options if self.cuda else None
+        import torch._inductor.config as inductor_config  # only the settings, not the compiler
+
+        if hasattr(inductor_config, "combo_kernels"):
+            options["combo_kernels"] = True
+        options = {**options, **(inductor or {})} if self.cuda else None
         self.loss = torch.compile(self._loss, options=options, dynamic=False)
         self.starts = torch.compile(self._starts, options=options, dynamic=False) if self.cuda else self._starts
         self.rotaries = [m for m in raw.modules() if isinstance(m, Rotary)]
@@ -603,10 +655,11 @@ class OneGraph:
     def _launch_patcher(self, batch: torch.Tensor):
         """Queue the patcher graph on a (B, T+1) batch -> (batch, starts, patch count, event).
         The count is copied to pinned host memory once the event has fired."""
-        inputs = batch[:, :-1]
+        tokens, entropies = batch if isinstance(batch, tuple) else (batch, None)
+        inputs = tokens[:, :-1]
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        starts = self.starts(inputs).clone()  # out of the CUDA graph's memory
+        starts = self.starts(inputs, entropies).clone()  # out of the CUDA graph's memory
         per_row = starts[:, : inputs.shape[1]].sum(1)
         count = torch.stack((per_row.max(), per_row.sum()))  # the longest row's patches, all patches
         if not self.cuda:
@@ -617,21 +670,25 @@ class OneGraph:
         ready.record()
         return batch, starts, host, ready
 
-    def _starts(self, inputs):
+    def _starts(self, inputs, entropies=None):
         with torch.no_grad():
+            if entropies is not None:  # --precomputed-entropies
+                return patch_starts(inputs, self.raw.cfg.patcher, entropies)
             return model_patch_starts(inputs, self.raw.cfg.patcher, self.raw.entropy_model)[0]
 
     def _loss(self, inputs, targets, lengths, next_starts_patch, packed_slots=None):
         return self.raw(inputs, targets, lengths, next_starts_patch, packed_slots=packed_slots).loss
 
     def __call__(self, batch: torch.Tensor, upcoming: torch.Tensor | None = None):
-        """(B, T+1) batch -> (loss, Patching): BLT.patch's patches, then the loss.
+        """(B, T+1) batch -> (loss, Patching): BLT.patch's patches, then the loss. A batch may
+        also be (tokens, entropies): patches from precomputed entropies.
 
         upcoming: the next micro-batch, if known (same shape; neither may change in place
         afterwards). Its patcher graph is queued before this batch's loss graph, and the next
         call finds its patches done: the host then reads the patch count while the GPU works
         on this batch, instead of leaving the GPU idle at the sync."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        tokens = batch[0] if isinstance(batch, tuple) else batch
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
         for rotary in self.rotaries:
             rotary.table(inputs.shape[1])  # grown here if need be, so that the graphs read the tables
         if self.pending is None or self.pending[0] is not batch:
@@ -662,10 +719,8 @@ class Lookahead:
     def peek(self) -> torch.Tensor:
         step = self.batcher.step
         if self.ahead is None or self.ahead[0] != step:
-            batch = self.batcher.batch_at(step)
-            if self.device.type == "cuda":  # from pageable memory the copy may wait for the GPU
-                batch = batch.pin_memory()
-            self.ahead = (step, batch.to(self.device, non_blocking=True))
+            # from pageable memory the copy may wait for the GPU: pinned on CUDA
+            self.ahead = (step, to_device(self.batcher.batch_at(step), self.device, self.device.type == "cuda"))
         return self.ahead[1]
 
     def __next__(self) -> torch.Tensor:
@@ -674,9 +729,15 @@ class Lookahead:
         return batch
 
 
-def loss_and_patching(model, batch: torch.Tensor):
-    """(B, T+1) batch -> (mean next-byte loss, Patching or None): the model run as it is."""
-    logits, patching = logits_and_patching(model, batch[:, :-1])
+def loss_and_patching(model, batch, patcher=None):
+    """(B, T+1) batch -> (mean next-byte loss, Patching or None): the model run as it is. A batch
+    (tokens, entropies) is patched from those entropies by the `patcher` config."""
+    if isinstance(batch, tuple):
+        batch, entropies = batch
+        patching = patching_from_starts(patch_starts(batch[:, :-1], patcher, entropies), entropies)
+        logits = model(batch[:, :-1], None, patching.patch_lengths, patching.next_starts_patch).logits
+    else:
+        logits, patching = logits_and_patching(model, batch[:, :-1])
     return F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID), patching
 
 
@@ -688,13 +749,13 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_grap
 
     def forward(batch):
         if one_graph is None:
-            return loss_and_patching(model, batch)
+            return loss_and_patching(model, batch, raw.cfg.patcher if isinstance(raw, BLT) else None)
         return one_graph(batch, batcher.peek() if isinstance(batcher, Lookahead) else None)
 
     loss_sum = torch.zeros((), device=device)
     bpp_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
-        batch = next(batcher).to(device, non_blocking=True)
+        batch = to_device(next(batcher), device)
         with grad_sync(model, micro == args.grad_accum - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, patching = forward(batch)
@@ -743,9 +804,9 @@ def train(args, build, export) -> None:
     master = rank == 0
     state = load_train_state(ckpt_dir, args, world) if args.resume else None
     data = prepare(args, rank, world)
-    batcher = Batcher(data.train, args.batch_size, args.seq_len, seed=args.seed, rank=rank, world_size=world)
-
     raw.to(device).train()
+    entropies = precomputed_entropies(raw, data, args, rank, world) if getattr(args, "precomputed_entropies", False) else None
+    batcher = Batcher(data.train, args.batch_size, args.seq_len, args.seed, rank, world, entropies)
     model = parallelize(raw, args, device)
     optimizer = make_optimizer(raw, args, device)
     step, elapsed = 0, 0.0
@@ -910,6 +971,8 @@ def main(argv=None) -> None:
     except ValueError as err:
         parser.error(f"--attention: {err}")
     cfg, entropy_dir = blt_config(parser, args)
+    if args.precomputed_entropies and not cfg.patcher.needs_entropy:
+        parser.error(f"--precomputed-entropies: patching mode {cfg.patcher.mode!r} uses no entropies")
 
     def build(checkpoint):
         model = build_blt(cfg, entropy_dir, checkpoint, args.init_from)

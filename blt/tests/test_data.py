@@ -20,6 +20,7 @@ from blt.data import (
     build_shard,
     documents_from_lines,
     encode_documents,
+    entropy_shard,
     is_heldout,
     iter_eval_batches,
     load_documents,
@@ -330,3 +331,44 @@ def test_eval_batches_on_a_real_shard(tmp_path):
     targets = torch.cat([b[:, 1:].flatten() for b in iter_eval_batches(held_out, 4, 32)])
     assert targets[targets != BOE_ID].tolist() == held_out[1:].tolist()
     assert int((targets >= OFFSET).sum()) == sum(map(len, stories()))  # every byte once
+
+
+def test_entropy_shard_is_built_once_and_atomically(tmp_path, counting_tokens):
+    """entropy_shard computes a stream's entropies once into a float16 map, then reuses the file;
+    a computation that fails leaves no file behind; a file of the wrong length is an error."""
+    calls = []
+
+    def compute(tokens, out):
+        calls.append(len(tokens))
+        out[:] = tokens % 7 / 2
+
+    path = tmp_path / "train.entropies-k.f16"
+    first = entropy_shard(counting_tokens, path, compute)
+    assert first.dtype == np.float16 and len(first) == len(counting_tokens)
+    assert np.array_equal(first, (counting_tokens % 7 / 2).astype(np.float16))
+    again = entropy_shard(counting_tokens, path, compute)
+    assert calls == [len(counting_tokens)] and np.array_equal(again, first)
+
+    def broken(tokens, out):
+        out[:10] = 1.0
+        raise KeyboardInterrupt  # an interrupted build
+
+    other = tmp_path / "train.entropies-other.f16"
+    with pytest.raises(KeyboardInterrupt):
+        entropy_shard(counting_tokens, other, broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    with pytest.raises(DataError, match="corrupt"):
+        entropy_shard(counting_tokens[:-5], path, compute)
+
+
+def test_batcher_entropies_are_those_of_the_inputs(counting_tokens):
+    """With entropies, a batch is (tokens, entropies) and entropies[r, i] belongs to the input
+    token tokens[r, i]; the token rows are those of a batcher without entropies."""
+    entropies = (counting_tokens % 1024).astype(np.float16)  # exact in float16
+    plain = Batcher(counting_tokens, batch_size=3, seq_len=12, seed=5)
+    both = Batcher(counting_tokens, batch_size=3, seq_len=12, seed=5, entropies=entropies)
+    tokens, H = both.batch_at(4)
+    assert torch.equal(tokens, plain.batch_at(4)) and H.shape == (3, 12) and H.dtype == torch.float16
+    assert torch.equal(H.long(), tokens[:, :-1] % 1024)
+    with pytest.raises(DataError, match="entropies"):
+        Batcher(counting_tokens, batch_size=3, seq_len=12, entropies=entropies[:-1])

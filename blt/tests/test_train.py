@@ -17,6 +17,7 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -428,7 +429,7 @@ def test_one_graph_patches_the_upcoming_batch_early():
     og = train.OneGraph(model, torch.device("cpu"), accumulate=False)
     og.loss = og._loss  # eager: this test is about the patcher's schedule
     patched = []
-    og.starts = lambda inputs: patched.append(inputs) or og._starts(inputs)
+    og.starts = lambda inputs, entropies=None: patched.append(inputs) or og._starts(inputs)
     batches = [torch.cat([torch.ones(2, 1, dtype=torch.long), torch.randint(4, 260, (2, 48))], 1) for _ in range(3)]
     model.cfg.patcher.threshold = model.entropy_model.entropies(torch.cat(batches)).median().item()
 
@@ -513,6 +514,61 @@ def test_one_graph_packed_loss_traces_and_matches(traced_only, monkeypatch):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert traced_only and loss.item() == pytest.approx(want.item(), abs=1e-5)
     assert len(grads) == len(want_grads) and all((g - w).abs().max() < 1e-5 for g, w in zip(grads, want_grads))
+
+
+def test_given_entropies_patch_as_the_entropy_model_would():
+    """A (tokens, entropies) batch is patched from the given entropies, eagerly and by OneGraph:
+    given the entropy model's own, the patches and loss of a plain batch; given others, others."""
+    from blt.config import tiny
+    from blt.entropy_model import EntropyModel
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = BLT(cfg, EntropyModel(cfg.entropy_model))
+    batch = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.randint(4, 260, (2, 60))], 1)
+    H = model.entropy_model.entropies(batch[:, :-1])
+    model.cfg.patcher.threshold = H.median().item()
+    og = train.OneGraph(model, torch.device("cpu"), accumulate=False)
+    og.loss, og.starts = og._loss, og._starts  # eager: this test is about what is patched
+    live_loss, live = train.loss_and_patching(model, batch)
+    for run in (lambda b: train.loss_and_patching(model, b, cfg.patcher), og):
+        loss, patching = run((batch, H))
+        assert torch.equal(patching.patch_lengths, live.patch_lengths)
+        assert loss.item() == pytest.approx(live_loss.item(), abs=1e-6)
+        shifted = run((batch, H.roll(1, dims=1)))[1]
+        assert shifted.patch_lengths.shape != live.patch_lengths.shape or not torch.equal(shifted.patch_lengths, live.patch_lengths)
+
+
+def test_train_with_precomputed_entropies(work, entropy_dir):
+    """--precomputed-entropies: the frozen entropy model's entropies of the whole training stream
+    are computed once into the shard cache (each with its full context), and the training steps
+    patch from them."""
+    from blt.checkpoint import load_model
+    from blt.data import Batcher, open_shard
+    from blt.patcher import patch_starts, patching_from_starts
+
+    out = work / "precomputed"
+    train.main(blt_argv(work, entropy_dir, out, 2, 4, "--precomputed-entropies"))
+    (cached,) = (work / "cache").glob("*/train.entropies-*.f16")
+    tokens = open_shard(cached.parent / "train.bin")
+    entropies = np.memmap(cached, dtype=np.float16, mode="r")
+    assert len(entropies) == len(tokens)
+    em = load_entropy_model(entropy_dir / "model")
+    start = 1000  # a window long past the stream's start: its first receptive field is context only
+    live = em.entropies(torch.from_numpy(tokens[start : start + 400].astype(np.int64))[None])[0]
+    reach = em.receptive_field
+    assert np.abs(entropies[start + reach : start + 400] - live[reach:].numpy()).max() < 1e-2
+    assert np.abs(entropies[start : start + 10] - live[:10].numpy()).max() > 1e-2  # context the window lacks
+    # step 1 (two micro-batches) patched from the cached entropies
+    patcher = load_model(out / "model").cfg.patcher
+    batcher = Batcher(tokens, 4, 64, seed=0, entropies=entropies)
+    means = []
+    for micro in range(2):
+        batch, H = batcher.batch_at(micro)
+        means.append(patching_from_starts(patch_starts(batch[:, :-1], patcher, H)).mean_patch_length().item())
+    assert rows(out)[0]["bytes_per_patch"] == pytest.approx(sum(means) / 2, abs=1e-6)
+    with pytest.raises(SystemExit):
+        train.main(blt_argv(work, entropy_dir, work / "bad", 2, 4, "--precomputed-entropies", "--patch-mode", "static"))
 
 
 def test_lookahead_peeks_without_moving_the_batcher():
