@@ -6,8 +6,9 @@
 Cuts the text into consecutive (B, T) windows, patches them with the model's own patcher (its
 entropy model and θ), and prints, per batch, each row's patch count and the share of padding
 in the global transformer's input: as `blt.train --one-graph` lays it out, (B, P) with every row
-padded to the longest and P to a multiple of --patch-pad, and as `--pack-patches` does, all
-rows end to end with only the total padded.
+padded to the longest and P to a multiple of --patch-pad, and as `--pack-patches` does on a GPU:
+all rows end to end, each row's segment padded to a multiple of FlexAttention's block size
+(blt.packing), and the total to a multiple of --patch-pad.
 """
 
 import argparse
@@ -20,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blt.checkpoint import CheckpointError  # noqa: E402
 from blt.data import DataError, encode_documents, load_documents  # noqa: E402
+from blt.masks import BLOCK  # noqa: E402
 from blt.model import BLT  # noqa: E402
+from blt.packing import aligned_slot_count  # noqa: E402
 
 
 def main():
@@ -54,7 +57,7 @@ def main():
             patching = model.patch(tokens[i * B * T : (i + 1) * B * T].view(B, T))
         rows = (patching.patch_lengths > 0).sum(1)
         real, padded = int(rows.sum()), patching.padded(args.patch_pad).patch_lengths.numel()
-        packed = -(-real // args.patch_pad) * args.patch_pad
+        packed = -(-int(aligned_slot_count(rows, BLOCK)) // args.patch_pad) * args.patch_pad
         real_sum, padded_sum, packed_sum = real_sum + real, padded_sum + padded, packed_sum + packed
         print(f"batch {i}: patches per row {rows.min().item()}-{rows.max().item()}; "
               f"padding {100 * (1 - real / padded):.1f}% as (B, P), {100 * (1 - real / packed):.1f}% packed")  # fmt: skip

@@ -34,7 +34,9 @@ from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
 from blt.layers import FLEX_BACKENDS, set_flex_backend  # noqa: E402
+from blt.masks import BLOCK  # noqa: E402
 from blt.model import BLT  # noqa: E402
+from blt.packing import aligned_slot_count, row_patch_counts  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
 from blt.train import PATCH_PAD, OneGraph  # noqa: E402
 
@@ -280,7 +282,8 @@ def main():
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
     print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
-    packed = -(-real // args.patch_pad) * args.patch_pad
+    rows_aligned = aligned_slot_count(row_patch_counts(patching.patch_lengths), BLOCK)  # as the GPU packs
+    packed = -(-int(rows_aligned) // args.patch_pad) * args.patch_pad
     print(f"patches: {real} real; the one graph's global transformer runs on {padded} as (B, P) padded to a "
           f"multiple of {args.patch_pad} ({100 * (1 - real / padded):.1f}% padding), {packed} packed "
           f"({100 * (1 - real / packed):.1f}%)")  # fmt: skip

@@ -96,14 +96,21 @@ def causal_mask(T: int, window: int | None, backend: str, device, kv_len: int | 
     return ((kv <= q) & _window_ok(q - kv, window))[None, None]
 
 
-def packed_patch_mask(doc: torch.Tensor, first: torch.Tensor, window: int | None, backend: str):
+def packed_patch_mask(
+    doc: torch.Tensor, first: torch.Tensor, window: int | None, backend: str, aligned: bool = False
+):  # fmt: skip
     """Causal (sliding-window) self-attention over packed patch slots (blt.packing), within each
     slot's own row only. doc (N,): row of each slot (non-decreasing); first (N,): first slot of
-    that row."""
+    that row. aligned: every row starts on a multiple of BLOCK (packing_plan's align), so no
+    block holds two rows' slots and the flex mask lists only blocks inside a row; in a compiled
+    graph its mask_mod is then plain causality, with no lookup of any slot's row."""
     N = doc.shape[0]
 
     def mod(b, h, q, kv):
         return (kv <= q) & (doc[q] == doc[kv]) & _window_ok(q - kv, window)
+
+    def causal(b, h, q, kv):
+        return (kv <= q) & _window_ok(q - kv, window)
 
     if backend != "flex":
         q = torch.arange(N, device=doc.device)
@@ -123,7 +130,11 @@ def packed_patch_mask(doc: torch.Tensor, first: torch.Tensor, window: int | None
     part_idx = torch.where(t[None] < (part_end - lo_b)[:, None], lo_b[:, None] + t[None], i[:, None])
     full_idx = (full_lo[:, None] + t[None]).clamp(max=nb - 1)
     blocks = [x[None, None].int() for x in (part_end - lo_b + 1, part_idx, n_full, full_idx)]  # (B, H) = (1, 1)
-    return BlockMask.from_kv_blocks(*blocks, BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(N, N))
+    # Aligned rows: inside the listed blocks, plain causality is the whole mask. Only a compiled
+    # kernel reads the block lists (eager FlexAttention applies mask_mod to every pair), so the
+    # mask_mod without the row test is for graphs being compiled only.
+    mask_mod = causal if aligned and torch.compiler.is_compiling() else mod
+    return BlockMask.from_kv_blocks(*blocks, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(N, N))
 
 
 def build_masks(

@@ -42,6 +42,13 @@ class BLTOutput:
         return self.loss.item() / LN2
 
 
+def packing_align(backend: str) -> int:
+    """Packed rows (blt.packing) start on FlexAttention's block boundaries, so that the packed
+    mask needs no lookup of each slot's row (masks.packed_patch_mask): its kernels then run as
+    fast as on the padded layout's plain causal mask. Dense masks need no alignment."""
+    return M.BLOCK if backend == "flex" else 1
+
+
 class BLT(nn.Module):
     def __init__(self, cfg: BLTConfig, entropy_model: EntropyModel | None = None):
         super().__init__()
@@ -101,7 +108,8 @@ class BLT(nn.Module):
         with them, next_starts_patch (B,) says whether the window's last patch is complete
         (None: complete; False: the official code's and the HF port's reading of lengths).
         packed_slots: run the global transformer on the rows' patches packed end to end in a
-        sequence of this many slots (blt.packing; at least their total), not on the padded
+        sequence of this many slots (blt.packing; at least their total, each row's padded to
+        packing_align(backend)), not on the padded
         (B, P) layout: the same outputs, without computing the padding. With pack_patches set
         and no packed_slots, the slots are exactly the patches."""
         B, T = tokens.shape
@@ -121,13 +129,14 @@ class BLT(nn.Module):
             backend=backend,
         )  # fmt: skip
         h, patches = self.encoder(tokens, patch_ids, P, masks.enc_self, masks.enc_cross)
+        align = packing_align(backend)
         if packed_slots is None and self.pack_patches:
-            packed_slots = packed_patch_count(patching.patch_lengths)
+            packed_slots = packed_patch_count(patching.patch_lengths, align)
         if packed_slots is None:
             patch_out = self.global_model(patches, masks.patch_self)
         else:
-            plan = packing_plan(patching.patch_lengths, packed_slots)
-            mask = M.packed_patch_mask(plan.doc, plan.first, c.global_model.window, backend)
+            plan = packing_plan(patching.patch_lengths, packed_slots, align)
+            mask = M.packed_patch_mask(plan.doc, plan.first, c.global_model.window, backend, aligned=align == M.BLOCK)
             cos, sin = self.global_model.rope.table(P)
             packed = self.global_model(pack(patches, plan), mask, rope=(cos[plan.pos], sin[plan.pos]))
             patch_out = unpack(packed, plan)

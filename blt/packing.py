@@ -15,6 +15,11 @@ row. The outputs are those of the (B, P) layout, without the padding's work:
 
 A row's patches end at its last non-empty patch; an empty patch before it keeps its slot,
 so that every patch keeps its position.
+
+With `align` > 1 each row's segment is padded to a multiple of `align` slots, so every row
+starts on a multiple of it. Aligned to FlexAttention's block size, no block of the mask spans
+two rows: the blocks a row may read are listed, and inside them plain causality is the whole
+mask, so the attention kernels need not look up any slot's row (masks.packed_patch_mask).
 """
 
 from dataclasses import dataclass
@@ -24,16 +29,13 @@ import torch
 
 @dataclass
 class PatchPacking:
-    doc: torch.Tensor  # (N,) row of each slot; B for the padding slots at the end
+    doc: torch.Tensor  # (N,) row of each slot's segment; B for the padding slots at the end
     pos: torch.Tensor  # (N,) index of each slot's patch within its row (0 for padding)
     src: torch.Tensor  # (N,) index of each slot's patch in the flattened (B·P) layout
-    first: torch.Tensor  # (N,) first slot of each slot's row
+    first: torch.Tensor  # (N,) first slot of each slot's row (of the end padding: its first slot)
     dest: torch.Tensor  # (B, P) slot of each patch of the (B, P) layout
     kept: torch.Tensor  # (B, P) bool: the patch has a slot (it is not trailing padding)
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.doc < self.dest.shape[0]
+    valid: torch.Tensor  # (N,) bool: the slot holds a patch (not a row's or the end's padding)
 
 
 def row_patch_counts(patch_lengths: torch.Tensor) -> torch.Tensor:
@@ -42,9 +44,14 @@ def row_patch_counts(patch_lengths: torch.Tensor) -> torch.Tensor:
     return ((patch_lengths > 0) * (j + 1)).amax(1)
 
 
-def packed_patch_count(patch_lengths: torch.Tensor) -> int:
-    """The rows' total patch count: the fewest slots packing_plan takes (reads the device)."""
-    return int(row_patch_counts(patch_lengths).sum())
+def aligned_slot_count(counts: torch.Tensor, align: int = 1) -> torch.Tensor:
+    """(B,) patches per row -> the slots their segments take, each padded to a multiple of align."""
+    return (-(-counts // align) * align).sum()
+
+
+def packed_patch_count(patch_lengths: torch.Tensor, align: int = 1) -> int:
+    """The fewest slots packing_plan takes with this alignment (reads the device)."""
+    return int(aligned_slot_count(row_patch_counts(patch_lengths), align))
 
 
 @torch.library.custom_op("blt::slot_rows", mutates_args=())
@@ -64,24 +71,28 @@ def _(ends: torch.Tensor, slots: int) -> torch.Tensor:
     return ends.new_empty(slots, dtype=torch.int32)
 
 
-def packing_plan(patch_lengths: torch.Tensor, slots: int) -> PatchPacking:
-    """(B, P) patch lengths -> where each row's patches go in a sequence of `slots` slots.
-    `slots` must be at least the rows' total patch count (trailing empty patches dropped)."""
+def packing_plan(patch_lengths: torch.Tensor, slots: int, align: int = 1) -> PatchPacking:
+    """(B, P) patch lengths -> where each row's patches go in a sequence of `slots` slots, each
+    row's segment padded to a multiple of `align`. `slots` must be at least
+    packed_patch_count(patch_lengths, align)."""
     B, P = patch_lengths.shape
     device = patch_lengths.device
     j = torch.arange(P, device=device)
     n = row_patch_counts(patch_lengths)
-    ends = n.cumsum(0)
-    starts = ends - n
+    segment = -(-n // align) * align
+    ends = segment.cumsum(0)
+    starts = ends - segment
     slot = torch.arange(slots, device=device)
-    doc = slot_rows(ends, slots)  # rows that end at or before the slot
+    doc = slot_rows(ends, slots)  # rows whose segment ends at or before the slot
     row = doc.long().clamp(max=B - 1)
-    valid = doc < B
-    pos = torch.where(valid, slot - starts[row], 0)
-    first = torch.where(valid, starts[row], ends[-1])
+    in_row = doc < B
+    pos = slot - starts[row]
+    valid = in_row & (pos < n[row])
+    pos = torch.where(valid, pos, 0)
+    first = torch.where(in_row, starts[row], ends[-1])
     kept = j[None] < n[:, None]
     dest = (starts[:, None] + j[None]).clamp(max=slots - 1)
-    return PatchPacking(doc, pos, torch.where(valid, row * P + pos, 0), first, dest, kept)
+    return PatchPacking(doc, pos, torch.where(valid, row * P + pos, 0), first, dest, kept, valid)
 
 
 def pack(x: torch.Tensor, plan: PatchPacking) -> torch.Tensor:

@@ -78,7 +78,9 @@ from blt.entropy_model import EntropyModel, stream_entropies
 from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
 from blt.layers import FLEX_BACKENDS, Rotary, set_flex_backend
-from blt.model import BLT
+from blt.masks import default_backend
+from blt.model import BLT, packing_align
+from blt.packing import aligned_slot_count
 from blt.patcher import model_patch_starts, patch_starts, patching_from_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
@@ -632,6 +634,7 @@ class OneGraph:
         patch_pad: int = PATCH_PAD, inductor: dict | None = None,
     ):  # fmt: skip
         self.raw, self.cuda, self.accumulate, self.patch_pad = raw, device.type == "cuda", accumulate, patch_pad
+        self.align = packing_align(default_backend(device))
         # CUDA graphs ("reduce-overhead"). tune_kernels: block sizes of the fused pointwise and
         # reduction kernels tuned at compile time (coordinate descent), a few percent off the step
         # for minutes more compilation per padded patch count; autotune (max-autotune) also
@@ -661,7 +664,8 @@ class OneGraph:
             torch.compiler.cudagraph_mark_step_begin()
         starts = self.starts(inputs, entropies).clone()  # out of the CUDA graph's memory
         per_row = starts[:, : inputs.shape[1]].sum(1)
-        count = torch.stack((per_row.max(), per_row.sum()))  # the longest row's patches, all patches
+        # the longest row's patches; the slots of all rows packed (each row aligned as the model packs)
+        count = torch.stack((per_row.max(), aligned_slot_count(per_row, self.align)))
         if not self.cuda:
             return batch, starts, count, None
         host = torch.empty(2, dtype=count.dtype, pin_memory=True)

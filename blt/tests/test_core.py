@@ -605,48 +605,95 @@ def _packing_rows(seed: int):
     return rows, _pad_rows(rows)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_packing_puts_each_row_after_the_last(seed):
-    """Each row's patches, up to its last non-empty one, go end to end; the rest is padding;
-    unpack(pack(x)) gives x back where a patch has a slot and zeros elsewhere."""
-    from blt.packing import pack, packing_plan, unpack
+@pytest.mark.parametrize(("seed", "align"), [(s, 1) for s in range(6)] + [(0, 8), (1, 128), (4, 128)])
+def test_packing_puts_each_row_after_the_last(seed, align):
+    """Each row's patches, up to its last non-empty one, go end to end, each row's segment
+    padded to a multiple of align; the rest is padding; unpack(pack(x)) gives x back where a
+    patch has a slot and zeros elsewhere."""
+    from blt.packing import pack, packed_patch_count, packing_plan, unpack
 
     rows, lengths = _packing_rows(seed)
     kept = [max(j + 1 for j, n in enumerate(r) if n > 0) for r in rows]
-    slots = sum(kept) + seed * 7
-    plan = packing_plan(lengths, slots)
-    want_doc = [b for b, n in enumerate(kept) for _ in range(n)] + [len(rows)] * (slots - sum(kept))
-    want_pos = [j for n in kept for j in range(n)] + [0] * (slots - sum(kept))
-    assert plan.doc.tolist() == want_doc and plan.pos.tolist() == want_pos
-    starts = [sum(kept[:b]) for b in range(len(rows))] + [sum(kept)]
+    segments = [-(-n // align) * align for n in kept]
+    assert packed_patch_count(lengths, align) == sum(segments)
+    slots = sum(segments) + seed * 7
+    plan = packing_plan(lengths, slots, align)
+    end = [len(rows)] * (slots - sum(segments))
+    want_doc = [b for b, n in enumerate(segments) for _ in range(n)] + end
+    want_pos = [j if j < n else 0 for n, m in zip(kept, segments) for j in range(m)] + [0] * len(end)
+    want_valid = [j < n for n, m in zip(kept, segments) for j in range(m)] + [False] * len(end)
+    assert plan.doc.tolist() == want_doc and plan.pos.tolist() == want_pos and plan.valid.tolist() == want_valid
+    starts = [sum(segments[:b]) for b in range(len(rows))] + [sum(segments)]
     assert plan.first.tolist() == [starts[d] for d in want_doc]
     x = torch.randn(*lengths.shape, 5)
     packed = pack(x, plan)
-    assert packed.shape == (1, slots, 5) and not packed[0, sum(kept):].any()
+    assert packed.shape == (1, slots, 5) and torch.equal(packed[0].any(-1), plan.valid & packed[0].any(-1))
+    assert all(torch.equal(packed[0, starts[b] : starts[b] + n], x[b, :n]) for b, n in enumerate(kept))
     back = unpack(packed, plan)
     for b, n in enumerate(kept):
         assert torch.equal(back[b, :n], x[b, :n]) and not back[b, n:].any()
 
 
-@pytest.mark.parametrize(("seed", "window"), [(0, None), (1, None), (2, None), (5, None), (3, 50), (4, 300)])
-def test_packed_patch_mask(seed, window):
+@pytest.mark.parametrize(
+    ("seed", "window", "aligned"),
+    [(0, None, False), (1, None, False), (2, None, False), (5, None, False), (3, 50, False), (4, 300, False),
+     (0, None, True), (2, None, True), (4, 300, True)],
+)  # fmt: skip
+def test_packed_patch_mask(seed, window, aligned, monkeypatch):
     """Causal within a row only (and within the window); the flex block lists cover every
-    visible pair, their full blocks are wholly visible, and there are full blocks to skip."""
-    from blt.packing import packing_plan
+    visible pair, their full blocks are wholly visible, and there are full blocks to skip.
+    Rows aligned to the blocks: the same mask, from plain causality inside the listed blocks."""
+    from blt.packing import packed_patch_count, packing_plan
 
     rows, lengths = _packing_rows(seed)
-    plan = packing_plan(lengths, sum(len(r) for r in rows) + 40)
+    align = M.BLOCK if aligned else 1
+    plan = packing_plan(lengths, packed_patch_count(lengths, align) + 40, align)
     doc, N = plan.doc, plan.doc.shape[0]
     q, kv = torch.arange(N)[:, None], torch.arange(N)[None, :]
     want = (doc[:, None] == doc[None, :]) & (kv <= q) & ((q - kv < window) if window else True)
     dense = M.packed_patch_mask(plan.doc, plan.first, window, "dense")
     assert torch.equal(dense[0, 0], want)
-    flex = M.packed_patch_mask(plan.doc, plan.first, window, "flex")
+    flex = M.packed_patch_mask(plan.doc, plan.first, window, "flex", aligned=aligned)
+    if aligned:  # compiled, the mask_mod is plain causality: right inside every listed partial block
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            compiled = M.packed_patch_mask(plan.doc, plan.first, window, "flex", aligned=True)
+        assert compiled.mask_mod.__name__ == "causal" and flex.mask_mod.__name__ == "mod"
+        QB = -(-N // M.BLOCK)
+        partial = _listed_blocks(compiled.kv_num_blocks, compiled.kv_indices, QB)[0, 0]
+        in_partial = partial.repeat_interleave(M.BLOCK, 0).repeat_interleave(M.BLOCK, 1)[:N, :N]
+        causal = compiled.mask_mod(None, None, q, kv)
+        assert in_partial.any() and torch.equal(causal & in_partial, want & in_partial)
+        assert_block_structure(compiled, want[None], "packed, aligned")
     assert_block_structure(flex, want[None], "packed")
     if window is None and max(len(r) for r in rows) >= 3 * M.BLOCK:  # a row spans a whole block below another
         assert int(flex.full_kv_num_blocks.sum()) > 0
     q, k, v = (torch.randn(1, 2, N, 8) for _ in range(3))
     assert (attend(q, k, v, flex) - attend(q, k, v, dense)).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_aligned_packed_mask_compiled_matches_dense():
+    """Compiled, FlexAttention reads the block lists and the aligned packed mask's mask_mod is
+    plain causality: the attention is still each row's own. Rows not aligned to the blocks
+    would see each other, and this check fails on them (a one-off mutation: max diff 2.7)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from blt.packing import packed_patch_count, packing_plan
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([[1] + [3] * 300 + [0] * 100, [1] + [2] * 400, [1] + [5] * 150 + [0] * 250])
+    N = packed_patch_count(lengths, M.BLOCK) + M.BLOCK
+    plan = packing_plan(lengths, N, M.BLOCK)
+    q, k, v = (torch.randn(1, 2, N, 16) for _ in range(3))
+
+    def attention(q, k, v, doc, first):
+        return flex_attention(q, k, v, block_mask=M.packed_patch_mask(doc, first, None, "flex", aligned=True))
+
+    out = torch.compile(attention, fullgraph=True)(q, k, v, plan.doc, plan.first)
+    dense = M.packed_patch_mask(plan.doc, plan.first, None, "dense")
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    assert (out - want).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["entropy", "given-lengths", "global-window"])
@@ -664,10 +711,13 @@ def test_packed_global_transformer_matches_padded(variant):
         lengths = torch.tensor([[1, 3, 0, 4] + [8] * 19, [1] + [9] * 10 + [69] + [0] * 11, [1] + [7] * 21 + [12]])
         assert lengths.sum(1).tolist() == [160] * 3
         nsp = torch.tensor([True, False, True])
-    total = int(((lengths > 0) * (torch.arange(lengths.shape[1]) + 1)).amax(1).sum())
-    for backend in ("dense", "flex"):
+    from blt.model import packing_align
+    from blt.packing import packed_patch_count
+
+    for backend in ("dense", "flex"):  # flex: each row aligned to the mask's blocks
+        need = packed_patch_count(lengths, packing_align(backend))
         outs = []
-        for slots in (None, total, total + 37):
+        for slots in (None, need, need + 37):
             model.zero_grad()
             with torch.set_grad_enabled(backend == "dense"):
                 out = model(tokens, tokens.roll(-1, 1), lengths, nsp, backend=backend, packed_slots=slots)

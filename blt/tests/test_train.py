@@ -379,7 +379,7 @@ def _count_packings(monkeypatch) -> list:
     import blt.model
 
     made, plan = [], blt.model.packing_plan
-    monkeypatch.setattr(blt.model, "packing_plan", lambda lengths, slots: made.append(slots) or plan(lengths, slots))
+    monkeypatch.setattr(blt.model, "packing_plan", lambda lengths, slots, align=1: made.append(slots) or plan(lengths, slots, align))
     return made
 
 
