@@ -7,6 +7,7 @@ loop of `train`; they differ only in how the model is built and how the final on
 A run, top to bottom:
     check the flags -> build the model (with --resume: check it against out/checkpoint, load it)
     -> torch.distributed if launched by torchrun -> byte shards (blt.data)
+    (-> with --precomputed-entropies: the training shard's entropies, computed once and cached)
     -> activation checkpointing, compile, DDP or FSDP2 -> AdamW
     -> loop: micro-batches, loss, clip, step; log, evaluate, checkpoint
     -> final checkpoint, model folder, held-out bits per byte, peak memory, MFU.
