@@ -2,6 +2,7 @@
 entropy H(x_i | x_<i) decides where patches start. It is trained separately, then frozen.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,8 +80,6 @@ def stream_entropies(
     one forward over the whole stream would give (up to float rounding). dtype: autocast to it
     (e.g. torch.bfloat16 on CUDA). progress(n): called with the positions done after each forward.
     """
-    import numpy as np
-
     device = next(model.parameters()).device
     n = len(tokens)
     starts = list(range(0, n, chunk))

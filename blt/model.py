@@ -109,9 +109,8 @@ class BLT(nn.Module):
         (None: complete; False: the official code's and the HF port's reading of lengths).
         packed_slots: run the global transformer on the rows' patches packed end to end in a
         sequence of this many slots (blt.packing; at least their total, each row's padded to
-        packing_align(backend)), not on the padded
-        (B, P) layout: the same outputs, without computing the padding. With pack_patches set
-        and no packed_slots, the slots are exactly the patches."""
+        packing_align(backend)), not on the padded (B, P) layout: the same outputs, without
+        computing the padding. With pack_patches set and no packed_slots, the fewest slots."""
         B, T = tokens.shape
         if patch_lengths is None:
             patching = self.patch(tokens)
