@@ -184,7 +184,8 @@ def main():
         patching = init.patch(x)
     bpp, real = patching.bytes_per_patch, int((patching.patch_lengths > 0).sum())
     padded = patching.padded(args.patch_pad).patch_lengths.numel()
-    flops = blt_flops_per_byte(cfg, bpp, T).train
+    count = blt_flops_per_byte(cfg, bpp, T)
+    flops = count.train_blt if args.precomputed_entropies else count.train  # the step's own FLOPs
     weights = {k: v.cpu() for k, v in init.state_dict().items()}
     del init
 

@@ -3,7 +3,8 @@
 Counts multiply-adds of every matrix product as 2 FLOPs, attention scores and values
 included (with the mean number of keys a query actually sees), embeddings and norms
 excluded. Training costs 3x the forward pass for the trained parts (forward + backward);
-the frozen entropy model costs one forward pass per byte.
+the frozen entropy model costs one forward pass per byte, in the step unless its entropies were
+computed beforehand.
 """
 
 from dataclasses import dataclass
@@ -53,8 +54,15 @@ class FlopCount:
 
     @property
     def train(self) -> float:
-        """Training FLOPs per byte: forward + backward of the BLT, forward of the entropy model."""
-        return 3 * self.forward + self.entropy_model
+        """Training FLOPs per byte when the step patches: forward + backward of the BLT, forward
+        of the entropy model."""
+        return self.train_blt + self.entropy_model
+
+    @property
+    def train_blt(self) -> float:
+        """Training FLOPs per byte of the BLT alone (forward + backward): the step's FLOPs when
+        the entropies were computed before training (blt.train --precomputed-entropies)."""
+        return 3 * self.forward
 
 
 def blt_flops_per_byte(cfg: BLTConfig, bytes_per_patch: float, seq_len: int) -> FlopCount:

@@ -945,7 +945,9 @@ def summary(raw, args, device, world, bytes_per_s, bytes_per_patch) -> str:
     if peak is None or bytes_per_s is None:
         return f"{memory}; MFU: n/a ({name if peak is None else 'too few steps to time'})"
     if isinstance(raw, BLT):
-        flops = blt_flops_per_byte(raw.cfg, bytes_per_patch, args.seq_len).train
+        count = blt_flops_per_byte(raw.cfg, bytes_per_patch, args.seq_len)
+        # precomputed entropies: the entropy model's forward is not part of the step
+        flops = count.train_blt if getattr(args, "precomputed_entropies", False) else count.train
     else:
         flops = 3 * transformer_flops_per_byte(raw.cfg, args.seq_len)
     mfu = flops * bytes_per_s / (peak * world)
