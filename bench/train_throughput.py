@@ -6,12 +6,14 @@ Both models get the `bench` preset's shapes (encoder 1x384, global 6x768, decode
 hash n=3..8 with 50,002 rows, entropy model 4x256 with FFN 768), the same weights (converted), bf16
 autocast, AdamW, random bytes, and patches from the same entropy model at the same
 threshold (calibrated to ~4.5 bytes/patch): each timed step includes the entropy model's
-forward, the BLT forward/backward and the optimizer step. Prints bytes/s, MFU (model FLOPs
-from blt.flops over the H200's 989 TFLOP/s dense bf16 peak), peak memory and the ratio.
+forward (not with --precomputed-entropies), the BLT forward/backward and the optimizer step.
+Prints bytes/s, MFU (the step's model FLOPs from blt.flops over the H200's 989 TFLOP/s dense
+bf16 peak), peak memory and the ratio.
 
 Ours runs twice: compiled stack by stack (dynamic shapes), and as `blt.train --one-graph
 --tune-kernels` runs it: the patcher as one CUDA graph, then the whole forward and loss as
-another on patch counts padded to a multiple of 128 (Patching.padded). Each row also gives
+another on patch counts padded to a multiple of 128 (Patching.padded), the global transformer
+on packed rows (--no-pack-patches: on the padded rows). Each row also gives
 the first step's time, compilation included. `--attention flash` runs our self-attentions on
 FlashAttention-4's kernels, as `blt.train --attention flash` does (optional flash-attn-4 package).
 """
@@ -134,8 +136,9 @@ def main():
                     help="set a torch._inductor.config option (Python literal), e.g. combo_kernels=True")  # fmt: skip
     ap.add_argument("--patch-pad", type=int, default=PATCH_PAD,
                     help="the one graph's patch count is padded to a multiple of this, as blt.train --patch-pad")  # fmt: skip
-    ap.add_argument("--pack-patches", action="store_true",
-                    help="our global transformer on packed rows, as blt.train --pack-patches")  # fmt: skip
+    ap.add_argument("--pack-patches", action=argparse.BooleanOptionalAction, default=None,
+                    help="our global transformer on packed rows, as blt.train --pack-patches (default as there: "
+                         "on for the one-graph variant, off for the per-module one)")  # fmt: skip
     ap.add_argument("--precomputed-entropies", action="store_true",
                     help="patch from entropies computed before the timed steps, as blt.train --precomputed-entropies "
                          "(no entropy model in the step); transformers then gets the same patches as patch_lengths")  # fmt: skip
@@ -196,14 +199,14 @@ def main():
         model.load_state_dict(weights)
         return model
 
-    options = (" --pack-patches" if args.pack_patches else "") + (" --bf16-residual" if args.bf16_residual else "")
+    options = " --bf16-residual" if args.bf16_residual else ""
     options += " --precomputed-entropies" if args.precomputed_entropies else ""
     options += "".join(f" --inductor {item}" for item in args.inductor)
     given = (patching.patch_lengths, patching.next_starts_patch) if args.precomputed_entropies else (None, None)
     rows = []
     if not args.skip_modules:
         model = fresh()
-        model.pack_patches, model.encoder.autocast_residual = args.pack_patches, args.bf16_residual
+        model.pack_patches, model.encoder.autocast_residual = bool(args.pack_patches), args.bf16_residual
         if not args.no_compile:
             for part in (model.encoder, model.global_model, model.decoder):
                 part.compile(dynamic=True)
@@ -218,7 +221,7 @@ def main():
             opt.zero_grad(set_to_none=True)
 
         sec, mem, first = timed(ours_step, args.steps, args.warmup)
-        name = "ours, per-module compile" + options
+        name = "ours, per-module compile" + (" --pack-patches" if args.pack_patches else "") + options
         rows.append((name, B * T / sec, mem, first))
         print(f"{name}: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB, first step {first:.0f} s", flush=True)
         if args.profile:
@@ -230,7 +233,8 @@ def main():
         # loss as another (backward too) on patch counts padded to a multiple of --patch-pad.
         try:
             whole = fresh()
-            whole.pack_patches, whole.encoder.autocast_residual = args.pack_patches, args.bf16_residual
+            whole.pack_patches = args.pack_patches is not False  # blt.train --one-graph packs by default
+            whole.encoder.autocast_residual = args.bf16_residual
             set_flex_backend(args.attention)
             tune = not args.no_tune_kernels
             one_graph = OneGraph(whole, torch.device(dev), accumulate=False, tune_kernels=tune, autotune=args.autotune,
@@ -250,7 +254,7 @@ def main():
             name = f"ours, --one-graph{' --tune-kernels' if tune else ''}{' (max-autotune)' if args.autotune else ''}"
             name += f" --attention {args.attention}" if args.attention != "triton" else ""
             name += f" --patch-pad {args.patch_pad}" if args.patch_pad != PATCH_PAD else ""
-            name += options
+            name += (" --no-pack-patches" if args.pack_patches is False else "") + options
             rows.append((name, B * T / sec, mem, first))
             print(f"{name}: {B * T / sec:,.0f} bytes/s, peak {mem:.1f} GiB, first step {first:.0f} s", flush=True)
             if args.profile:

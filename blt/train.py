@@ -188,9 +188,10 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-kernels", action="store_true",
                    help="with --one-graph on CUDA: tune the fused kernels' block sizes while compiling (about 1%% "
                         "faster steps, minutes more compilation per padded patch count; for long runs)")  # fmt: skip
-    g.add_argument("--pack-patches", action="store_true",
+    g.add_argument("--pack-patches", action=argparse.BooleanOptionalAction, default=None,
                    help="run the global transformer on the rows' patches packed end to end, not on rows padded to "
-                        "the longest (same outputs, no compute on padding; with --one-graph: more shapes)")  # fmt: skip
+                        "the longest (same outputs, no compute on padding; with --one-graph: more shapes). "
+                        "Default: on with --one-graph (5%% faster steps on an H200), off otherwise")  # fmt: skip
     g.add_argument("--precomputed-entropies", action="store_true",
                    help="patch training batches from entropies that the frozen entropy model computes once over the "
                         "training shard (cached beside it), as the official training does, instead of running it on "
@@ -984,7 +985,7 @@ def main(argv=None) -> None:
     def build(checkpoint):
         model = build_blt(cfg, entropy_dir, checkpoint, args.init_from)
         model.encoder.autocast_residual = args.bf16_residual
-        model.pack_patches = args.pack_patches
+        model.pack_patches = args.one_graph if args.pack_patches is None else args.pack_patches
         return model
 
     run(

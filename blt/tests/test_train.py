@@ -396,12 +396,17 @@ def test_packed_training_matches_padded(work, entropy_dir, reference, monkeypatc
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
-def test_one_graph_training_matches_eager(work, entropy_dir, reference):
+def test_one_graph_training_matches_eager(work, entropy_dir, reference, monkeypatch):
     """--one-graph (patching outside, the whole forward and loss compiled on patch counts padded
     to a multiple of 128; CUDA graphs on a GPU, plain inductor here) trains the eager losses and
-    reports the real bytes/patch, not the padded one; it resumes."""
+    reports the real bytes/patch, not the padded one; it resumes. Its global transformer runs on
+    packed rows unless --no-pack-patches."""
     out = work / "one_graph"
+    made = _count_packings(monkeypatch)
     train.main(blt_argv(work, entropy_dir, out, 3, 4, "--one-graph"))
+    # packed by default: the 3 x 2 training micro-batches on slots padded to --patch-pad (then the
+    # held-out evaluation, outside the graph, on exactly the slots it needs)
+    assert len(made) > 6 and all(slots % 128 == 0 for slots in made[:6])
     assert losses(out) == pytest.approx(losses(reference)[:3], abs=2e-4)
     bpp = [r["bytes_per_patch"] for r in rows(out) if "bytes_per_patch" in r]
     assert bpp == pytest.approx([r["bytes_per_patch"] for r in rows(reference) if "bytes_per_patch" in r][:3])
@@ -411,8 +416,10 @@ def test_one_graph_training_matches_eager(work, entropy_dir, reference):
     # shape as above, so the compiled graphs are reused rather than compiled again)
     single = [work / "eager_single", work / "one_graph_single"]
     train.main(blt_argv(work, entropy_dir, single[0], 3, 4, "--grad-accum", "1"))
-    train.main(blt_argv(work, entropy_dir, single[1], 3, 4, "--grad-accum", "1", "--one-graph"))
+    made.clear()
+    train.main(blt_argv(work, entropy_dir, single[1], 3, 4, "--grad-accum", "1", "--one-graph", "--no-pack-patches"))
     assert losses(single[1]) == pytest.approx(losses(single[0]), abs=2e-4)
+    assert not made  # the padded (B, P) layout
     with pytest.raises(SystemExit):
         train.main(blt_argv(work, entropy_dir, work / "bad", 3, 4, "--one-graph", "--activation-checkpointing"))
 
