@@ -65,33 +65,39 @@ class FlopCount:
         return 3 * self.forward
 
 
-def blt_flops_per_byte(cfg: BLTConfig, bytes_per_patch: float, seq_len: int) -> FlopCount:
-    """FLOPs per byte for windows of seq_len bytes cut into patches of mean size bytes_per_patch."""
+def blt_flops_per_byte(cfg: BLTConfig, bytes_per_patch: float, seq_len: int, attention: bool = True) -> FlopCount:
+    """FLOPs per byte for windows of seq_len bytes cut into patches of mean size bytes_per_patch.
+    attention=False leaves out the attention scores and weighted values: the weight matrices'
+    products alone (the "6N" part of training FLOPs)."""
     e, g, d, em, k = cfg.encoder, cfg.global_model, cfg.decoder, cfg.entropy_model, cfg.cross_attn_k
     patches_per_byte = 1.0 / bytes_per_patch
     n_patches = max(seq_len * patches_per_byte, 1.0)
 
-    enc = e.n_layers * layer_flops(e, mean_context(seq_len, e.window))
+    def context(n, window):  # keys a query sees (none counted without attention)
+        return mean_context(n, window) if attention else 0.0
+
+    enc = e.n_layers * layer_flops(e, context(seq_len, e.window))
     enc_cross_layers = e.n_layers if e.cross_attn_all_layers else 1
-    keys_per_query = bytes_per_patch * (e.cross_attn_window or 1)
+    keys_per_query = bytes_per_patch * (e.cross_attn_window or 1) if attention else 0.0
     enc += patches_per_byte * 2 * e.dim * e.dim * k  # pooled D -> k·D projection
     enc += enc_cross_layers * (
         cross_attn_flops_per_key(e) + patches_per_byte * k * cross_attn_flops_per_query(e, keys_per_query)
     )
 
-    glob = patches_per_byte * g.n_layers * layer_flops(g, mean_context(int(n_patches), g.window))
+    glob = patches_per_byte * g.n_layers * layer_flops(g, context(int(n_patches), g.window))
     if cfg.global_input_dim != g.dim:
         glob += patches_per_byte * 2 * cfg.global_input_dim * g.dim
 
-    dec = d.n_layers * layer_flops(d, mean_context(seq_len, d.window))
+    dec = d.n_layers * layer_flops(d, context(seq_len, d.window))
     dec_cross_layers = d.n_layers if d.cross_attn_all_layers else 1
     dec += patches_per_byte * 2 * g.dim * d.dim * k  # patch outputs -> k keys/values
     dec += dec_cross_layers * (
-        patches_per_byte * k * cross_attn_flops_per_key(d) + cross_attn_flops_per_query(d, k * (d.cross_attn_window or 1))
+        patches_per_byte * k * cross_attn_flops_per_key(d)
+        + cross_attn_flops_per_query(d, k * (d.cross_attn_window or 1) if attention else 0.0)
     )
     dec += 2 * d.dim * VOCAB_SIZE
 
-    ent = em.n_layers * layer_flops(em, mean_context(seq_len, em.window)) + 2 * em.dim * VOCAB_SIZE
+    ent = em.n_layers * layer_flops(em, context(seq_len, em.window)) + 2 * em.dim * VOCAB_SIZE
     if not cfg.patcher.needs_entropy:
         ent = 0.0
     return FlopCount(enc, glob, dec, ent)
