@@ -578,6 +578,23 @@ def test_train_with_precomputed_entropies(work, entropy_dir):
         train.main(blt_argv(work, entropy_dir, work / "bad", 2, 4, "--precomputed-entropies", "--patch-mode", "static"))
 
 
+def test_entropy_pass_bench(entropy_dir):
+    """bench/entropy_pass.py times --precomputed-entropies' pass over a whole encoded text with a
+    trained entropy model (a train_entropy folder), and names bad input in one line."""
+    from blt.data import encode_documents, load_documents
+
+    n = len(encode_documents(list(load_documents(FIXTURE))))
+    bench = ["bench/entropy_pass.py", "--device", "cpu", "--batch", "1"]
+    result = run_cli(*bench, "--checkpoint", str(entropy_dir), "--data", FIXTURE, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"stream: {n:,} positions (--data {FIXTURE})" in result.stdout
+    assert "positions/s" in result.stdout.splitlines()[-1]
+    for args, message in ((["--checkpoint", str(entropy_dir / "missing")], "error: checkpoint folder not found"),
+                          (["--config", "tiny", "--mbytes", "0"], "--mbytes must be > 0")):  # fmt: skip
+        result = run_cli(*bench, *args, timeout=600)
+        assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
 def test_lookahead_peeks_without_moving_the_batcher():
     from blt.data import Batcher
 
