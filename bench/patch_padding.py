@@ -8,7 +8,10 @@ entropy model and θ), and prints, per batch, each row's patch count and the sha
 in the global transformer's input: as `blt.train --one-graph` lays it out, (B, P) with every row
 padded to the longest and P to a multiple of --patch-pad, and as `--pack-patches` does on a GPU:
 all rows end to end, each row's segment padded to a multiple of FlexAttention's block size
-(blt.packing), and the total to a multiple of --patch-pad.
+(blt.packing), and the total to a multiple of --patch-pad. Last, what `--one-graph` does, which
+packs a batch only when that makes fewer slots than the padded rows: its padding, and how many
+shapes its loss graph is compiled for over these batches (one per padded P, and one per
+(padded P, packed total) pair that it packs).
 """
 
 import argparse
@@ -51,7 +54,8 @@ def main():
     tokens = torch.as_tensor(encode_documents(docs).astype("int64"))
     if tokens.numel() < need:
         sys.exit(f"--data holds {tokens.numel()} tokens; {args.batches} batches of {B} x {T} need {need}")
-    real_sum = padded_sum = packed_sum = 0
+    real_sum = padded_sum = packed_sum = chosen_sum = 0
+    shapes = set()
     for i in range(args.batches):
         with torch.no_grad():
             patching = model.patch(tokens[i * B * T : (i + 1) * B * T].view(B, T))
@@ -59,10 +63,14 @@ def main():
         real, padded = int(rows.sum()), patching.padded(args.patch_pad).patch_lengths.numel()
         packed = -(-int(aligned_slot_count(rows, BLOCK)) // args.patch_pad) * args.patch_pad
         real_sum, padded_sum, packed_sum = real_sum + real, padded_sum + padded, packed_sum + packed
+        chosen_sum += min(packed, padded)
+        shapes.add((padded // B, packed) if packed < padded else padded // B)
         print(f"batch {i}: patches per row {rows.min().item()}-{rows.max().item()}; "
               f"padding {100 * (1 - real / padded):.1f}% as (B, P), {100 * (1 - real / packed):.1f}% packed")  # fmt: skip
     print(f"all {args.batches} batches of {B} x {T} bytes (mean {B * T * args.batches / real_sum:.2f} bytes/patch): "
           f"padding {100 * (1 - real_sum / padded_sum):.1f}% as (B, P), {100 * (1 - real_sum / packed_sum):.1f}% packed")  # fmt: skip
+    print(f"--one-graph (packs a batch when that makes fewer slots): padding {100 * (1 - real_sum / chosen_sum):.1f}%, "
+          f"{len(shapes)} shapes to compile: {sorted(shapes, key=str)}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ class BLT(nn.Module):
         packed_slots: run the global transformer on the rows' patches packed end to end in a
         sequence of this many slots (blt.packing; at least their total, each row's padded to
         packing_align(backend)), not on the padded (B, P) layout: the same outputs, without
-        computing the padding. With pack_patches set and no packed_slots, the fewest slots."""
+        computing the padding. With pack_patches set and no packed_slots, the fewest slots;
+        packed_slots=0: the padded layout even so."""
         B, T = tokens.shape
         if patch_lengths is None:
             patching = self.patch(tokens)
@@ -131,7 +132,7 @@ class BLT(nn.Module):
         align = packing_align(backend)
         if packed_slots is None and self.pack_patches:
             packed_slots = packed_patch_count(patching.patch_lengths, align)
-        if packed_slots is None:
+        if not packed_slots:
             patch_out = self.global_model(patches, masks.patch_self)
         else:
             plan = packing_plan(patching.patch_lengths, packed_slots, align)

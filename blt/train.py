@@ -191,7 +191,8 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack-patches", action=argparse.BooleanOptionalAction, default=None,
                    help="run the global transformer on the rows' patches packed end to end, not on rows padded to "
                         "the longest (same outputs, no compute on padding; with --one-graph: more shapes). "
-                        "Default: on with --one-graph (5%% faster steps on an H200), off otherwise")  # fmt: skip
+                        "Default: on with --one-graph (5%% faster steps on an H200), which packs a micro-batch "
+                        "when that makes fewer slots than padding; off otherwise")  # fmt: skip
     g.add_argument("--precomputed-entropies", action="store_true",
                    help="patch training batches from entropies that the frozen entropy model computes once over the "
                         "training shard (cached beside it), as the official training does, instead of running it on "
@@ -620,7 +621,9 @@ class OneGraph:
     2. The whole forward and loss, fed patch lengths padded to a multiple of patch_pad
        (Patching.padded) so that a few shapes recur. With raw.pack_patches, the global
        transformer runs on the rows' patches packed end to end (blt.packing), the total also
-       padded to patch_pad (from the count read here, so the graph reads nothing back).
+       padded to patch_pad (from the count read here, so the graph reads nothing back), when
+       that makes fewer slots than the padded rows: with each row aligned to 128 slots, rows
+       of similar lengths often pack into exactly as many.
 
     On CUDA both are CUDA graphs (mode "reduce-overhead"), the loss graph's backward too: a step
     is a handful of launches instead of thousands, which is what bounds a small model's step.
@@ -706,7 +709,10 @@ class OneGraph:
         longest, total = count.tolist()
         patching = patching_from_starts(starts, num_patches=longest)
         padded = patching.padded(self.patch_pad)
-        slots = -(-total // self.patch_pad) * self.patch_pad if self.raw.pack_patches else None
+        slots = None
+        if self.raw.pack_patches:  # packed, unless that takes as many slots as padding (then 0: padded)
+            slots = -(-total // self.patch_pad) * self.patch_pad
+            slots = slots if slots < padded.patch_lengths.numel() else 0
         return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch, slots), patching
 
     def zero_grad(self, optimizer) -> None:

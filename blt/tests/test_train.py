@@ -463,7 +463,8 @@ def test_one_graph_patches_the_upcoming_batch_early():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
 def test_one_graph_patch_pad_changes_shapes_not_losses():
     """The padded patch count is the next multiple of patch_pad, and so is the packed global
-    transformer's (model.pack_patches); the loss depends on neither."""
+    transformer's (model.pack_patches), unless packing would take as many slots as the padded
+    rows (one row: then the padded layout, slots 0); the loss depends on none of these."""
     from blt.config import tiny
     from blt.entropy_model import EntropyModel
 
@@ -491,6 +492,8 @@ def test_one_graph_patch_pad_changes_shapes_not_losses():
     total = int((patching.patch_lengths > 0).sum())
     assert slots == [-(-total // 16) * 16] and slots[0] < batch.shape[0] * shapes[2]
     assert loss.item() == pytest.approx(losses[0], abs=1e-5)
+    og(batch[:1])  # one row packs into as many slots as it pads to
+    assert slots[-1] == 0
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
