@@ -191,8 +191,8 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack-patches", action=argparse.BooleanOptionalAction, default=None,
                    help="run the global transformer on the rows' patches packed end to end, not on rows padded to "
                         "the longest (same outputs, no compute on padding; with --one-graph: more shapes). "
-                        "Default: on with --one-graph (5%% faster steps on an H200), which packs a micro-batch "
-                        "when that makes fewer slots than padding; off otherwise")  # fmt: skip
+                        "Default: on with --one-graph (5%% faster steps of the bench preset on an H200), which "
+                        "packs a micro-batch when that makes fewer slots than padding; off otherwise")  # fmt: skip
     g.add_argument("--precomputed-entropies", action="store_true",
                    help="patch training batches from entropies that the frozen entropy model computes once over the "
                         "training shard (cached beside it), as the official training does, instead of running it on "
