@@ -42,9 +42,10 @@ def main():
         sys.exit("--mbytes must be > 0 and --batch >= 1")
     device = torch.device(args.device)
     try:
-        if args.checkpoint and (entropy_model_dir(args.checkpoint) / ENTROPY_CONFIG).exists():
-            model = load_entropy_model(entropy_model_dir(args.checkpoint), device)
-        elif args.checkpoint:  # a BLT's folder: its entropy model
+        folder = entropy_model_dir(args.checkpoint) if args.checkpoint else None
+        if folder is not None and (folder / ENTROPY_CONFIG).exists():
+            model = load_entropy_model(folder, device)
+        elif folder is not None:  # a BLT's folder: its entropy model
             model = load_model(args.checkpoint, device).entropy_model
         else:
             torch.manual_seed(0)
@@ -56,6 +57,8 @@ def main():
             tokens = rng.integers(4, 260, int(args.mbytes * 1e6)).astype(np.uint16)
     except (CheckpointError, ConfigError, DataError, OSError) as err:
         sys.exit(f"error: {err}")
+    if len(tokens) == 0:
+        sys.exit(f"error: --data {args.data} holds no documents")
     model.eval()
     context = model.receptive_field or ENTROPY_CHUNK
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -65,8 +68,7 @@ def main():
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        stream_entropies(model, tokens, out, context, ENTROPY_CHUNK, args.batch, dtype)
+    stream_entropies(model, tokens, out, context, ENTROPY_CHUNK, args.batch, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     sec = time.perf_counter() - t0
