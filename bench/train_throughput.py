@@ -36,7 +36,7 @@ from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
 from blt.layers import FLEX_BACKENDS, set_flex_backend  # noqa: E402
-from blt.masks import BLOCK  # noqa: E402
+from blt.masks import BLOCK, set_patch_kernels  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.packing import aligned_slot_count, row_patch_counts  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
@@ -144,6 +144,9 @@ def main():
                          "(no entropy model in the step); transformers then gets the same patches as patch_lengths")  # fmt: skip
     ap.add_argument("--bf16-residual", action="store_true",
                     help="our byte-level residual stream in bf16, as blt.train --bf16-residual")  # fmt: skip
+    ap.add_argument("--no-patch-kernels", action="store_true",
+                    help="run the one-patch cross-attentions and the max-pooling on FlexAttention and "
+                         "scatter_reduce, not on blt.patch_runs's kernels (ours only)")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                     help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
@@ -154,6 +157,7 @@ def main():
     except ValueError as err:
         sys.exit(f"--attention: {err}")
     set_flex_backend("triton")  # until the one-graph variant: the FLASH kernels need static shapes
+    set_patch_kernels(not args.no_patch_kernels)
     args.profile = args.profile or args.profile_out is not None
     if args.patch_pad < 1:
         sys.exit("--patch-pad must be >= 1")
@@ -201,6 +205,7 @@ def main():
 
     options = " --bf16-residual" if args.bf16_residual else ""
     options += " --precomputed-entropies" if args.precomputed_entropies else ""
+    options += " --no-patch-kernels" if args.no_patch_kernels else ""
     options += "".join(f" --inductor {item}" for item in args.inductor)
     given = (patching.patch_lengths, patching.next_starts_patch) if args.precomputed_entropies else (None, None)
     rows = []

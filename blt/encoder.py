@@ -9,14 +9,21 @@ bytes of the last `cross_attn_window` patches). The result, (B, P, k·D), feeds 
 import torch
 from torch import nn
 
+from blt import patch_runs
 from blt.config import BLTConfig
 from blt.layers import CrossAttention, Rotary, TransformerBlock, init_block, init_linear, trunc_normal_
+from blt.masks import PatchRuns
 from blt.ngram_hash import HashNgramEmbedding
 from blt.tokens import VOCAB_SIZE
 
 
-def max_pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """(B,T,D) byte states -> (B,P,D) elementwise max over each patch's bytes (zeros if empty)."""
+def max_pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int, runs: PatchRuns | None = None):
+    """(B,T,D) byte states -> (B,P,D) elementwise max over each patch's bytes (zeros if empty).
+    Given the encoder's PatchRuns, on blt.patch_runs's kernel: the same values and gradients
+    (split evenly among tied bytes), except where a patch's max is exactly 0, where
+    scatter_reduce also hands a share to its zero initial value and the kernel does not."""
+    if runs is not None:
+        return patch_runs.max_pool(h, runs.start, runs.end)
     B, _, D = h.shape
     out = h.new_zeros(B, num_patches, D)
     index = patch_ids.clamp(0, num_patches - 1)[..., None].expand_as(h)
@@ -68,10 +75,10 @@ class LocalEncoder(nn.Module):
         out = queries + ca(queries, h, mask)
         return out + queries if self.double_residual else out
 
-    def init_queries(self, h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+    def init_queries(self, h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int, runs: PatchRuns | None = None):
         """(B,T,D) -> (B,P·k,D) pooling queries: max over each patch, projected D -> k·D."""
         B, _, D = h.shape
-        return self.patch_proj(max_pool_patches(h, patch_ids, num_patches)).view(B, num_patches * self.k, D)
+        return self.patch_proj(max_pool_patches(h, patch_ids, num_patches, runs)).view(B, num_patches * self.k, D)
 
     def forward(self, tokens, patch_ids, num_patches, self_mask, cross_mask, positions=None, caches=None):
         """tokens (B,T), patch_ids (B,T) -> byte states (B,T,D), patch states (B,P,k·D)."""
@@ -86,6 +93,7 @@ class LocalEncoder(nn.Module):
             h = layer(h, rope, self_mask, None if caches is None else caches[i])
             if self.has_cross_attn(i):
                 if queries is None:  # initialised once by pooling, as the official code
-                    queries = self.init_queries(h, patch_ids, num_patches)
+                    runs = cross_mask if isinstance(cross_mask, PatchRuns) else None
+                    queries = self.init_queries(h, patch_ids, num_patches, runs)
                 queries = self.cross_attend(i, queries, h, cross_mask)
         return h, queries.view(B, num_patches, -1)

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from blt import patch_runs
 from blt.config import TransformerConfig
+from blt.masks import PatchRuns
 
 _compiled_flex = None
 FLEX_BACKENDS = ("triton", "flash")
@@ -68,9 +70,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, cross: bool 
     """Scaled dot-product attention, q (B,H,Q,Dh), k/v (B,Hkv,K,Dh) -> (B,H,Q,Dh).
 
     mask: None (every query sees every key), a boolean tensor broadcastable to (B,H,Q,K)
-    (True = may attend; dense SDPA backend), or a FlexAttention BlockMask. A query row with no
-    visible key outputs zeros in both backends (FlexAttention's convention) instead of NaN.
+    (True = may attend; dense SDPA backend), a FlexAttention BlockMask, or masks.PatchRuns
+    (a one-patch cross-attention, on blt.patch_runs's kernels). A query row with no
+    visible key outputs zeros in every backend (FlexAttention's convention) instead of NaN.
     """
+    if isinstance(mask, PatchRuns):
+        read = patch_runs.bytes_read_patches if mask.queries == "bytes" else patch_runs.patches_read_bytes
+        return read(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask.start, mask.end).transpose(1, 2)
     if isinstance(mask, BlockMask):
         return _flex(q, k, v, mask, cross)
     if k.shape[1] != q.shape[1]:

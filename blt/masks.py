@@ -24,7 +24,9 @@ Four masks (True = may attend):
     dec_cross  (T, P·k)    byte t sees patch dec_id[t] (or dec_id[t]-w+1..dec_id[t])
 
 Two backends with identical semantics: dense boolean tensors for SDPA (CPU, reference) and
-FlexAttention BlockMasks (CUDA; no T×T tensor is materialised).
+FlexAttention BlockMasks (CUDA; no T×T tensor is materialised). With the cross-attention
+windows at their default (one patch), the flex backend gives the two cross-attentions as
+PatchRuns instead: the byte range of each patch, which blt.patch_runs's kernels walk.
 """
 
 from dataclasses import dataclass
@@ -32,8 +34,37 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from blt import patch_runs
+
 BLOCK = 128  # FlexAttention's block size
 _causal_cache: dict = {}  # (T, window, device) -> BlockMask; these depend on shapes only
+_patch_kernels = True
+
+
+def set_patch_kernels(enabled: bool) -> None:
+    """Whether the flex backend runs the one-patch cross-attentions on blt.patch_runs's
+    kernels (the default, where they can run) or on FlexAttention."""
+    global _patch_kernels
+    _patch_kernels = enabled
+
+
+@dataclass
+class PatchRuns:
+    """A cross-attention mask given as runs: for each (row, patch p), the bytes start..end-1.
+    queries="patches": patch p's k query slots read those bytes (encoder); "bytes": those
+    bytes read patch p's k key slots (decoder). Bytes in no run read nothing."""
+
+    start: torch.Tensor  # (B, P) int32
+    end: torch.Tensor  # (B, P) int32
+    queries: str
+
+
+def runs(ids: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,T) non-decreasing patch index per byte -> start, end (B,P): where each patch's run
+    of bytes starts and ends (end exclusive; start == end for a patch no byte has)."""
+    p = torch.arange(num_patches, device=ids.device).expand(ids.shape[0], num_patches).contiguous()
+    ids = ids.contiguous()
+    return torch.searchsorted(ids, p).int(), torch.searchsorted(ids, p, right=True).int()
 
 
 def patch_ids_from_lengths(patch_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -157,7 +188,10 @@ def build_masks(
     enc_self = causal_mask(T, enc_window, backend, device)
     dec_self = enc_self if dec_window == enc_window else causal_mask(T, dec_window, backend, device)
     patch_self = causal_mask(num_patches, patch_window, backend, device)
-    if backend == "flex":
+    if backend == "flex" and ew == 1 and dw == 1 and _patch_kernels and patch_runs.available(device):
+        enc = PatchRuns(*runs(patch_ids, num_patches), queries="patches")
+        dec = PatchRuns(*runs(dec_ids, num_patches), queries="bytes")
+    elif backend == "flex":
 
         def enc_mod(b, h, q, kv):
             d = q // k - patch_ids[b, kv]
