@@ -67,6 +67,30 @@ if triton is not None:
         d = tl.arange(0, BD)
         return h, d, (h[:, None] < H) & (d[None, :] < D)
 
+    @triton.jit
+    def _slot_tile(X, b, p, sxb, sxs, sxh, heads, d, hd, KS: tl.constexpr, BK: tl.constexpr):
+        """Patch p's k slots of X, all heads (heads: each query head's row of X) -> the
+        (BK, BH, BD) tile in float32, its mask, and the slot index (BK, 1, 1)."""
+        j = tl.arange(0, BK)
+        mask = (j[:, None, None] < KS) & hd[None]
+        slot = (p * KS + j)[:, None, None]
+        tile = tl.load(X + b * sxb + slot * sxs + heads[None, :, None] * sxh + d[None, None, :], mask=mask, other=0.0)
+        return tile.to(tl.float32), mask, slot
+
+    @triton.jit
+    def _run(RS, RE, b, p, P):
+        """Patch p's run of bytes start..end-1 in row b, and where the previous run ended."""
+        return tl.load(RS + b * P + p), tl.load(RE + b * P + p), tl.load(RE + b * P + p - 1, mask=p > 0, other=0)
+
+    @triton.jit
+    def _key_probs(q, k3, scale: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr):
+        """A byte's q (BH, BD) against its patch's k keys (BK, BH, BD) -> softmax (BK, BH)."""
+        j = tl.arange(0, BK)
+        s = tl.sum(q[None] * k3, axis=2) * scale
+        s = tl.where(j[:, None] < KS, s, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=0)[None])
+        return e / tl.sum(e, axis=0)[None]
+
     # ---- decoder: bytes (queries) read the k key slots of their latest complete patch ----
 
     @triton.jit
@@ -79,25 +103,16 @@ if triton is not None:
         p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
-        j = tl.arange(0, BK)
-        kv_mask = (j[:, None, None] < KS) & hd[None]
-        slot = (p * KS + j)[:, None, None]
-        k3 = tl.load(K + b * skb + slot * sks + (h // G)[None, :, None] * skh + d[None, None, :], mask=kv_mask, other=0.0)
-        v3 = tl.load(V + b * svb + slot * svs + (h // G)[None, :, None] * svh + d[None, None, :], mask=kv_mask, other=0.0)
-        k3, v3 = k3.to(tl.float32), v3.to(tl.float32)
-        rs = tl.load(RS + b * P + p)
-        re = tl.load(RE + b * P + p)
-        prev = tl.load(RE + b * P + p - 1, mask=p > 0, other=0)
+        k3, kv_mask, slot = _slot_tile(K, b, p, skb, sks, skh, h // G, d, hd, KS, BK)
+        v3, kv_mask, slot = _slot_tile(V, b, p, svb, svs, svh, h // G, d, hd, KS, BK)
+        rs, re, prev = _run(RS, RE, b, p, P)
         q_hd = h[:, None] * sqh + d[None, :]
         o_hd = h[:, None] * soh + d[None, :]
         for t in range(prev, rs):  # bytes before this run that read no patch
             tl.store(O + b * sob + t * sot + o_hd, tl.zeros((BH, BD), tl.float32).to(O.dtype.element_ty), mask=hd)
         for t in range(rs, re):
             q = tl.load(Q + b * sqb + t * sqt + q_hd, mask=hd, other=0.0).to(tl.float32)
-            s = tl.sum(q[None] * k3, axis=2) * scale  # (BK, BH)
-            s = tl.where(j[:, None] < KS, s, float("-inf"))
-            e = tl.exp(s - tl.max(s, axis=0)[None])
-            pr = e / tl.sum(e, axis=0)[None]
+            pr = _key_probs(q, k3, scale, KS, BK)
             o = tl.sum(pr[:, :, None] * v3, axis=0)
             tl.store(O + b * sob + t * sot + o_hd, o.to(O.dtype.element_ty), mask=hd)
 
@@ -111,15 +126,9 @@ if triton is not None:
         p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
-        j = tl.arange(0, BK)
-        kv_mask = (j[:, None, None] < KS) & hd[None]
-        slot = (p * KS + j)[:, None, None]
-        k3 = tl.load(K + b * skb + slot * sks + (h // G)[None, :, None] * skh + d[None, None, :], mask=kv_mask, other=0.0)
-        v3 = tl.load(V + b * svb + slot * svs + (h // G)[None, :, None] * svh + d[None, None, :], mask=kv_mask, other=0.0)
-        k3, v3 = k3.to(tl.float32), v3.to(tl.float32)
-        rs = tl.load(RS + b * P + p)
-        re = tl.load(RE + b * P + p)
-        prev = tl.load(RE + b * P + p - 1, mask=p > 0, other=0)
+        k3, kv_mask, slot = _slot_tile(K, b, p, skb, sks, skh, h // G, d, hd, KS, BK)
+        v3, kv_mask, slot = _slot_tile(V, b, p, svb, svs, svh, h // G, d, hd, KS, BK)
+        rs, re, prev = _run(RS, RE, b, p, P)
         q_hd = h[:, None] * sqh + d[None, :]
         do_hd = h[:, None] * sdoh + d[None, :]
         dq_hd = h[:, None] * sdqh + d[None, :]
@@ -130,10 +139,7 @@ if triton is not None:
         for t in range(rs, re):
             q = tl.load(Q + b * sqb + t * sqt + q_hd, mask=hd, other=0.0).to(tl.float32)
             do = tl.load(DO + b * sdob + t * sdot + do_hd, mask=hd, other=0.0).to(tl.float32)
-            s = tl.sum(q[None] * k3, axis=2) * scale
-            s = tl.where(j[:, None] < KS, s, float("-inf"))
-            e = tl.exp(s - tl.max(s, axis=0)[None])
-            pr = e / tl.sum(e, axis=0)[None]
+            pr = _key_probs(q, k3, scale, KS, BK)
             dp = tl.sum(do[None] * v3, axis=2)
             ds = pr * (dp - tl.sum(pr * dp, axis=0)[None])
             dq = tl.sum(ds[:, :, None] * k3, axis=0) * scale
@@ -157,10 +163,7 @@ if triton is not None:
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
         j = tl.arange(0, BK)
-        q_mask = (j[:, None, None] < KS) & hd[None]
-        slot = (p * KS + j)[:, None, None]
-        q3 = tl.load(Q + b * sqb + slot * sqs + h[None, :, None] * sqh + d[None, None, :], mask=q_mask, other=0.0)
-        q3 = q3.to(tl.float32)
+        q3, q_mask, slot = _slot_tile(Q, b, p, sqb, sqs, sqh, h, d, hd, KS, BK)
         k_hd = (h // G)[:, None] * skh + d[None, :]
         v_hd = (h // G)[:, None] * svh + d[None, :]
         m = tl.full((BK, BH), float("-inf"), tl.float32)
@@ -194,12 +197,9 @@ if triton is not None:
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
         j = tl.arange(0, BK)
-        q_mask = (j[:, None, None] < KS) & hd[None]
-        slot = (p * KS + j)[:, None, None]
-        hs = h[None, :, None]
-        q3 = tl.load(Q + b * sqb + slot * sqs + hs * sqh + d[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
-        o3 = tl.load(O + b * sob + slot * sos + hs * soh + d[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
-        do3 = tl.load(DO + b * sdob + slot * sdos + hs * sdoh + d[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q3, q_mask, slot = _slot_tile(Q, b, p, sqb, sqs, sqh, h, d, hd, KS, BK)
+        o3, q_mask, slot = _slot_tile(O, b, p, sob, sos, soh, h, d, hd, KS, BK)
+        do3, q_mask, slot = _slot_tile(DO, b, p, sdob, sdos, sdoh, h, d, hd, KS, BK)
         live = (j[:, None] < KS) & (h[None, :] < H)
         lse = tl.load(LSE + (b * P * KS + p * KS + j)[:, None] * H + h[None, :], mask=live, other=0.0)
         delta = tl.sum(do3 * o3, axis=2)  # (BK, BH)
@@ -218,7 +218,7 @@ if triton is not None:
             dv = tl.sum(pr[:, :, None] * do3, axis=0)
             tl.store(DK + b * sgb + t * sgt + g_hd, dk.to(DK.dtype.element_ty), mask=hd)
             tl.store(DV + b * sgb + t * sgt + g_hd, dv.to(DV.dtype.element_ty), mask=hd)
-        dq_off = b * sdqb + slot * sdqs + hs * sdqh + d[None, None, :]
+        dq_off = b * sdqb + slot * sdqs + h[None, :, None] * sdqh + d[None, None, :]
         tl.store(DQ + dq_off, (dq3 * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
     # ---- max-pooling each patch's bytes (the encoder's initial patch queries) ----
