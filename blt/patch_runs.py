@@ -83,6 +83,17 @@ if triton is not None:
         return tl.load(RS + b * P + p), tl.load(RE + b * P + p), tl.load(RE + b * P + p - 1, mask=p > 0, other=0)
 
     @triton.jit
+    def _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr):
+        """A decoder program's patch: its k keys and values (float32 tiles), their mask and slots,
+        and its run of bytes."""
+        p = tl.program_id(0)
+        b = tl.program_id(1)
+        k3, mask, slot = _slot_tile(K, b, p, skb, sks, skh, h // G, d, hd, KS, BK)
+        v3, mask, slot = _slot_tile(V, b, p, svb, svs, svh, h // G, d, hd, KS, BK)
+        rs, re, prev = _run(RS, RE, b, p, P)
+        return k3, v3, mask, slot, rs, re, prev
+
+    @triton.jit
     def _key_probs(q, k3, scale: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr):
         """A byte's q (BH, BD) against its patch's k keys (BK, BH, BD) -> softmax (BK, BH)."""
         j = tl.arange(0, BK)
@@ -103,9 +114,7 @@ if triton is not None:
         p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
-        k3, kv_mask, slot = _slot_tile(K, b, p, skb, sks, skh, h // G, d, hd, KS, BK)
-        v3, kv_mask, slot = _slot_tile(V, b, p, svb, svs, svh, h // G, d, hd, KS, BK)
-        rs, re, prev = _run(RS, RE, b, p, P)
+        k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
         q_hd = h[:, None] * sqh + d[None, :]
         o_hd = h[:, None] * soh + d[None, :]
         for t in range(prev, rs):  # bytes before this run that read no patch
@@ -126,9 +135,7 @@ if triton is not None:
         p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
-        k3, kv_mask, slot = _slot_tile(K, b, p, skb, sks, skh, h // G, d, hd, KS, BK)
-        v3, kv_mask, slot = _slot_tile(V, b, p, svb, svs, svh, h // G, d, hd, KS, BK)
-        rs, re, prev = _run(RS, RE, b, p, P)
+        k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
         q_hd = h[:, None] * sqh + d[None, :]
         do_hd = h[:, None] * sdoh + d[None, :]
         dq_hd = h[:, None] * sdqh + d[None, :]
