@@ -94,6 +94,10 @@ def kernel_kind(name: str) -> str:
     n = name.lower()
     if "flex" in n or "tem_fused" in n or "flash_attn" in n:  # Triton's or FlashAttention-4's
         return "attention"
+    if n.startswith(("_bytes_read_patches", "_patches_read_bytes")):  # blt.patch_runs's cross-attentions
+        return "attention"
+    if n.startswith("_patch_max"):  # blt.patch_runs's max-pooling
+        return "fused pointwise/reduction"
     if any(w in n for w in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "cublas")):
         return "matmul"
     if "adam" in n:

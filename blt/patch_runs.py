@@ -105,7 +105,7 @@ if triton is not None:
     # ---- decoder: bytes (queries) read the k key slots of their latest complete patch ----
 
     @triton.jit
-    def _dec_fwd(
+    def _bytes_read_patches_fwd(
         Q, K, V, O, RS, RE, P,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh,
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
@@ -126,7 +126,7 @@ if triton is not None:
             tl.store(O + b * sob + t * sot + o_hd, o.to(O.dtype.element_ty), mask=hd)
 
     @triton.jit
-    def _dec_bwd(
+    def _bytes_read_patches_bwd(
         Q, K, V, DO, DQ, DK, DV, RS, RE, P,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sgb, sgs, sgh,
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
@@ -160,7 +160,7 @@ if triton is not None:
     # ---- encoder: each patch's k queries read the bytes of that patch ----
 
     @triton.jit
-    def _enc_fwd(
+    def _patches_read_bytes_fwd(
         Q, K, V, O, LSE, RS, RE, P,
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh,
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
@@ -193,7 +193,7 @@ if triton is not None:
         tl.store(LSE + (b * P * KS + p * KS + j)[:, None] * H + h[None, :], lse, mask=(j[:, None] < KS) & (h[None, :] < H))
 
     @triton.jit
-    def _enc_bwd(
+    def _patches_read_bytes_bwd(
         Q, K, V, O, DO, LSE, DQ, DK, DV, RS, RE, P,
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
         sgb, sgt, sgh,
@@ -231,7 +231,7 @@ if triton is not None:
     # ---- max-pooling each patch's bytes (the encoder's initial patch queries) ----
 
     @triton.jit
-    def _max_fwd(X, O, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
+    def _patch_max_fwd(X, O, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
         p = tl.program_id(0)
         b = tl.program_id(1)
         d = tl.program_id(2) * BD + tl.arange(0, BD)
@@ -244,7 +244,7 @@ if triton is not None:
         tl.store(O + b * sob + p * sop + d, m.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
-    def _max_bwd(X, O, G, DX, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
+    def _patch_max_bwd(X, O, G, DX, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
         """Each patch's gradient goes to the bytes that hold its maximum, split evenly among ties
         (as scatter_reduce's amax). O, G and DX share X's strides but for the patch axis."""
         p = tl.program_id(0)
@@ -268,7 +268,7 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         out = torch.empty(B, P, D, dtype=x.dtype, device=x.device)
-        wrap_triton(_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128)
+        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128)
         return out
 
     @triton_op("blt::patch_max_backward", mutates_args=())
@@ -278,20 +278,20 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         dx = torch.zeros_like(x)  # bytes in no patch (none, when the patches cover the row)
-        wrap_triton(_max_bwd)[(P, B, triton.cdiv(D, 128))](
+        wrap_triton(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
             x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128
         )  # fmt: skip
         return dx
 
-    def _max_setup(ctx, inputs, output):
+    def _patch_max_setup(ctx, inputs, output):
         x, start, end = inputs
         ctx.save_for_backward(x, start, end, output)
 
-    def _max_backward(ctx, grad):
+    def _patch_max_grad(ctx, grad):
         x, start, end, out = ctx.saved_tensors
         return patch_max_backward(x, start, end, out, grad.contiguous()), None, None
 
-    patch_max.register_autograd(_max_backward, setup_context=_max_setup)
+    patch_max.register_autograd(_patch_max_grad, setup_context=_patch_max_setup)
 
     def _strides(*xs):
         return [s for x in xs for s in x.stride()[:3]]
@@ -306,7 +306,7 @@ if triton is not None:
         B, T, H, D = q.shape
         P = start.shape[1]
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        wrap_triton(_dec_fwd)[(P, B)](
+        wrap_triton(_bytes_read_patches_fwd)[(P, B)](
             q, k, v, out, start, end, P, *_strides(q, k, v, out), scale=scale, **_meta(H, k.shape[2], D, k.shape[1] // P)
         )  # fmt: skip
         return out
@@ -321,7 +321,7 @@ if triton is not None:
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         acc = torch.float32 if Hkv != H else k.dtype
         dk, dv = (torch.empty(B, S, H, D, dtype=acc, device=q.device) for _ in range(2))
-        wrap_triton(_dec_bwd)[(P, B)](
+        wrap_triton(_bytes_read_patches_bwd)[(P, B)](
             q, k, v, grad, dq, dk, dv, start, end, P, *_strides(q, k, v, grad, dq, dk),
             scale=scale, **_meta(H, Hkv, D, S // P),
         )  # fmt: skip
@@ -337,7 +337,7 @@ if triton is not None:
         P = start.shape[1]
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(B, S, H, dtype=torch.float32, device=q.device)
-        wrap_triton(_enc_fwd)[(P, B)](
+        wrap_triton(_patches_read_bytes_fwd)[(P, B)](
             q, k, v, out, lse, start, end, P, *_strides(q, k, v, out), scale=scale, **_meta(H, k.shape[2], D, S // P)
         )  # fmt: skip
         return out, lse
@@ -353,35 +353,35 @@ if triton is not None:
         acc = torch.float32 if Hkv != H else k.dtype
         # zeros: a byte outside every patch (none, when the patches cover the row) gets no gradient
         dk, dv = (torch.zeros(B, T, H, D, dtype=acc, device=q.device) for _ in range(2))
-        wrap_triton(_enc_bwd)[(P, B)](
+        wrap_triton(_patches_read_bytes_bwd)[(P, B)](
             q, k, v, out, grad, lse, dq, dk, dv, start, end, P, *_strides(q, k, v, out, grad, dq, dk),
             scale=scale, **_meta(H, Hkv, D, S // P),
         )  # fmt: skip
         return [dq, _group_sum(dk, Hkv, k.dtype), _group_sum(dv, Hkv, v.dtype)]
 
-    def _dec_setup(ctx, inputs, output):
+    def _bytes_read_setup(ctx, inputs, output):
         q, k, v, start, end, scale = inputs
         ctx.save_for_backward(q, k, v, start, end)
         ctx.scale = scale
 
-    def _dec_backward(ctx, grad):
+    def _bytes_read_backward(ctx, grad):
         q, k, v, start, end = ctx.saved_tensors
         dq, dk, dv = byte_patch_attention_backward(q, k, v, start, end, ctx.scale, _unit_last(grad))
         return dq, dk, dv, None, None, None
 
-    def _enc_setup(ctx, inputs, output):
+    def _patches_read_setup(ctx, inputs, output):
         q, k, v, start, end, scale = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, start, end, out, lse)
         ctx.scale = scale
 
-    def _enc_backward(ctx, grad, _grad_lse):
+    def _patches_read_backward(ctx, grad, _grad_lse):
         q, k, v, start, end, out, lse = ctx.saved_tensors
         dq, dk, dv = patch_byte_attention_backward(q, k, v, start, end, ctx.scale, out, lse, _unit_last(grad))
         return dq, dk, dv, None, None, None
 
-    byte_patch_attention.register_autograd(_dec_backward, setup_context=_dec_setup)
-    patch_byte_attention.register_autograd(_enc_backward, setup_context=_enc_setup)
+    byte_patch_attention.register_autograd(_bytes_read_backward, setup_context=_bytes_read_setup)
+    patch_byte_attention.register_autograd(_patches_read_backward, setup_context=_patches_read_setup)
 
 
 def bytes_read_patches(q, k, v, start, end) -> torch.Tensor:

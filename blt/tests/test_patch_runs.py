@@ -105,6 +105,9 @@ CHECKS = textwrap.dedent(
     def check_model():
         torch.manual_seed(0)
         cfg = tiny()
+        # patches of 4 bytes, so the encoder's softmax has several keys (an untrained entropy
+        # model cuts mostly 1-byte patches)
+        cfg.patcher.mode = "static"
         model = BLT(cfg, EntropyModel(cfg.entropy_model)).eval()
         x = torch.randint(4, 260, (2, 65))
         x[:, 0] = 1
@@ -135,8 +138,9 @@ def test_kernels_interpreted_match_reference(name):
 def test_kernels_match_flex_attention_on_cuda():
     """At the bench preset's shapes (6 heads of 64, k = 2, about 3 bytes a patch): outputs and
     gradients of the kernels against FlexAttention with the same masks. In float32 they agree
-    closely; in bfloat16 the kernels' error against the float32 result is at most
-    FlexAttention's (they round only their inputs and outputs)."""
+    closely. In bfloat16 both are compared with the float32 result: the kernels' root-mean-square
+    error is of FlexAttention's size (the largest single errors differ by chance: the two round
+    different intermediates)."""
     from blt.layers import attend
 
     g = torch.Generator().manual_seed(0)
@@ -170,8 +174,8 @@ def test_kernels_match_flex_attention_on_cuda():
         half = [x.bfloat16() for x in (q, kk, v)]
         ours, theirs = run(mask_runs, half, grad), run(mask_flex, half, grad)
         for a, b, t, name in zip(ours, theirs, truth, ("out", "dq", "dk", "dv")):
-            err, err_flex = (a - t).abs().max().item(), (b - t).abs().max().item()
-            assert err <= err_flex * 1.01 + 1e-6, f"{queries} {name} bfloat16: error {err} against FlexAttention's {err_flex}"
+            err, err_flex = ((x - t).square().mean().sqrt().item() / t.square().mean().sqrt().item() for x in (a, b))
+            assert err < 1e-2 and err <= 1.5 * err_flex, f"{queries} {name} bfloat16: relative RMS error {err}, FlexAttention's {err_flex}"
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(B, T, 384, device="cuda", dtype=dtype, requires_grad=True)
         ref, out = max_pool_patches(x, ids, P), max_pool_patches(x, ids, P, runs.enc_cross)
