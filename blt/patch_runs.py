@@ -5,9 +5,8 @@ are all <= it (decoder); and the encoder's max-pooling of each patch's bytes.
 
 Both masks are block-diagonal with tiny blocks: a patch holds about 4.5 bytes, and a byte
 reads k = 2 keys. FlexAttention computes them on 128 x 128 score tiles that are nearly all
-masked; here one program walks one patch's run of bytes instead, RUN_BLOCK bytes at a time
-(all loaded, scored and stored together), so nothing masked is computed, and the backward
-needs no atomics: every byte belongs to one run and every key
+masked; here one program walks one patch's run of bytes instead, so nothing masked is
+computed, and the backward needs no atomics: every byte belongs to one run and every key
 slot to one patch, so each gradient row is written by exactly one program.
 
 A run is given as (start, end) per (row, patch), bytes start..end-1, non-decreasing along
@@ -41,15 +40,9 @@ def available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Bytes of a run that a program loads and computes at once: a patch holds about 4.5 bytes, so
-# one block usually covers a run. Longer runs take several blocks.
-RUN_BLOCK = 8
-NUM_WARPS = 4
-
-
 def _meta(H: int, Hkv: int, D: int, k: int) -> dict:
     return dict(
-        H=H, G=H // Hkv, D=D, KS=k, BR=RUN_BLOCK, num_warps=NUM_WARPS,
+        H=H, G=H // Hkv, D=D, KS=k,
         BH=triton.next_power_of_2(H), BD=triton.next_power_of_2(D), BK=triton.next_power_of_2(k),
     )  # fmt: skip
 
@@ -102,19 +95,12 @@ if triton is not None:
 
     @triton.jit
     def _key_probs(q, k3, scale: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr):
-        """A block of bytes' q (BR, BH, BD) against their patch's k keys (BK, BH, BD) -> the
-        softmax over the keys (BR, BK, BH)."""
+        """A byte's q (BH, BD) against its patch's k keys (BK, BH, BD) -> softmax (BK, BH)."""
         j = tl.arange(0, BK)
-        s = tl.sum(q[:, None, :, :] * k3[None, :, :, :], axis=3) * scale
-        s = tl.where(j[None, :, None] < KS, s, float("-inf"))
-        e = tl.exp(s - tl.max(s, axis=1)[:, None, :])
-        return e / tl.sum(e, axis=1)[:, None, :]
-
-    @triton.jit
-    def _rows(c, end, hd, BR: tl.constexpr):
-        """The block of bytes c..c+BR-1, and its (BR, BH, BD) mask: bytes before `end`, real heads."""
-        t = c + tl.arange(0, BR)
-        return t, (t < end)[:, None, None] & hd[None, :, :]
+        s = tl.sum(q[None] * k3, axis=2) * scale
+        s = tl.where(j[:, None] < KS, s, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=0)[None])
+        return e / tl.sum(e, axis=0)[None]
 
     # ---- decoder: bytes (queries) read the k key slots of their latest complete patch ----
 
@@ -123,52 +109,50 @@ if triton is not None:
         Q, K, V, O, RS, RE, P,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh,
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
+        p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
         k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
-        q_hd = (h[:, None] * sqh + d[None, :])[None, :, :]
-        o_hd = (h[:, None] * soh + d[None, :])[None, :, :]
-        for c in range(prev, rs, BR):  # bytes before this run that read no patch
-            t, mask = _rows(c, rs, hd, BR)
-            tl.store(O + b * sob + t[:, None, None] * sot + o_hd, tl.zeros((BR, BH, BD), tl.float32).to(O.dtype.element_ty), mask=mask)
-        for c in range(rs, re, BR):
-            t, mask = _rows(c, re, hd, BR)
-            q = tl.load(Q + b * sqb + t[:, None, None] * sqt + q_hd, mask=mask, other=0.0).to(tl.float32)
+        q_hd = h[:, None] * sqh + d[None, :]
+        o_hd = h[:, None] * soh + d[None, :]
+        for t in range(prev, rs):  # bytes before this run that read no patch
+            tl.store(O + b * sob + t * sot + o_hd, tl.zeros((BH, BD), tl.float32).to(O.dtype.element_ty), mask=hd)
+        for t in range(rs, re):
+            q = tl.load(Q + b * sqb + t * sqt + q_hd, mask=hd, other=0.0).to(tl.float32)
             pr = _key_probs(q, k3, scale, KS, BK)
-            o = tl.sum(pr[:, :, :, None] * v3[None, :, :, :], axis=1)
-            tl.store(O + b * sob + t[:, None, None] * sot + o_hd, o.to(O.dtype.element_ty), mask=mask)
+            o = tl.sum(pr[:, :, None] * v3, axis=0)
+            tl.store(O + b * sob + t * sot + o_hd, o.to(O.dtype.element_ty), mask=hd)
 
     @triton.jit
     def _bytes_read_patches_bwd(
         Q, K, V, DO, DQ, DK, DV, RS, RE, P,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sgb, sgs, sgh,
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
+        p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
         k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
-        q_hd = (h[:, None] * sqh + d[None, :])[None, :, :]
-        do_hd = (h[:, None] * sdoh + d[None, :])[None, :, :]
-        dq_hd = (h[:, None] * sdqh + d[None, :])[None, :, :]
-        for c in range(prev, rs, BR):
-            t, mask = _rows(c, rs, hd, BR)
-            tl.store(DQ + b * sdqb + t[:, None, None] * sdqt + dq_hd, tl.zeros((BR, BH, BD), tl.float32).to(DQ.dtype.element_ty), mask=mask)
+        q_hd = h[:, None] * sqh + d[None, :]
+        do_hd = h[:, None] * sdoh + d[None, :]
+        dq_hd = h[:, None] * sdqh + d[None, :]
+        for t in range(prev, rs):
+            tl.store(DQ + b * sdqb + t * sdqt + dq_hd, tl.zeros((BH, BD), tl.float32).to(DQ.dtype.element_ty), mask=hd)
         dk3 = tl.zeros((BK, BH, BD), tl.float32)
         dv3 = tl.zeros((BK, BH, BD), tl.float32)
-        for c in range(rs, re, BR):  # rows past the run load zeros and add nothing
-            t, mask = _rows(c, re, hd, BR)
-            q = tl.load(Q + b * sqb + t[:, None, None] * sqt + q_hd, mask=mask, other=0.0).to(tl.float32)
-            do = tl.load(DO + b * sdob + t[:, None, None] * sdot + do_hd, mask=mask, other=0.0).to(tl.float32)
+        for t in range(rs, re):
+            q = tl.load(Q + b * sqb + t * sqt + q_hd, mask=hd, other=0.0).to(tl.float32)
+            do = tl.load(DO + b * sdob + t * sdot + do_hd, mask=hd, other=0.0).to(tl.float32)
             pr = _key_probs(q, k3, scale, KS, BK)
-            dp = tl.sum(do[:, None, :, :] * v3[None, :, :, :], axis=3)
-            ds = pr * (dp - tl.sum(pr * dp, axis=1)[:, None, :])
-            dq = tl.sum(ds[:, :, :, None] * k3[None, :, :, :], axis=1) * scale
-            tl.store(DQ + b * sdqb + t[:, None, None] * sdqt + dq_hd, dq.to(DQ.dtype.element_ty), mask=mask)
-            dk3 += tl.sum(ds[:, :, :, None] * q[:, None, :, :], axis=0)
-            dv3 += tl.sum(pr[:, :, :, None] * do[:, None, :, :], axis=0)
+            dp = tl.sum(do[None] * v3, axis=2)
+            ds = pr * (dp - tl.sum(pr * dp, axis=0)[None])
+            dq = tl.sum(ds[:, :, None] * k3, axis=0) * scale
+            tl.store(DQ + b * sdqb + t * sdqt + dq_hd, dq.to(DQ.dtype.element_ty), mask=hd)
+            dk3 += ds[:, :, None] * q[None]
+            dv3 += pr[:, :, None] * do[None]
         g_off = b * sgb + slot * sgs + h[None, :, None] * sgh + d[None, None, :]  # per query head
         tl.store(DK + g_off, (dk3 * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + g_off, dv3.to(DV.dtype.element_ty), mask=kv_mask)
@@ -180,30 +164,27 @@ if triton is not None:
         Q, K, V, O, LSE, RS, RE, P,
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh,
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
         p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
         j = tl.arange(0, BK)
         q3, q_mask, slot = _slot_tile(Q, b, p, sqb, sqs, sqh, h, d, hd, KS, BK)
-        k_hd = ((h // G)[:, None] * skh + d[None, :])[None, :, :]
-        v_hd = ((h // G)[:, None] * svh + d[None, :])[None, :, :]
+        k_hd = (h // G)[:, None] * skh + d[None, :]
+        v_hd = (h // G)[:, None] * svh + d[None, :]
         m = tl.full((BK, BH), float("-inf"), tl.float32)
         den = tl.zeros((BK, BH), tl.float32)
         acc = tl.zeros((BK, BH, BD), tl.float32)
-        re = tl.load(RE + b * P + p)
-        for c in range(tl.load(RS + b * P + p), re, BR):  # online softmax, a block of bytes at a time
-            t, mask = _rows(c, re, hd, BR)
-            kt = tl.load(K + b * skb + t[:, None, None] * skt + k_hd, mask=mask, other=0.0).to(tl.float32)
-            vt = tl.load(V + b * svb + t[:, None, None] * svt + v_hd, mask=mask, other=0.0).to(tl.float32)
-            s = tl.sum(q3[None, :, :, :] * kt[:, None, :, :], axis=3) * scale  # (BR, BK, BH)
-            s = tl.where((t < re)[:, None, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every block holds a byte of the run
+        for t in range(tl.load(RS + b * P + p), tl.load(RE + b * P + p)):  # online softmax
+            kt = tl.load(K + b * skb + t * skt + k_hd, mask=hd, other=0.0).to(tl.float32)
+            vt = tl.load(V + b * svb + t * svt + v_hd, mask=hd, other=0.0).to(tl.float32)
+            s = tl.sum(q3 * kt[None], axis=2) * scale
+            m_new = tl.maximum(m, s)
             alpha = tl.exp(m - m_new)
-            e = tl.exp(s - m_new[None, :, :])
-            den = den * alpha + tl.sum(e, axis=0)
-            acc = acc * alpha[:, :, None] + tl.sum(e[:, :, :, None] * vt[:, None, :, :], axis=0)
+            e = tl.exp(s - m_new)
+            den = den * alpha + e
+            acc = acc * alpha[:, :, None] + e[:, :, None] * vt[None]
             m = m_new
         has = den > 0  # an empty patch (padding) outputs zeros
         out = tl.where(has[:, :, None], acc / tl.where(has, den, 1.0)[:, :, None], 0.0)
@@ -217,7 +198,7 @@ if triton is not None:
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
         sgb, sgt, sgh,
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
         p = tl.program_id(0)
         b = tl.program_id(1)
@@ -229,53 +210,41 @@ if triton is not None:
         live = (j[:, None] < KS) & (h[None, :] < H)
         lse = tl.load(LSE + (b * P * KS + p * KS + j)[:, None] * H + h[None, :], mask=live, other=0.0)
         delta = tl.sum(do3 * o3, axis=2)  # (BK, BH)
-        k_hd = ((h // G)[:, None] * skh + d[None, :])[None, :, :]
-        v_hd = ((h // G)[:, None] * svh + d[None, :])[None, :, :]
-        g_hd = (h[:, None] * sgh + d[None, :])[None, :, :]  # per query head
+        k_hd = (h // G)[:, None] * skh + d[None, :]
+        v_hd = (h // G)[:, None] * svh + d[None, :]
+        g_hd = h[:, None] * sgh + d[None, :]  # per query head
         dq3 = tl.zeros((BK, BH, BD), tl.float32)
-        re = tl.load(RE + b * P + p)
-        for c in range(tl.load(RS + b * P + p), re, BR):
-            t, mask = _rows(c, re, hd, BR)
-            kt = tl.load(K + b * skb + t[:, None, None] * skt + k_hd, mask=mask, other=0.0).to(tl.float32)
-            vt = tl.load(V + b * svb + t[:, None, None] * svt + v_hd, mask=mask, other=0.0).to(tl.float32)
-            s = tl.sum(q3[None, :, :, :] * kt[:, None, :, :], axis=3) * scale  # (BR, BK, BH)
-            pr = tl.where((t < re)[:, None, None] & live[None, :, :], tl.exp(s - lse[None, :, :]), 0.0)
-            ds = pr * (tl.sum(do3[None, :, :, :] * vt[:, None, :, :], axis=3) - delta[None, :, :])
-            dq3 += tl.sum(ds[:, :, :, None] * kt[:, None, :, :], axis=0)
-            dk = tl.sum(ds[:, :, :, None] * q3[None, :, :, :], axis=1) * scale
-            dv = tl.sum(pr[:, :, :, None] * do3[None, :, :, :], axis=1)
-            tl.store(DK + b * sgb + t[:, None, None] * sgt + g_hd, dk.to(DK.dtype.element_ty), mask=mask)
-            tl.store(DV + b * sgb + t[:, None, None] * sgt + g_hd, dv.to(DV.dtype.element_ty), mask=mask)
+        for t in range(tl.load(RS + b * P + p), tl.load(RE + b * P + p)):
+            kt = tl.load(K + b * skb + t * skt + k_hd, mask=hd, other=0.0).to(tl.float32)
+            vt = tl.load(V + b * svb + t * svt + v_hd, mask=hd, other=0.0).to(tl.float32)
+            s = tl.sum(q3 * kt[None], axis=2) * scale
+            pr = tl.where(live, tl.exp(s - lse), 0.0)
+            ds = pr * (tl.sum(do3 * vt[None], axis=2) - delta)
+            dq3 += ds[:, :, None] * kt[None]
+            dk = tl.sum(ds[:, :, None] * q3, axis=0) * scale
+            dv = tl.sum(pr[:, :, None] * do3, axis=0)
+            tl.store(DK + b * sgb + t * sgt + g_hd, dk.to(DK.dtype.element_ty), mask=hd)
+            tl.store(DV + b * sgb + t * sgt + g_hd, dv.to(DV.dtype.element_ty), mask=hd)
         dq_off = b * sdqb + slot * sdqs + h[None, :, None] * sdqh + d[None, None, :]
         tl.store(DQ + dq_off, (dq3 * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
     # ---- max-pooling each patch's bytes (the encoder's initial patch queries) ----
 
     @triton.jit
-    def _run_block(X, b, c, end, sxb, sxt, d, D: tl.constexpr, BR: tl.constexpr):
-        """Bytes c..c+BR-1 (those before `end`) of X's row b, features d -> (BR, BD) float32, -inf
-        elsewhere, and the mask of real entries."""
-        t = c + tl.arange(0, BR)
-        mask = (t < end)[:, None] & (d < D)[None, :]
-        x = tl.load(X + b * sxb + t[:, None] * sxt + d[None, :], mask=mask, other=float("-inf"))
-        return x.to(tl.float32), mask, t
-
-    @triton.jit
-    def _patch_max_fwd(X, O, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    def _patch_max_fwd(X, O, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
         p = tl.program_id(0)
         b = tl.program_id(1)
         d = tl.program_id(2) * BD + tl.arange(0, BD)
         m = tl.full((BD,), float("-inf"), tl.float32)
         rs = tl.load(RS + b * P + p)
         re = tl.load(RE + b * P + p)
-        for c in range(rs, re, BR):
-            x, mask, t = _run_block(X, b, c, re, sxb, sxt, d, D, BR)
-            m = tl.maximum(m, tl.max(x, axis=0))
+        for t in range(rs, re):
+            m = tl.maximum(m, tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32))
         m = tl.where(re > rs, m, 0.0)  # an empty patch pools to zeros
         tl.store(O + b * sob + p * sop + d, m.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
-    def _patch_max_bwd(X, O, G, DX, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    def _patch_max_bwd(X, O, G, DX, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
         """Each patch's gradient goes to the bytes that hold its maximum, split evenly among ties
         (as scatter_reduce's amax). O, G and DX share X's strides but for the patch axis."""
         p = tl.program_id(0)
@@ -286,13 +255,12 @@ if triton is not None:
         rs = tl.load(RS + b * P + p)
         re = tl.load(RE + b * P + p)
         ties = tl.zeros((BD,), tl.float32)
-        for c in range(rs, re, BR):
-            x, mask, t = _run_block(X, b, c, re, sxb, sxt, d, D, BR)
-            ties += tl.sum(tl.where(mask & (x == m[None, :]), 1.0, 0.0), axis=0)
+        for t in range(rs, re):
+            ties += tl.where(tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32) == m, 1.0, 0.0)
         share = g / tl.maximum(ties, 1.0)
-        for c in range(rs, re, BR):
-            x, mask, t = _run_block(X, b, c, re, sxb, sxt, d, D, BR)
-            tl.store(DX + b * sxb + t[:, None] * sxt + d[None, :], tl.where(x == m[None, :], share[None, :], 0.0).to(DX.dtype.element_ty), mask=mask)
+        for t in range(rs, re):
+            x = tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32)
+            tl.store(DX + b * sxb + t * sxt + d, tl.where(x == m, share, 0.0).to(DX.dtype.element_ty), mask=d < D)
 
     @triton_op("blt::patch_max", mutates_args=())
     def patch_max(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -300,7 +268,7 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         out = torch.empty(B, P, D, dtype=x.dtype, device=x.device)
-        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, BR=RUN_BLOCK, num_warps=NUM_WARPS)
+        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128)
         return out
 
     @triton_op("blt::patch_max_backward", mutates_args=())
@@ -311,7 +279,7 @@ if triton is not None:
         P = start.shape[1]
         dx = torch.zeros_like(x)  # bytes in no patch (none, when the patches cover the row)
         wrap_triton(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
-            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128, BR=RUN_BLOCK, num_warps=NUM_WARPS
+            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128
         )  # fmt: skip
         return dx
 
