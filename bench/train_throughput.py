@@ -32,6 +32,7 @@ import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from blt import patch_runs  # noqa: E402
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
@@ -63,10 +64,14 @@ def timed(step, steps, warmup):
 
 
 def profile(step, sec, out: Path | None = None):
-    """The top CUDA kernels and host ops of two steps, and kernel time against wall time. With
-    `out`, also writes every kernel's row (kernels.txt) and the timeline (trace.json.gz) there."""
+    """The top CUDA kernels and host ops of three steps, kernel time per step by kind, and how
+    long the GPU idles per step in steady state: between the end of the first step's optimizer
+    and the end of the third's, where the GPU runs as in the timed loop (the first step starts on
+    an empty queue, after a sync). With `out`, also writes every kernel's row (kernels.txt) and
+    the timeline (trace.json.gz) there."""
+    steps = 3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
     avg = prof.key_averages()
@@ -83,10 +88,26 @@ def profile(step, sec, out: Path | None = None):
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     groups: dict[str, float] = {}
     for e in kernels:
-        groups[kernel_kind(e.name)] = groups.get(kernel_kind(e.name), 0.0) + e.device_time / 2e3
+        groups[kernel_kind(e.name)] = groups.get(kernel_kind(e.name), 0.0) + e.device_time / (1e3 * steps)
     print("  ".join(f"{k} {v:.2f} ms" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
     busy = sum(groups.values())
-    print(f"profiled: {busy:.1f} ms of CUDA kernels per step against {1e3 * sec:.1f} ms of wall time (GPU idle {1e3 * sec - busy:.1f} ms)")
+    print(f"profiled: {busy:.1f} ms of CUDA kernels per step against {1e3 * sec:.1f} ms of wall time")
+    ends = sorted(e.time_range.end for e in kernels if kernel_kind(e.name) == "optimizer")
+    if len(ends) >= steps and len(ends) % steps == 0:
+        lo, hi = ends[len(ends) // steps - 1], ends[-1]
+        idle = gaps([(e.time_range.start, e.time_range.end) for e in kernels], lo, hi) / (1e3 * (steps - 1))
+        print(f"GPU idle in steady state: {idle:.2f} ms a step")
+
+
+def gaps(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Time in lo..hi covered by none of the (start, end) spans."""
+    covered, reach = 0.0, lo
+    for a, b in sorted(spans):
+        b = min(b, hi)
+        if b > reach:
+            covered += b - max(a, reach)
+            reach = b
+    return (hi - lo) - covered
 
 
 def kernel_kind(name: str) -> str:
@@ -151,6 +172,8 @@ def main():
     ap.add_argument("--no-patch-kernels", action="store_true",
                     help="run the one-patch cross-attentions and the max-pooling on FlexAttention and "
                          "scatter_reduce, not on blt.patch_runs's kernels (ours only)")  # fmt: skip
+    ap.add_argument("--run-warps", type=int, choices=(1, 2, 4, 8), default=patch_runs.NUM_WARPS,
+                    help="warps of each program of blt.patch_runs's kernels (patch_runs.NUM_WARPS)")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                     help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
@@ -162,6 +185,7 @@ def main():
         sys.exit(f"--attention: {err}")
     set_flex_backend("triton")  # until the one-graph variant: the FLASH kernels need static shapes
     set_patch_kernels(not args.no_patch_kernels)
+    patch_runs.NUM_WARPS = args.run_warps
     args.profile = args.profile or args.profile_out is not None
     if args.patch_pad < 1:
         sys.exit("--patch-pad must be >= 1")
@@ -210,6 +234,7 @@ def main():
     options = " --bf16-residual" if args.bf16_residual else ""
     options += " --precomputed-entropies" if args.precomputed_entropies else ""
     options += " --no-patch-kernels" if args.no_patch_kernels else ""
+    options += f" --run-warps {args.run_warps}" if args.run_warps != ap.get_default("run_warps") else ""
     options += "".join(f" --inductor {item}" for item in args.inductor)
     given = (patching.patch_lengths, patching.next_starts_patch) if args.precomputed_entropies else (None, None)
     rows = []
