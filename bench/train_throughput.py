@@ -32,7 +32,6 @@ import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blt import patch_runs  # noqa: E402
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
@@ -172,8 +171,6 @@ def main():
     ap.add_argument("--no-patch-kernels", action="store_true",
                     help="run the one-patch cross-attentions and the max-pooling on FlexAttention and "
                          "scatter_reduce, not on blt.patch_runs's kernels (ours only)")  # fmt: skip
-    ap.add_argument("--run-warps", type=int, choices=(1, 2, 4, 8), default=patch_runs.NUM_WARPS,
-                    help="warps of each program of blt.patch_runs's kernels (patch_runs.NUM_WARPS)")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                     help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
@@ -185,7 +182,6 @@ def main():
         sys.exit(f"--attention: {err}")
     set_flex_backend("triton")  # until the one-graph variant: the FLASH kernels need static shapes
     set_patch_kernels(not args.no_patch_kernels)
-    patch_runs.NUM_WARPS = args.run_warps
     args.profile = args.profile or args.profile_out is not None
     if args.patch_pad < 1:
         sys.exit("--patch-pad must be >= 1")
@@ -234,7 +230,6 @@ def main():
     options = " --bf16-residual" if args.bf16_residual else ""
     options += " --precomputed-entropies" if args.precomputed_entropies else ""
     options += " --no-patch-kernels" if args.no_patch_kernels else ""
-    options += f" --run-warps {args.run_warps}" if args.run_warps != ap.get_default("run_warps") else ""
     options += "".join(f" --inductor {item}" for item in args.inductor)
     given = (patching.patch_lengths, patching.next_starts_patch) if args.precomputed_entropies else (None, None)
     rows = []
