@@ -40,9 +40,14 @@ def available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Warps of each program: Triton's default, overall the fastest of 1, 2, 4 and 8 for these kernels
+# on an H200 (bench/patch_kernels.py sweeps it).
+NUM_WARPS = 4
+
+
 def _meta(H: int, Hkv: int, D: int, k: int) -> dict:
     return dict(
-        H=H, G=H // Hkv, D=D, KS=k,
+        H=H, G=H // Hkv, D=D, KS=k, num_warps=NUM_WARPS,
         BH=triton.next_power_of_2(H), BD=triton.next_power_of_2(D), BK=triton.next_power_of_2(k),
     )  # fmt: skip
 
@@ -268,7 +273,7 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         out = torch.empty(B, P, D, dtype=x.dtype, device=x.device)
-        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128)
+        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, num_warps=NUM_WARPS)
         return out
 
     @triton_op("blt::patch_max_backward", mutates_args=())
@@ -279,7 +284,7 @@ if triton is not None:
         P = start.shape[1]
         dx = torch.zeros_like(x)  # bytes in no patch (none, when the patches cover the row)
         wrap_triton(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
-            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128
+            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128, num_warps=NUM_WARPS
         )  # fmt: skip
         return dx
 
