@@ -45,9 +45,15 @@ def available(device: torch.device | str) -> bool:
 NUM_WARPS = 4
 
 
+def _warps() -> dict:
+    """The launch option for NUM_WARPS: none at Triton's default, so that the compiled training
+    step launches the kernels as they were measured in it."""
+    return {} if NUM_WARPS == 4 else {"num_warps": NUM_WARPS}
+
+
 def _meta(H: int, Hkv: int, D: int, k: int) -> dict:
     return dict(
-        H=H, G=H // Hkv, D=D, KS=k, num_warps=NUM_WARPS,
+        H=H, G=H // Hkv, D=D, KS=k, **_warps(),
         BH=triton.next_power_of_2(H), BD=triton.next_power_of_2(D), BK=triton.next_power_of_2(k),
     )  # fmt: skip
 
@@ -273,7 +279,7 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         out = torch.empty(B, P, D, dtype=x.dtype, device=x.device)
-        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, num_warps=NUM_WARPS)
+        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps())
         return out
 
     @triton_op("blt::patch_max_backward", mutates_args=())
@@ -284,7 +290,7 @@ if triton is not None:
         P = start.shape[1]
         dx = torch.zeros_like(x)  # bytes in no patch (none, when the patches cover the row)
         wrap_triton(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
-            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128, num_warps=NUM_WARPS
+            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps()
         )  # fmt: skip
         return dx
 
