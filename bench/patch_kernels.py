@@ -7,7 +7,8 @@ Patch lengths are drawn uniformly from 1..8 bytes (4.5 on average, as the paper'
 calibrated to). Each operation is called `--calls` times inside one CUDA graph, so that launch
 overhead does not count; the median of 11 replays is printed. The same inputs are read on every
 call, so they stay in L2 cache where they fit (50 MB on an H200): inside a training step the
-kernels read them from memory and take longer.
+kernels read them from memory and take longer. `--cold` overwrites a 256 MB buffer before each
+call (and subtracts the time that takes), so that every call reads its inputs from memory.
 """
 
 import argparse
@@ -22,8 +23,10 @@ from blt import masks as M  # noqa: E402
 from blt import patch_runs as R  # noqa: E402
 
 
-def graph_us(fn, calls: int) -> float:
-    """Median microseconds per call of fn, `calls` calls captured in one CUDA graph."""
+def graph_us(fn, calls: int, flush: torch.Tensor | None = None) -> float:
+    """Median microseconds per call of fn, `calls` calls captured in one CUDA graph; with `flush`,
+    that buffer is zeroed before each call (evicting the L2 cache), and the time of the zeroing
+    alone is subtracted."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up (compiles the kernel) outside the capture
@@ -33,6 +36,8 @@ def graph_us(fn, calls: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
+            if flush is not None:
+                flush.zero_()
             fn()
     graph.replay()
     torch.cuda.synchronize()
@@ -44,7 +49,8 @@ def graph_us(fn, calls: int) -> float:
         b.record()
         torch.cuda.synchronize()
         times.append(1e3 * a.elapsed_time(b) / calls)
-    return sorted(times)[5]
+    median = sorted(times)[5]
+    return median - graph_us(flush.zero_, calls) if flush is not None else median
 
 
 def main():
@@ -57,6 +63,7 @@ def main():
     ap.add_argument("--dim", type=int, default=384, help="features of the max-pool")
     ap.add_argument("--warps", type=int, nargs="+", choices=(1, 2, 4, 8, 16), default=[4, 1, 2, 8])
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--cold", action="store_true", help="evict the L2 cache before each call")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not R.available("cuda"):
         sys.exit("error: this benchmark needs a CUDA GPU and Triton")
@@ -94,11 +101,12 @@ def main():
             "max-pool bwd": lambda: R.patch_max_backward(x, enc_start, enc_end, pooled, grad_p),
         }  # fmt: skip
 
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if args.cold else None
     names = list(ops())
-    print(f"{'warps':>5s} " + " ".join(f"{n:>13s}" for n in names) + "   (µs per call)")
+    print(f"{'warps':>5s} " + " ".join(f"{n:>13s}" for n in names) + f"   (µs per call, {'cold' if args.cold else 'warm'} L2)")
     for warps in args.warps:
         R.NUM_WARPS = warps
-        print(f"{warps:5d} " + " ".join(f"{graph_us(fn, args.calls):13.1f}" for fn in ops().values()), flush=True)
+        print(f"{warps:5d} " + " ".join(f"{graph_us(fn, args.calls, flush):13.1f}" for fn in ops().values()), flush=True)
 
 
 if __name__ == "__main__":
