@@ -25,8 +25,7 @@ from blt import patch_runs as R  # noqa: E402
 
 def graph_us(fn, calls: int, flush: torch.Tensor | None = None) -> float:
     """Median microseconds per call of fn, `calls` calls captured in one CUDA graph; with `flush`,
-    that buffer is zeroed before each call (evicting the L2 cache), and the time of the zeroing
-    alone is subtracted."""
+    that buffer is zeroed before each call (evicting the L2 cache), the zeroing included."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up (compiles the kernel) outside the capture
@@ -49,8 +48,7 @@ def graph_us(fn, calls: int, flush: torch.Tensor | None = None) -> float:
         b.record()
         torch.cuda.synchronize()
         times.append(1e3 * a.elapsed_time(b) / calls)
-    median = sorted(times)[5]
-    return median - graph_us(flush.zero_, calls) if flush is not None else median
+    return sorted(times)[5]
 
 
 def main():
@@ -102,11 +100,12 @@ def main():
         }  # fmt: skip
 
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if args.cold else None
+    flush_us = graph_us(flush.zero_, args.calls) if args.cold else 0.0  # subtracted from each time
     names = list(ops())
     print(f"{'warps':>5s} " + " ".join(f"{n:>13s}" for n in names) + f"   (µs per call, {'cold' if args.cold else 'warm'} L2)")
     for warps in args.warps:
         R.NUM_WARPS = warps
-        print(f"{warps:5d} " + " ".join(f"{graph_us(fn, args.calls, flush):13.1f}" for fn in ops().values()), flush=True)
+        print(f"{warps:5d} " + " ".join(f"{graph_us(fn, args.calls, flush) - flush_us:13.1f}" for fn in ops().values()), flush=True)
 
 
 if __name__ == "__main__":
