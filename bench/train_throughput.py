@@ -32,10 +32,11 @@ import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from blt.adamw import AdamW  # noqa: E402
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.flops import blt_flops_per_byte  # noqa: E402
-from blt.layers import FLEX_BACKENDS, set_flex_backend  # noqa: E402
+from blt.layers import FLEX_BACKENDS, set_flex_backend, set_fused_products  # noqa: E402
 from blt.masks import BLOCK, set_patch_kernels  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.packing import aligned_slot_count, row_patch_counts  # noqa: E402
@@ -135,9 +136,14 @@ def random_batch(B, T, device):
     return x[:, :-1], x[:, 1:]
 
 
-def adamw(model):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
-                             weight_decay=0.1, fused=True)  # fmt: skip
+def adamw(model, kind: str = "blt"):
+    """AdamW as blt.train makes it on CUDA ("blt": blt.adamw's one-launch kernel), torch's fused
+    kernel ("fused"), or torch's foreach code for torch.compile ("compiled")."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "blt":
+        return AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=kind == "fused",
+                             foreach=kind == "compiled" or None)  # fmt: skip
 
 
 def main():
@@ -171,6 +177,12 @@ def main():
     ap.add_argument("--no-patch-kernels", action="store_true",
                     help="run the one-patch cross-attentions and the max-pooling on FlexAttention and "
                          "scatter_reduce, not on blt.patch_runs's kernels (ours only)")  # fmt: skip
+    ap.add_argument("--fused-products", action="store_true",
+                    help="ours with blt.train --fused-products: products that share a normalised input as one, "
+                         "norm gains folded into them")  # fmt: skip
+    ap.add_argument("--optimizer", choices=("blt", "fused", "compiled"), default="blt",
+                    help="the one-graph variant's AdamW: blt.adamw's one-launch kernel (as blt.train on CUDA), "
+                         "torch's fused kernel, or torch's foreach code compiled")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                     help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
@@ -182,6 +194,7 @@ def main():
         sys.exit(f"--attention: {err}")
     set_flex_backend("triton")  # until the one-graph variant: the FLASH kernels need static shapes
     set_patch_kernels(not args.no_patch_kernels)
+    set_fused_products(args.fused_products)
     args.profile = args.profile or args.profile_out is not None
     if args.patch_pad < 1:
         sys.exit("--patch-pad must be >= 1")
@@ -230,6 +243,8 @@ def main():
     options = " --bf16-residual" if args.bf16_residual else ""
     options += " --precomputed-entropies" if args.precomputed_entropies else ""
     options += " --no-patch-kernels" if args.no_patch_kernels else ""
+    options += " --fused-products" if args.fused_products else ""
+    options += f" --optimizer {args.optimizer}" if args.optimizer != "blt" else ""
     options += "".join(f" --inductor {item}" for item in args.inductor)
     given = (patching.patch_lengths, patching.next_starts_patch) if args.precomputed_entropies else (None, None)
     rows = []
@@ -270,13 +285,14 @@ def main():
                                  patch_pad=args.patch_pad, inductor=inductor)  # fmt: skip
             batch = torch.cat([x, y[:, -1:]], dim=1)
             batch = (batch, H.half()) if args.precomputed_entropies else batch  # float16, as the cache stores them
-            g_opt = adamw(whole)
+            g_opt = adamw(whole, args.optimizer)
+            opt_step = torch.compile(g_opt.step) if args.optimizer == "compiled" else g_opt.step
 
             def graph_step():
                 with torch.autocast("cuda", torch.bfloat16):
                     loss, _ = one_graph(batch, batch)  # the next step's batch is this one
                 loss.backward()
-                g_opt.step()
+                opt_step()
                 one_graph.zero_grad(g_opt)
 
             sec, mem, first = timed(graph_step, args.steps, args.warmup + 2)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from blt.config import BLTConfig
-from blt.layers import CrossAttention, RMSNorm, Rotary, TransformerBlock, init_block, init_linear
+from blt.layers import CrossAttention, RMSNorm, Rotary, TransformerBlock, init_block, init_linear, project
 from blt.tokens import VOCAB_SIZE
 
 
@@ -55,4 +55,4 @@ class LocalDecoder(nn.Module):
             if self.has_cross_attn(i):
                 h = self.cross_attend(i, h, kv, cross_mask)
             h = layer(h, rope, self_mask, None if caches is None else caches[i])
-        return self.output(self.norm(h))
+        return project(h, self.norm, self.output)[0]

@@ -19,6 +19,7 @@ from blt.masks import PatchRuns
 _compiled_flex = None
 FLEX_BACKENDS = ("triton", "flash")
 _flex_options: dict | None = None  # FlexAttention kernel_options; None = torch's Triton kernels
+_fused_products = False
 
 
 def set_flex_backend(name: str) -> None:
@@ -91,17 +92,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, cross: bool 
     return out * visible.to(out.dtype)
 
 
+def set_fused_products(enabled: bool) -> None:
+    """A training-speed switch (blt.train --fused-products). On: the matrix products that read
+    one normalised input run as one product over their concatenated weights (q, k, v; w1, w3;
+    a cross-attention's k, v), and the RMSNorm gain before them is folded into those weights:
+    linear(g ⊙ n(x), W) = linear(n(x), W·diag(g)). The same function, parameters and gradients;
+    fewer, larger matrix products, and no reduction over every row for the gain's gradient
+    (it comes from the small (out, D) weight gradient instead). Off (the default), each
+    product runs on its own, as written. Set it before compiling."""
+    global _fused_products
+    _fused_products = enabled
+
+
+def project(x: torch.Tensor, norm: "RMSNorm | None", *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """(lin(norm(x)) for lin in linears), bias-free linears; norm None: no norm."""
+    if not _fused_products:
+        h = x if norm is None else norm(x)
+        return tuple(lin(h) for lin in linears)
+    w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+    if norm is not None:
+        w, x = w * norm.weight, norm.normalize(x)
+    widths = [lin.out_features for lin in linears]
+    if sum(widths) % 16:  # e.g. the 260 logits: zero rows up to a multiple of 16 get cuBLAS's fast kernels
+        w = F.pad(w, (0, 0, 0, -sum(widths) % 16))
+    return F.linear(x, w)[..., : sum(widths)].split(widths, dim=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (bf16 training), scale in the input dtype, as the reference does.
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x), computed in float32 (bf16 training), returned in the input dtype."""
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * self.normalize(x)  # scaled in the input dtype, as the reference does
 
 
 class Rotary(nn.Module):
@@ -138,10 +167,11 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x (B,H,T,Dh); rope from Rotary.forward with (T,Dh/2) or (B,T,Dh/2) tables."""
-    cos, sin = rope
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
+    """x (B,T,H,Dh), heads after positions as the projections lay them out (rotated in that
+    order, the result keeps their memory order: a compiled graph then needs no transposing
+    copy, before the attention or in its backward); rope from Rotary.forward with (T,Dh/2) or
+    (B,T,Dh/2) tables."""
+    cos, sin = rope[0][..., None, :], rope[1][..., None, :]
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
@@ -157,14 +187,15 @@ class SelfAttention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, rope, mask, cache=None):
-        """x (B,T,D). cache, if given, is a callable (k, v) -> (k_all, v_all) that stores the new
-        keys/values and returns everything the queries may attend (incremental generation)."""
+    def forward(self, x, rope, mask, cache=None, norm=None):
+        """x (B,T,D), normalised by `norm` first if given. cache, if given, is a callable
+        (k, v) -> (k_all, v_all) that stores the new keys/values and returns everything the
+        queries may attend (incremental generation)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        q, k, v = project(x, norm, self.wq, self.wk, self.wv)
+        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = apply_rotary(k.view(B, T, self.n_kv, self.head_dim), rope).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache(k, v)
         out = attend(q, k, v, mask)
@@ -188,10 +219,11 @@ class CrossAttention(nn.Module):
     def forward(self, x, kv, mask):
         """x (B,Q,D) queries, kv (B,K,D) -> (B,Q,D); the caller adds the residual."""
         B, Q, _ = x.shape
-        q = self.wq(self.q_norm(x)).view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv_norm(kv)
-        k = self.wk(kv).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.wv(kv).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
+        (q,) = project(x, self.q_norm, self.wq)
+        q = q.view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = project(kv, self.kv_norm, self.wk, self.wv)
+        k = k.view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
         out = attend(q, k, v, mask, cross=True)
         return self.wo(out.transpose(1, 2).reshape(B, Q, -1))
 
@@ -205,8 +237,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x, norm=None):
+        """x (B,T,D), normalised by `norm` first if given."""
+        h1, h3 = project(x, norm, self.w1, self.w3)
+        return self.w2(F.silu(h1) * h3)
 
 
 class TransformerBlock(nn.Module):
@@ -219,8 +253,8 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache=None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = x + self.dropout(self.attn(x, rope, mask, cache, norm=self.attn_norm))
+        return x + self.dropout(self.ffn(x, norm=self.ffn_norm))
 
 
 def trunc_normal_(w: torch.Tensor, std: float) -> None:

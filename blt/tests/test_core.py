@@ -369,13 +369,14 @@ def test_rotary_tables_match_positions():
         want = rot(torch.arange(T))
         assert torch.equal(cos, want[0]) and torch.equal(sin, want[1]), T
     assert rot.cos_table.shape[0] >= 150
-    x = torch.randn(1, 1, 150, 16)
+    x = torch.randn(1, 150, 2, 16)  # (B, T, H, Dh)
     got = apply_rotary(x, rot.table(150))
     t, m = 149, 3  # one pair by hand: (x0, x1) turned by the angle t / 10000^(2m/16)
     angle = t / 10000.0 ** (2 * m / 16)
-    x0, x1 = x[0, 0, t, 2 * m].item(), x[0, 0, t, 2 * m + 1].item()
-    assert got[0, 0, t, 2 * m].item() == pytest.approx(x0 * math.cos(angle) - x1 * math.sin(angle), abs=1e-4)
-    assert got[0, 0, t, 2 * m + 1].item() == pytest.approx(x0 * math.sin(angle) + x1 * math.cos(angle), abs=1e-4)
+    for h in range(2):
+        x0, x1 = x[0, t, h, 2 * m].item(), x[0, t, h, 2 * m + 1].item()
+        assert got[0, t, h, 2 * m].item() == pytest.approx(x0 * math.cos(angle) - x1 * math.sin(angle), abs=1e-4)
+        assert got[0, t, h, 2 * m + 1].item() == pytest.approx(x0 * math.sin(angle) + x1 * math.cos(angle), abs=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -762,6 +763,52 @@ def test_autocast_residual_stream_dtype():
         assert dtypes(narrow) == {"local": {torch.bfloat16}, "global": {torch.bfloat16}}
     assert torch.equal(run(), plain)
     assert abs(narrow.item() - wide.item()) < 0.02 * wide.item() and narrow.item() != wide.item()
+
+
+def test_fused_products_same_function_fewer_products():
+    """layers.set_fused_products: q,k,v / w1,w3 / a cross-attention's k,v as one product each,
+    norm gains folded into the weights. Same loss and gradients (norm gains included, set away
+    from 1 so that folding matters); fewer matrix products, in the forward and the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+            return func(*args, **(kwargs or {}))
+
+    tokens = text_tokens(2, 120, torch.Generator().manual_seed(8))
+    model = tiny_model("entropy", seed=6, calibrate_on=tokens)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    patching = model.patch(tokens)
+    runs = []
+    try:
+        for fused in (False, True):
+            layers.set_fused_products(fused)
+            model.zero_grad()
+            with CountProducts() as forward:
+                out = model(tokens, tokens.roll(-1, 1), patching.patch_lengths, patching.next_starts_patch, backend="dense")
+            with CountProducts() as backward:
+                out.loss.backward()
+            runs.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, forward.n, backward.n))
+    finally:
+        layers.set_fused_products(False)
+    (loss0, grads0, fwd0, bwd0), (loss1, grads1, fwd1, bwd1) = runs
+    assert abs(loss1.item() - loss0.item()) < 1e-5
+    assert grads0.keys() == grads1.keys() and any("norm" in n for n in grads0)
+    for name in grads0:
+        assert torch.allclose(grads1[name], grads0[name], atol=1e-5, rtol=1e-4), name
+    # per block 7 products -> 4 (q|k|v, wo, w1|w3, w2); per cross-attention 4 -> 3
+    blocks = sum(len(part.layers) for part in (model.encoder, model.global_model, model.decoder))
+    crosses = len(model.encoder.cross_attn) + len(model.decoder.cross_attn)
+    assert fwd0 - fwd1 == 3 * blocks + crosses
+    assert bwd1 < bwd0
 
 
 @torch.no_grad()

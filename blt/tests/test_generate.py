@@ -204,11 +204,11 @@ def test_step_helpers_match_layers():
     pos = torch.tensor([0, 37, 1000])
     y = torch.randn(3, 1, (H + 2 * Hkv) * Dh, generator=g)
     out = G._rotate(y, G._rope_step(rotary, pos, blk), Dh)
-    heads = y.view(3, H + 2 * Hkv, 1, Dh)
-    ref = apply_rotary(heads[:, : H + Hkv], rotary(pos[:, None]))
-    assert torch.equal(out[:, : H + Hkv], ref[:, :, 0]) and torch.equal(out[:, H + Hkv :], heads[:, H + Hkv :, 0])
+    heads = y.view(3, 1, H + 2 * Hkv, Dh)  # (B, T=1, heads, Dh)
+    ref = apply_rotary(heads[:, :, : H + Hkv], rotary(pos[:, None]))
+    assert torch.equal(out[:, : H + Hkv], ref[:, 0]) and torch.equal(out[:, H + Hkv :], heads[:, 0, H + Hkv :])
     real = G._rotate(y, G._rope_step(rotary, pos, blk, complex_table=False), Dh)  # the GPU form
-    assert (real[:, : H + Hkv] - ref[:, :, 0]).abs().max() < 1e-5 and torch.equal(real[:, H + Hkv :], heads[:, H + Hkv :, 0])
+    assert (real[:, : H + Hkv] - ref[:, 0]).abs().max() < 1e-5 and torch.equal(real[:, H + Hkv :], heads[:, 0, H + Hkv :])
 
 
 def test_attention_math_matches_sdpa():
