@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from blt import patch_runs
+from blt import patch_runs, rotary_split
 from blt.config import TransformerConfig
 from blt.masks import PatchRuns
 
@@ -109,13 +109,19 @@ def project(x: torch.Tensor, norm: "RMSNorm | None", *linears: nn.Linear) -> tup
     if not _fused_products:
         h = x if norm is None else norm(x)
         return tuple(lin(h) for lin in linears)
+    return fused_product(x, norm, *linears).split([lin.out_features for lin in linears], dim=-1)
+
+
+def fused_product(x: torch.Tensor, norm: "RMSNorm | None", *linears: nn.Linear) -> torch.Tensor:
+    """The outputs of project(x, norm, *linears) side by side, from one matrix product over the
+    concatenated weights, the norm's gain folded into them."""
     w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
     if norm is not None:
         w, x = w * norm.weight, norm.normalize(x)
-    widths = [lin.out_features for lin in linears]
-    if sum(widths) % 16:  # e.g. the 260 logits: zero rows up to a multiple of 16 get cuBLAS's fast kernels
-        w = F.pad(w, (0, 0, 0, -sum(widths) % 16))
-    return F.linear(x, w)[..., : sum(widths)].split(widths, dim=-1)
+    width = w.shape[0]
+    if width % 16:  # e.g. the 260 logits: zero rows up to a multiple of 16 get cuBLAS's fast kernels
+        w = F.pad(w, (0, 0, 0, -width % 16))
+    return F.linear(x, w)[..., :width]
 
 
 class RMSNorm(nn.Module):
@@ -192,10 +198,14 @@ class SelfAttention(nn.Module):
         (k, v) -> (k_all, v_all) that stores the new keys/values and returns everything the
         queries may attend (incremental generation)."""
         B, T, _ = x.shape
-        q, k, v = project(x, norm, self.wq, self.wk, self.wv)
-        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = apply_rotary(k.view(B, T, self.n_kv, self.head_dim), rope).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if _fused_products and rotary_split.available(x.device):  # one kernel splits and rotates
+            y = fused_product(x, norm, self.wq, self.wk, self.wv)
+            q, k, v = (t.transpose(1, 2) for t in rotary_split.rotary_split(y, rope, self.n_heads, self.n_kv))
+        else:
+            q, k, v = project(x, norm, self.wq, self.wk, self.wv)
+            q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+            k = apply_rotary(k.view(B, T, self.n_kv, self.head_dim), rope).transpose(1, 2)
+            v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache(k, v)
         out = attend(q, k, v, mask)

@@ -1,0 +1,126 @@
+"""The fused q|k|v product's split and rotary embedding as one Triton kernel each way
+(blt.layers.set_fused_products).
+
+With fused products, a self-attention's q, k and v come out of one matrix product as the
+column blocks of one (B, T, (H + 2·Hkv)·Dh) tensor. Written with tensor ops, its backward
+concatenates the three gradients back into one such tensor, with q's and k's rotated back
+on the way. torch.compile turns that into one kernel that, for every output element,
+evaluates all three inputs' branches (masked loads, the rotation's arithmetic, index
+arithmetic): on an H200 it ran 4-6x slower than the memory traffic allows (PROGRESS.md).
+Here each program instead rotates and copies a block of rows head by head, forward and
+backward, touching every element once.
+
+Same math as layers.apply_rotary (interleaved pairs, float32 products, one rounding to the
+input dtype at the end). The kernels run on CUDA, and on CPU under TRITON_INTERPRET=1 (how
+the tests check them).
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # no Triton (CPU-only torch), or a torch without triton_op
+    triton = None
+
+ROWS = 16  # rows (positions) per program
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the kernels can run on tensors of this device."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate_heads(
+        X, O, C, S, N, T, sxb, sxt, sob, sot, scb, sct, x_off, o_off, H: tl.constexpr, D: tl.constexpr,
+        BD: tl.constexpr, ROT: tl.constexpr, SIGN: tl.constexpr, R: tl.constexpr,
+    ):  # fmt: skip
+        """Rows r .. r+R-1 of the flattened (B, T): H heads of D at X + x_off (strides sxb, sxt
+        per batch row and position, heads D apart) rotated (ROT) by angle SIGN·θ, or copied, to
+        O + o_off (strides sob, sot). BD: D rounded up to a power of 2."""
+        r = tl.program_id(0) * R + tl.arange(0, R)
+        b, t = r // T, r % T
+        m = tl.arange(0, BD // 2)
+        d = tl.arange(0, BD)
+        pairs = (r < N)[:, None] & (m[None, :] < D // 2)
+        elems = (r < N)[:, None] & (d[None, :] < D)
+        x_rows = X + x_off + b[:, None] * sxb + t[:, None] * sxt
+        o_rows = O + o_off + b[:, None] * sob + t[:, None] * sot
+        if ROT:
+            c = tl.load(C + b[:, None] * scb + t[:, None] * sct + m[None, :], mask=pairs, other=0.0)
+            s = SIGN * tl.load(S + b[:, None] * scb + t[:, None] * sct + m[None, :], mask=pairs, other=0.0)
+        for h in tl.static_range(H):
+            x = tl.load(x_rows + h * D + d[None, :], mask=elems, other=0.0)
+            if ROT:
+                x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, BD // 2, 2)))
+                y = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (R, BD))
+            else:
+                y = x
+            tl.store(o_rows + h * D + d[None, :], y.to(O.dtype.element_ty), mask=elems)
+
+    def _launch(x, out, cos, sin, x_off, o_off, heads, rotate, sign):
+        """One head block: x, out (B, T, ...) with a unit last stride; cos/sin (B, T, D/2)."""
+        B, T = out.shape[:2]
+        D = cos.shape[-1] * 2
+        wrap_triton(_rotate_heads)[(triton.cdiv(B * T, ROWS),)](
+            x, out, cos, sin, B * T, T, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            cos.stride(0), cos.stride(1), x_off, o_off, H=heads, D=D, BD=triton.next_power_of_2(D), ROT=rotate,
+            SIGN=sign, R=ROWS,
+        )  # fmt: skip
+
+    @triton_op("blt::rotary_split", mutates_args=())
+    def rotary_split_op(
+        y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y (B, T, (H + 2·Hkv)·D), unit last stride; cos/sin (B, T, D/2) float32 (any strides
+        but the last) -> q (B,T,H,D), k, v (B,T,Hkv,D) contiguous, q and k rotated."""
+        B, T, _ = y.shape
+        D = cos.shape[-1] * 2
+        q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
+        k, v = (torch.empty(B, T, n_kv, D, dtype=y.dtype, device=y.device) for _ in range(2))
+        for out, off, heads, rotate in ((q, 0, n_heads, True), (k, n_heads, n_kv, True), (v, n_heads + n_kv, n_kv, False)):
+            _launch(y, out.view(B, T, -1), cos, sin, off * D, 0, heads, rotate, 1.0)
+        return q, k, v
+
+    @triton_op("blt::rotary_split_backward", mutates_args=())
+    def rotary_split_backward(
+        dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """The gradients of q, k, v (B, T, heads, D), unit last strides -> that of y,
+        (B, T, (H + 2·Hkv)·D): q's and k's rotated back (angle -θ), v's copied."""
+        B, T, H, D = dq.shape
+        Hkv = dk.shape[2]
+        dy = torch.empty(B, T, (H + 2 * Hkv) * D, dtype=dq.dtype, device=dq.device)
+        for g, off, heads, rotate in ((dq, 0, H, True), (dk, H, Hkv, True), (dv, H + Hkv, Hkv, False)):
+            _launch(g.flatten(2) if g.stride(2) == D else g.contiguous().flatten(2), dy, cos, sin, 0, off * D, heads, rotate, -1.0)
+        return dy
+
+    def _setup(ctx, inputs, output):
+        _, cos, sin, _, _ = inputs
+        ctx.save_for_backward(cos, sin)
+
+    def _backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        unit = [g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv)]
+        return rotary_split_backward(*unit, cos, sin), None, None, None, None
+
+    rotary_split_op.register_autograd(_backward, setup_context=_setup)
+
+
+def rotary_split(y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_heads: int, n_kv: int):
+    """y (B, T, (H + 2·Hkv)·D) from the fused q|k|v product; rope from Rotary.forward or
+    .table ((T, D/2) or (B, T, D/2)) -> q (B,T,H,D), k, v (B,T,Hkv,D), q and k rotated as
+    layers.apply_rotary rotates them."""
+    B, T, _ = y.shape
+    cos, sin = (r.float().contiguous().expand(B, T, r.shape[-1]) for r in rope)
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    return rotary_split_op(y, cos, sin, n_heads, n_kv)
