@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from blt import patch_runs, rotary_split
+from blt import fused_outputs, patch_runs
 from blt.config import TransformerConfig
 from blt.masks import PatchRuns
 
@@ -198,9 +198,9 @@ class SelfAttention(nn.Module):
         (k, v) -> (k_all, v_all) that stores the new keys/values and returns everything the
         queries may attend (incremental generation)."""
         B, T, _ = x.shape
-        if _fused_products and rotary_split.available(x.device):  # one kernel splits and rotates
+        if _fused_products and fused_outputs.available(x.device):  # one kernel splits and rotates
             y = fused_product(x, norm, self.wq, self.wk, self.wv)
-            q, k, v = (t.transpose(1, 2) for t in rotary_split.rotary_split(y, rope, self.n_heads, self.n_kv))
+            q, k, v = (t.transpose(1, 2) for t in fused_outputs.rotary_split(y, rope, self.n_heads, self.n_kv))
         else:
             q, k, v = project(x, norm, self.wq, self.wk, self.wv)
             q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
@@ -249,6 +249,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x, norm=None):
         """x (B,T,D), normalised by `norm` first if given."""
+        if _fused_products and fused_outputs.available(x.device):  # one kernel each way
+            return self.w2(fused_outputs.swiglu(fused_product(x, norm, self.w1, self.w3)))
         h1, h3 = project(x, norm, self.w1, self.w3)
         return self.w2(F.silu(h1) * h3)
 

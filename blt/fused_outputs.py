@@ -1,18 +1,19 @@
-"""The fused q|k|v product's split and rotary embedding as one Triton kernel each way
-(blt.layers.set_fused_products).
+"""Triton kernels that read the fused products' outputs (blt.layers.set_fused_products):
+the q|k|v product's split and rotary embedding, and the w1|w3 product's SwiGLU.
 
 With fused products, a self-attention's q, k and v come out of one matrix product as the
-column blocks of one (B, T, (H + 2·Hkv)·Dh) tensor. Written with tensor ops, its backward
-concatenates the three gradients back into one such tensor, with q's and k's rotated back
-on the way. torch.compile turns that into one kernel that, for every output element,
-evaluates all three inputs' branches (masked loads, the rotation's arithmetic, index
-arithmetic): on an H200 it ran 4-6x slower than the memory traffic allows (PROGRESS.md).
-Here each program instead rotates and copies a block of rows head by head, forward and
-backward, touching every element once.
+column blocks of one (B, T, (H + 2·Hkv)·Dh) tensor, and a feed-forward's w1 x and w3 x as
+the two halves of one (B, T, 2·hidden) tensor. Written with tensor ops, the backward
+concatenates the gradients of the blocks back into one such tensor. torch.compile turns each
+concatenation into one kernel that, for every output element, evaluates every block's branch
+(masked loads, the rotation's or SwiGLU's arithmetic, index arithmetic): on an H200 the q|k|v
+one ran 4-6x slower than its memory traffic allows (PROGRESS.md, thirteenth round). Here each
+program instead works through a block of rows, block by block, forward and backward, touching
+every element once.
 
-Same math as layers.apply_rotary (interleaved pairs, float32 products, one rounding to the
-input dtype at the end). The kernels run on CUDA, and on CPU under TRITON_INTERPRET=1 (how
-the tests check them).
+Same math as layers.apply_rotary and F.silu(h1) * h3, in float32 with one rounding to the
+input dtype at the end (as the compiled graph rounds). The kernels run on CUDA, and on CPU
+under TRITON_INTERPRET=1 (how the tests check them).
 """
 
 import os
@@ -26,7 +27,8 @@ try:
 except ImportError:  # no Triton (CPU-only torch), or a torch without triton_op
     triton = None
 
-ROWS = 16  # rows (positions) per program
+ROWS = 16  # rows (positions) per program of the rotary kernel
+SWIGLU_BLOCK = (8, 256)  # rows x columns per program of the SwiGLU kernels
 
 
 def available(device: torch.device | str) -> bool:
@@ -115,6 +117,63 @@ if triton is not None:
     rotary_split_op.register_autograd(_backward, setup_context=_setup)
 
 
+    # ---- SwiGLU: silu(h1) * h3 from h = [h1 | h3] ----
+
+    @triton.jit
+    def _swiglu_fwd(Hh, O, N, F, sh, so, R: tl.constexpr, BC: tl.constexpr):
+        r = tl.program_id(0) * R + tl.arange(0, R)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        mask = (r < N)[:, None] & (c < F)[None, :]
+        h_at = Hh + r[:, None] * sh + c[None, :]
+        a = tl.load(h_at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
+        tl.store(O + r[:, None] * so + c[None, :], (a * tl.sigmoid(a) * b).to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd(Hh, G, DH, N, F, sh, sg, R: tl.constexpr, BC: tl.constexpr):
+        """DH = [g · h3 · silu'(h1) | g · silu(h1)], silu'(a) = σ(a)(1 + a(1 - σ(a))); DH has h's strides."""
+        r = tl.program_id(0) * R + tl.arange(0, R)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        mask = (r < N)[:, None] & (c < F)[None, :]
+        h_at = Hh + r[:, None] * sh + c[None, :]
+        a = tl.load(h_at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + r[:, None] * sg + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        d_at = DH + r[:, None] * sh + c[None, :]
+        tl.store(d_at, (g * b * sig * (1.0 + a * (1.0 - sig))).to(DH.dtype.element_ty), mask=mask)
+        tl.store(d_at + F, (g * a * sig).to(DH.dtype.element_ty), mask=mask)
+
+    def _swiglu_grid(N: int, F: int) -> tuple[int, int]:
+        return triton.cdiv(N, SWIGLU_BLOCK[0]), triton.cdiv(F, SWIGLU_BLOCK[1])
+
+    @triton_op("blt::swiglu", mutates_args=())
+    def swiglu_op(h: torch.Tensor) -> torch.Tensor:
+        """h (N, 2·F) contiguous -> silu(h[:, :F]) * h[:, F:], (N, F)."""
+        N, F = h.shape[0], h.shape[1] // 2
+        out = torch.empty(N, F, dtype=h.dtype, device=h.device)
+        wrap_triton(_swiglu_fwd)[_swiglu_grid(N, F)](h, out, N, F, h.stride(0), out.stride(0), R=SWIGLU_BLOCK[0], BC=SWIGLU_BLOCK[1])
+        return out
+
+    @triton_op("blt::swiglu_backward", mutates_args=())
+    def swiglu_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        N, F = h.shape[0], h.shape[1] // 2
+        dh = torch.empty_like(h)
+        wrap_triton(_swiglu_bwd)[_swiglu_grid(N, F)](
+            h, grad, dh, N, F, h.stride(0), grad.stride(0), R=SWIGLU_BLOCK[0], BC=SWIGLU_BLOCK[1]
+        )  # fmt: skip
+        return dh
+
+    def _swiglu_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def _swiglu_grad(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return swiglu_backward(h, grad.contiguous())
+
+    swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+
+
 def rotary_split(y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_heads: int, n_kv: int):
     """y (B, T, (H + 2·Hkv)·D) from the fused q|k|v product; rope from Rotary.forward or
     .table ((T, D/2) or (B, T, D/2)) -> q (B,T,H,D), k, v (B,T,Hkv,D), q and k rotated as
@@ -124,3 +183,9 @@ def rotary_split(y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_hea
     if y.stride(-1) != 1:
         y = y.contiguous()
     return rotary_split_op(y, cos, sin, n_heads, n_kv)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """h (..., 2·F) from the fused w1|w3 product -> silu(h1) * h3, (..., F)."""
+    F = h.shape[-1] // 2
+    return swiglu_op(h.reshape(-1, 2 * F).contiguous()).view(*h.shape[:-1], F)
