@@ -25,11 +25,12 @@ and back. Model code does not import this module; training code chooses it.
 """
 
 import contextlib
-import os
 
 import torch
 from torch.optim.adam import adam
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype, _use_grad_for_differentiable
+
+from blt import triton_support
 
 try:
     import triton
@@ -39,10 +40,8 @@ except ImportError:  # no Triton (CPU-only torch)
 
 
 def available(device: torch.device | str) -> bool:
-    """Whether the kernel can run on tensors of this device."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernel can run on tensors of this device (blt.triton_support)."""
+    return triton is not None and triton_support.available(device)
 
 
 # Elements and warps of each program (bench/adamw.py sweeps both).

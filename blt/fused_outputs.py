@@ -16,9 +16,10 @@ input dtype at the end (as the compiled graph rounds). The kernels run on CUDA, 
 under TRITON_INTERPRET=1 (how the tests check them).
 """
 
-import os
 
 import torch
+
+from blt import triton_support
 
 try:
     import triton
@@ -27,15 +28,13 @@ try:
 except ImportError:  # no Triton (CPU-only torch), or a torch without triton_op
     triton = None
 
-ROWS = 16  # rows (positions) per program of the rotary kernel
-SWIGLU_BLOCK = (8, 256)  # rows x columns per program of the SwiGLU kernels
-
 
 def available(device: torch.device | str) -> bool:
-    """Whether the kernels can run on tensors of this device."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernels can run on tensors of this device (blt.triton_support)."""
+    return triton is not None and triton_support.available(device)
+
+ROWS = 16  # rows (positions) per program of the rotary kernel
+SWIGLU_BLOCK = (8, 256)  # rows x columns per program of the SwiGLU kernels
 
 
 if triton is not None:
@@ -120,24 +119,25 @@ if triton is not None:
     # ---- SwiGLU: silu(h1) * h3 from h = [h1 | h3] ----
 
     @triton.jit
-    def _swiglu_fwd(Hh, O, N, F, sh, so, R: tl.constexpr, BC: tl.constexpr):
+    def _swiglu_tile(Hh, N, F, sh, R: tl.constexpr, BC: tl.constexpr):
+        """This program's R x BC tile: rows r, columns c, its mask, and h1, h3 there in float32."""
         r = tl.program_id(0) * R + tl.arange(0, R)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         mask = (r < N)[:, None] & (c < F)[None, :]
         h_at = Hh + r[:, None] * sh + c[None, :]
         a = tl.load(h_at, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
+        return r, c, mask, a, b
+
+    @triton.jit
+    def _swiglu_fwd(Hh, O, N, F, sh, so, R: tl.constexpr, BC: tl.constexpr):
+        r, c, mask, a, b = _swiglu_tile(Hh, N, F, sh, R, BC)
         tl.store(O + r[:, None] * so + c[None, :], (a * tl.sigmoid(a) * b).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_bwd(Hh, G, DH, N, F, sh, sg, R: tl.constexpr, BC: tl.constexpr):
         """DH = [g · h3 · silu'(h1) | g · silu(h1)], silu'(a) = σ(a)(1 + a(1 - σ(a))); DH has h's strides."""
-        r = tl.program_id(0) * R + tl.arange(0, R)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        mask = (r < N)[:, None] & (c < F)[None, :]
-        h_at = Hh + r[:, None] * sh + c[None, :]
-        a = tl.load(h_at, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
+        r, c, mask, a, b = _swiglu_tile(Hh, N, F, sh, R, BC)
         g = tl.load(G + r[:, None] * sg + c[None, :], mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(a)
         d_at = DH + r[:, None] * sh + c[None, :]

@@ -21,9 +21,10 @@ Inputs are (B, L, heads, head_dim) with a unit last stride: the projections' out
 per head, so the attention output needs no transpose either. Math in float32.
 """
 
-import os
 
 import torch
+
+from blt import triton_support
 
 try:
     import triton
@@ -34,10 +35,8 @@ except ImportError:  # no Triton (CPU-only torch), or a torch without triton_op
 
 
 def available(device: torch.device | str) -> bool:
-    """Whether the kernels can run on tensors of this device."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernels can run on tensors of this device (blt.triton_support)."""
+    return triton is not None and triton_support.available(device)
 
 
 # Warps of each program: Triton's default, overall the fastest of 1, 2, 4 and 8 for these kernels

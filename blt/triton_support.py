@@ -1,0 +1,16 @@
+"""Where the library's Triton kernels (blt.patch_runs, blt.fused_outputs, blt.adamw) can run."""
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether Triton kernels can run on tensors of this device: a CUDA device, or the CPU under
+    Triton's interpreter (TRITON_INTERPRET=1, how the tests run them)."""
+    if not HAS_TRITON:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
