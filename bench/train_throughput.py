@@ -117,7 +117,7 @@ def kernel_kind(name: str) -> str:
         return "attention"
     if n.startswith(("_bytes_read_patches", "_patches_read_bytes")):  # blt.patch_runs's cross-attentions
         return "attention"
-    if n.startswith("_patch_max"):  # blt.patch_runs's max-pooling
+    if n.startswith(("_patch_max", "_rotate_heads", "_swiglu")):  # blt.patch_runs's max-pooling, blt.fused_outputs
         return "fused pointwise/reduction"
     if any(w in n for w in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "cublas")):
         return "matmul"

@@ -24,7 +24,7 @@ from blt import triton_support
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 except ImportError:  # no Triton (CPU-only torch), or a torch without triton_op
     triton = None
 
@@ -71,7 +71,7 @@ if triton is not None:
         """One head block: x, out (B, T, ...) with a unit last stride; cos/sin (B, T, D/2)."""
         B, T = out.shape[:2]
         D = cos.shape[-1] * 2
-        wrap_triton(_rotate_heads)[(triton.cdiv(B * T, ROWS),)](
+        triton_support.launcher(_rotate_heads)[(triton.cdiv(B * T, ROWS),)](
             x, out, cos, sin, B * T, T, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             cos.stride(0), cos.stride(1), x_off, o_off, H=heads, D=D, BD=triton.next_power_of_2(D), ROT=rotate,
             SIGN=sign, R=ROWS,
@@ -152,14 +152,14 @@ if triton is not None:
         """h (N, 2·F) contiguous -> silu(h[:, :F]) * h[:, F:], (N, F)."""
         N, F = h.shape[0], h.shape[1] // 2
         out = torch.empty(N, F, dtype=h.dtype, device=h.device)
-        wrap_triton(_swiglu_fwd)[_swiglu_grid(N, F)](h, out, N, F, h.stride(0), out.stride(0), R=SWIGLU_BLOCK[0], BC=SWIGLU_BLOCK[1])
+        triton_support.launcher(_swiglu_fwd)[_swiglu_grid(N, F)](h, out, N, F, h.stride(0), out.stride(0), R=SWIGLU_BLOCK[0], BC=SWIGLU_BLOCK[1])
         return out
 
     @triton_op("blt::swiglu_backward", mutates_args=())
     def swiglu_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         N, F = h.shape[0], h.shape[1] // 2
         dh = torch.empty_like(h)
-        wrap_triton(_swiglu_bwd)[_swiglu_grid(N, F)](
+        triton_support.launcher(_swiglu_bwd)[_swiglu_grid(N, F)](
             h, grad, dh, N, F, h.stride(0), grad.stride(0), R=SWIGLU_BLOCK[0], BC=SWIGLU_BLOCK[1]
         )  # fmt: skip
         return dh

@@ -29,7 +29,7 @@ from blt import triton_support
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 except ImportError:  # no Triton (CPU-only torch), or a torch without triton_op
     triton = None
 
@@ -278,7 +278,7 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         out = torch.empty(B, P, D, dtype=x.dtype, device=x.device)
-        wrap_triton(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps())
+        triton_support.launcher(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps())
         return out
 
     @triton_op("blt::patch_max_backward", mutates_args=())
@@ -288,7 +288,7 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         dx = torch.zeros_like(x)  # bytes in no patch (none, when the patches cover the row)
-        wrap_triton(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
+        triton_support.launcher(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
             x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps()
         )  # fmt: skip
         return dx
@@ -316,7 +316,7 @@ if triton is not None:
         B, T, H, D = q.shape
         P = start.shape[1]
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        wrap_triton(_bytes_read_patches_fwd)[(P, B)](
+        triton_support.launcher(_bytes_read_patches_fwd)[(P, B)](
             q, k, v, out, start, end, P, *_strides(q, k, v, out), scale=scale, **_meta(H, k.shape[2], D, k.shape[1] // P)
         )  # fmt: skip
         return out
@@ -331,7 +331,7 @@ if triton is not None:
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         acc = torch.float32 if Hkv != H else k.dtype
         dk, dv = (torch.empty(B, S, H, D, dtype=acc, device=q.device) for _ in range(2))
-        wrap_triton(_bytes_read_patches_bwd)[(P, B)](
+        triton_support.launcher(_bytes_read_patches_bwd)[(P, B)](
             q, k, v, grad, dq, dk, dv, start, end, P, *_strides(q, k, v, grad, dq, dk),
             scale=scale, **_meta(H, Hkv, D, S // P),
         )  # fmt: skip
@@ -347,7 +347,7 @@ if triton is not None:
         P = start.shape[1]
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(B, S, H, dtype=torch.float32, device=q.device)
-        wrap_triton(_patches_read_bytes_fwd)[(P, B)](
+        triton_support.launcher(_patches_read_bytes_fwd)[(P, B)](
             q, k, v, out, lse, start, end, P, *_strides(q, k, v, out), scale=scale, **_meta(H, k.shape[2], D, S // P)
         )  # fmt: skip
         return out, lse
@@ -363,7 +363,7 @@ if triton is not None:
         acc = torch.float32 if Hkv != H else k.dtype
         # zeros: a byte outside every patch (none, when the patches cover the row) gets no gradient
         dk, dv = (torch.zeros(B, T, H, D, dtype=acc, device=q.device) for _ in range(2))
-        wrap_triton(_patches_read_bytes_bwd)[(P, B)](
+        triton_support.launcher(_patches_read_bytes_bwd)[(P, B)](
             q, k, v, out, grad, lse, dq, dk, dv, start, end, P, *_strides(q, k, v, out, grad, dq, dk),
             scale=scale, **_meta(H, Hkv, D, S // P),
         )  # fmt: skip

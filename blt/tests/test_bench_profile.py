@@ -20,6 +20,7 @@ def test_kernel_kinds():
     assert kernel_kind("_bytes_read_patches_bwd") == "attention"
     assert kernel_kind("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90") == "attention"
     assert kernel_kind("_patch_max_fwd") == "fused pointwise/reduction"
+    assert kernel_kind("_rotate_heads") == kernel_kind("_swiglu_bwd") == "fused pointwise/reduction"
     assert kernel_kind("nvjet_sm90_tst_128x256_64x4_1x2_h_bz_coopA_NNN") == "matmul"
     assert kernel_kind("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float>>") == "optimizer"
     assert kernel_kind("triton_poi_fused_mul_silu_19") == "fused pointwise/reduction"
