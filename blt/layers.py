@@ -98,8 +98,10 @@ def set_fused_products(enabled: bool) -> None:
     a cross-attention's k, v), and the RMSNorm gain before them is folded into those weights:
     linear(g ⊙ n(x), W) = linear(n(x), W·diag(g)). The same function, parameters and gradients;
     fewer, larger matrix products, and no reduction over every row for the gain's gradient
-    (it comes from the small (out, D) weight gradient instead). Off (the default), each
-    product runs on its own, as written. Set it before compiling."""
+    (it comes from the small (out, D) weight gradient instead). Where Triton kernels run, the
+    q|k|v output is split and rotated, and SwiGLU applied to the w1|w3 output, by
+    blt.fused_outputs' kernels. Off (the default), each product runs on its own, as written.
+    Set it before compiling."""
     global _fused_products
     _fused_products = enabled
 

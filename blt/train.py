@@ -204,8 +204,9 @@ def blt_parser() -> argparse.ArgumentParser:
                         "bf16 parameters do) instead of float32: less memory traffic")  # fmt: skip
     g.add_argument("--fused-products", action="store_true",
                    help="run the products that read one normalised input as one product with the norm's gain "
-                        "folded into the weights (q, k, v; w1, w3; k, v): same function and gradients, fewer "
-                        "kernels (blt.layers.set_fused_products)")  # fmt: skip
+                        "folded into the weights (q, k, v; w1, w3; k, v), and on CUDA Triton kernels for the "
+                        "split, rotary and SwiGLU after them: same function and gradients, fewer kernels "
+                        "(blt.layers.set_fused_products)")  # fmt: skip
     g.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
                    help="with --one-graph on CUDA: FlexAttention's self-attention kernels, torch's Triton ones or "
                         "FlashAttention-4's (optional flash-attn-4 package; experimental in torch)")  # fmt: skip
