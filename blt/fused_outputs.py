@@ -16,7 +16,6 @@ input dtype at the end (as the compiled graph rounds). The kernels run on CUDA, 
 under TRITON_INTERPRET=1 (how the tests check them).
 """
 
-
 import torch
 
 from blt import triton_support
@@ -32,6 +31,7 @@ except ImportError:  # no Triton (CPU-only torch), or a torch without triton_op
 def available(device: torch.device | str) -> bool:
     """Whether the kernels can run on tensors of this device (blt.triton_support)."""
     return triton is not None and triton_support.available(device)
+
 
 ROWS = 16  # rows (positions) per program of the rotary kernel
 SWIGLU_BLOCK = (8, 256)  # rows x columns per program of the SwiGLU kernels
@@ -87,7 +87,8 @@ if triton is not None:
         D = cos.shape[-1] * 2
         q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
         k, v = (torch.empty(B, T, n_kv, D, dtype=y.dtype, device=y.device) for _ in range(2))
-        for out, off, heads, rotate in ((q, 0, n_heads, True), (k, n_heads, n_kv, True), (v, n_heads + n_kv, n_kv, False)):
+        blocks = ((q, 0, n_heads, True), (k, n_heads, n_kv, True), (v, n_heads + n_kv, n_kv, False))
+        for out, off, heads, rotate in blocks:
             _launch(y, out.view(B, T, -1), cos, sin, off * D, 0, heads, rotate, 1.0)
         return q, k, v
 
@@ -101,7 +102,8 @@ if triton is not None:
         Hkv = dk.shape[2]
         dy = torch.empty(B, T, (H + 2 * Hkv) * D, dtype=dq.dtype, device=dq.device)
         for g, off, heads, rotate in ((dq, 0, H, True), (dk, H, Hkv, True), (dv, H + Hkv, Hkv, False)):
-            _launch(g.flatten(2) if g.stride(2) == D else g.contiguous().flatten(2), dy, cos, sin, 0, off * D, heads, rotate, -1.0)
+            flat = g.flatten(2) if g.stride(2) == D else g.contiguous().flatten(2)
+            _launch(flat, dy, cos, sin, 0, off * D, heads, rotate, -1.0)
         return dy
 
     def _setup(ctx, inputs, output):
@@ -114,7 +116,6 @@ if triton is not None:
         return rotary_split_backward(*unit, cos, sin), None, None, None, None
 
     rotary_split_op.register_autograd(_backward, setup_context=_setup)
-
 
     # ---- SwiGLU: silu(h1) * h3 from h = [h1 | h3] ----
 
@@ -152,7 +153,9 @@ if triton is not None:
         """h (N, 2·F) contiguous -> silu(h[:, :F]) * h[:, F:], (N, F)."""
         N, F = h.shape[0], h.shape[1] // 2
         out = torch.empty(N, F, dtype=h.dtype, device=h.device)
-        triton_support.launcher(_swiglu_fwd)[_swiglu_grid(N, F)](h, out, N, F, h.stride(0), out.stride(0), R=SWIGLU_BLOCK[0], BC=SWIGLU_BLOCK[1])
+        triton_support.launcher(_swiglu_fwd)[_swiglu_grid(N, F)](
+            h, out, N, F, h.stride(0), out.stride(0), R=SWIGLU_BLOCK[0], BC=SWIGLU_BLOCK[1]
+        )  # fmt: skip
         return out
 
     @triton_op("blt::swiglu_backward", mutates_args=())

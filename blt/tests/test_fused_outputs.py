@@ -67,7 +67,8 @@ def compare_swiglu(device: str, dtype: torch.dtype, tol: float) -> None:
         h = torch.randn(*shape, generator=g).to(device, dtype)
         grad = torch.randn(*shape[:-1], shape[-1] // 2, generator=g).to(device, dtype)
         results = []
-        for fn in (fused_outputs.swiglu, lambda h: F.silu(h.float()[..., : h.shape[-1] // 2]) * h.float()[..., h.shape[-1] // 2 :]):
+        half = shape[-1] // 2
+        for fn in (fused_outputs.swiglu, lambda h: F.silu(h.float()[..., :half]) * h.float()[..., half:]):
             leaf = h.clone().requires_grad_()
             out = fn(leaf)
             (dh,) = torch.autograd.grad(out, leaf, grad.to(out.dtype))
