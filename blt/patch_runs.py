@@ -121,7 +121,6 @@ if triton is not None:
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
         BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
-        p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
         k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
@@ -142,7 +141,6 @@ if triton is not None:
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
         BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
-        p = tl.program_id(0)
         b = tl.program_id(1)
         h, d, hd = _tile_offsets(H, D, BH, BD)
         k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
