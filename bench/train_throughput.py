@@ -67,8 +67,8 @@ def profile(step, sec, out: Path | None = None):
     """The top CUDA kernels and host ops of three steps, kernel time per step by kind, and how
     long the GPU idles per step in steady state: between the end of the first step's optimizer
     and the end of the third's, where the GPU runs as in the timed loop (the first step starts on
-    an empty queue, after a sync). With `out`, also writes every kernel's row (kernels.txt) and
-    the timeline (trace.json.gz) there."""
+    an empty queue, after a sync). With `out`, also writes every kernel's row (kernels.txt), the
+    kernels by compiled graph (kernels_by_graph.txt) and the timeline (trace.json.gz) there."""
     steps = 3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -84,6 +84,10 @@ def profile(step, sec, out: Path | None = None):
         with open(out / "trace.json", "rb") as f, gzip.open(out / "trace.json.gz", "wb") as z:
             z.write(f.read())
         (out / "trace.json").unlink()
+        by_graph = sorted(kernels_by_graph(prof.events()).items(), key=lambda kv: -kv[1][0])
+        (out / "kernels_by_graph.txt").write_text(
+            "".join(f"{t / steps:10.1f} µs/step {n / steps:5.1f} calls  {g}  {name}\n" for (g, name), (t, n) in by_graph)
+        )  # fmt: skip
     # kernels only: the GPU-side spans of annotations (e.g. "Optimizer.step") would count twice
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     groups: dict[str, float] = {}
@@ -97,6 +101,28 @@ def profile(step, sec, out: Path | None = None):
         lo, hi = ends[len(ends) // steps - 1], ends[-1]
         idle = gaps([(e.time_range.start, e.time_range.end) for e in kernels], lo, hi) / (1e3 * (steps - 1))
         print(f"GPU idle in steady state: {idle:.2f} ms a step")
+
+
+def kernels_by_graph(events) -> dict[tuple[str, str], tuple[float, int]]:
+    """Kernel time (µs) and launches by (compiled graph, kernel name). Inductor names kernels
+    uniquely only within a graph (triton_poi_fused_0 is in nearly every one), so the profile's
+    per-name table adds different kernels together. Each CPU event lists the kernels it
+    launched (a CUDA graph's replay all of its own); the graph is its nearest enclosing
+    "## Call CompiledFxGraph <hash> ##" range ("eager" outside any)."""
+    out: dict[tuple[str, str], tuple[float, int]] = {}
+    for e in events:
+        if not e.kernels:
+            continue
+        graph, up = "eager", e
+        while up is not None:
+            if up.name.startswith("## Call CompiledFxGraph"):
+                graph = up.name.split()[3][:12]
+                break
+            up = up.cpu_parent
+        for k in e.kernels:
+            total, count = out.get((graph, k.name), (0.0, 0))
+            out[graph, k.name] = (total + k.duration, count + 1)
+    return out
 
 
 def gaps(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
