@@ -41,40 +41,50 @@ if triton is not None:
 
     @triton.jit
     def _rotate_heads(
-        X, O, C, S, N, T, sxb, sxt, sob, sot, scb, sct, x_off, o_off, H: tl.constexpr, D: tl.constexpr,
-        BD: tl.constexpr, ROT: tl.constexpr, SIGN: tl.constexpr, R: tl.constexpr,
+        Y, Q, K, V, C, S, N, T, syb, syt, sqb, sqt, skb, skt, svb, svt, scb, sct,
+        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr,
+        R: tl.constexpr,
     ):  # fmt: skip
-        """Rows r .. r+R-1 of the flattened (B, T): H heads of D at X + x_off (strides sxb, sxt
-        per batch row and position, heads D apart) rotated (ROT) by angle SIGN·θ, or copied, to
-        O + o_off (strides sob, sot). BD: D rounded up to a power of 2."""
+        """Rows r .. r+R-1 of the flattened (B, T). SPLIT: the HQ + 2·HKV heads of D in a row of
+        Y are q's, k's and v's; q's and k's rotated by θ into Q and K, v's copied into V.
+        Otherwise the reverse: Q and K rotated back by -θ and V copied, into Y. Strides per batch
+        row and position; heads D apart in every tensor. BD: D rounded up to a power of 2."""
         r = tl.program_id(0) * R + tl.arange(0, R)
         b, t = r // T, r % T
         m = tl.arange(0, BD // 2)
         d = tl.arange(0, BD)
         pairs = (r < N)[:, None] & (m[None, :] < D // 2)
         elems = (r < N)[:, None] & (d[None, :] < D)
-        x_rows = X + x_off + b[:, None] * sxb + t[:, None] * sxt
-        o_rows = O + o_off + b[:, None] * sob + t[:, None] * sot
-        if ROT:
-            c = tl.load(C + b[:, None] * scb + t[:, None] * sct + m[None, :], mask=pairs, other=0.0)
-            s = SIGN * tl.load(S + b[:, None] * scb + t[:, None] * sct + m[None, :], mask=pairs, other=0.0)
-        for h in tl.static_range(H):
-            x = tl.load(x_rows + h * D + d[None, :], mask=elems, other=0.0)
-            if ROT:
-                x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, BD // 2, 2)))
-                y = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (R, BD))
+        c = tl.load(C + b[:, None] * scb + t[:, None] * sct + m[None, :], mask=pairs, other=0.0)
+        s = tl.load(S + b[:, None] * scb + t[:, None] * sct + m[None, :], mask=pairs, other=0.0)
+        if not SPLIT:
+            s = -s
+        y_rows = Y + b[:, None] * syb + t[:, None] * syt + d[None, :]
+        for j in tl.static_range(HQ + 2 * HKV):  # the block and head of each column block, at compile time
+            if j < HQ:
+                o_rows, h = Q + b[:, None] * sqb + t[:, None] * sqt + d[None, :], j
+            elif j < HQ + HKV:
+                o_rows, h = K + b[:, None] * skb + t[:, None] * skt + d[None, :], j - HQ
             else:
-                y = x
-            tl.store(o_rows + h * D + d[None, :], y.to(O.dtype.element_ty), mask=elems)
+                o_rows, h = V + b[:, None] * svb + t[:, None] * svt + d[None, :], j - HQ - HKV
+            if SPLIT:
+                src, dst = y_rows + j * D, o_rows + h * D
+            else:
+                src, dst = o_rows + h * D, y_rows + j * D
+            x = tl.load(src, mask=elems, other=0.0)
+            if j < HQ + HKV:
+                x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, BD // 2, 2)))
+                x = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (R, BD))
+            tl.store(dst, x.to(dst.dtype.element_ty), mask=elems)
 
-    def _launch(x, out, cos, sin, x_off, o_off, heads, rotate, sign):
-        """One head block: x, out (B, T, ...) with a unit last stride; cos/sin (B, T, D/2)."""
-        B, T = out.shape[:2]
+    def _launch(y, q, k, v, cos, sin, split):
+        """y (B, T, (H + 2·Hkv)·D); q, k, v (B, T, heads·D); all with unit last strides."""
+        B, T = y.shape[:2]
         D = cos.shape[-1] * 2
         triton_support.launcher(_rotate_heads)[(triton.cdiv(B * T, ROWS),)](
-            x, out, cos, sin, B * T, T, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            cos.stride(0), cos.stride(1), x_off, o_off, H=heads, D=D, BD=triton.next_power_of_2(D), ROT=rotate,
-            SIGN=sign, R=ROWS,
+            y, q, k, v, cos, sin, B * T, T, y.stride(0), y.stride(1), q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1), HQ=q.shape[2] // D,
+            HKV=k.shape[2] // D, D=D, BD=triton.next_power_of_2(D), SPLIT=split, R=ROWS,
         )  # fmt: skip
 
     @triton_op("blt::rotary_split", mutates_args=())
@@ -87,9 +97,7 @@ if triton is not None:
         D = cos.shape[-1] * 2
         q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
         k, v = (torch.empty(B, T, n_kv, D, dtype=y.dtype, device=y.device) for _ in range(2))
-        blocks = ((q, 0, n_heads, True), (k, n_heads, n_kv, True), (v, n_heads + n_kv, n_kv, False))
-        for out, off, heads, rotate in blocks:
-            _launch(y, out.view(B, T, -1), cos, sin, off * D, 0, heads, rotate, 1.0)
+        _launch(y, q.view(B, T, -1), k.view(B, T, -1), v.view(B, T, -1), cos, sin, True)
         return q, k, v
 
     @triton_op("blt::rotary_split_backward", mutates_args=())
@@ -101,9 +109,8 @@ if triton is not None:
         B, T, H, D = dq.shape
         Hkv = dk.shape[2]
         dy = torch.empty(B, T, (H + 2 * Hkv) * D, dtype=dq.dtype, device=dq.device)
-        for g, off, heads, rotate in ((dq, 0, H, True), (dk, H, Hkv, True), (dv, H + Hkv, Hkv, False)):
-            flat = g.flatten(2) if g.stride(2) == D else g.contiguous().flatten(2)
-            _launch(flat, dy, cos, sin, 0, off * D, heads, rotate, -1.0)
+        flat = [g.flatten(2) if g.stride(2) == D else g.contiguous().flatten(2) for g in (dq, dk, dv)]
+        _launch(dy, *flat, cos, sin, False)
         return dy
 
     def _setup(ctx, inputs, output):

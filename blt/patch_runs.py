@@ -5,9 +5,12 @@ are all <= it (decoder); and the encoder's max-pooling of each patch's bytes.
 
 Both masks are block-diagonal with tiny blocks: a patch holds about 4.5 bytes, and a byte
 reads k = 2 keys. FlexAttention computes them on 128 x 128 score tiles that are nearly all
-masked; here one program walks one patch's run of bytes instead, so nothing masked is
-computed, and the backward needs no atomics: every byte belongs to one run and every key
-slot to one patch, so each gradient row is written by exactly one program.
+masked. Here one program takes one head of PATCHES_PER_PROGRAM consecutive patches (their
+k·PATCHES_PER_PROGRAM key or query slots) and the bytes of their runs, in chunks of
+BYTES_PER_CHUNK: scores of a chunk against the slots are one small matrix product, masked by
+the runs, as in FlashAttention. The backward needs no atomics: every byte belongs to one
+program's runs and every slot to one program's patches, so each gradient row is written by
+exactly one program.
 
 A run is given as (start, end) per (row, patch), bytes start..end-1, non-decreasing along
 the row:
@@ -18,7 +21,9 @@ output zeros, as FlexAttention does for a query row with no visible key.
 
 The kernels run on CUDA, and on CPU under TRITON_INTERPRET=1 (how the tests check them).
 Inputs are (B, L, heads, head_dim) with a unit last stride: the projections' output viewed
-per head, so the attention output needs no transpose either. Math in float32.
+per head, so the attention output needs no transpose either. Softmax in float32; the
+products take the inputs' dtype (16-bit inputs: probabilities rounded to it, as FlashAttention
+and FlexAttention do; float32 inputs: full float32 products), accumulating in float32.
 """
 
 
@@ -42,6 +47,12 @@ def available(device: torch.device | str) -> bool:
 # Warps of each program: Triton's default, overall the fastest of 1, 2, 4 and 8 for these kernels
 # on an H200 (bench/patch_kernels.py sweeps it).
 NUM_WARPS = 4
+# The cross-attention kernels: each program takes one head of this many consecutive patches (their
+# key or query slots) and walks the bytes of their runs in chunks of BYTES_PER_CHUNK.
+PATCHES_PER_PROGRAM = 16
+BYTES_PER_CHUNK = 32
+# The max-pool kernels: patches, bytes per chunk and feature columns of each program.
+POOL_TILE = (16, 8, 64)
 
 
 def _warps() -> dict:
@@ -50,11 +61,22 @@ def _warps() -> dict:
     return {} if NUM_WARPS == 4 else {"num_warps": NUM_WARPS}
 
 
-def _meta(H: int, Hkv: int, D: int, k: int) -> dict:
+def _meta(Hkv: int, q: torch.Tensor, k: int) -> dict:
+    """Launch constants for q (B, L, H, D) and k key/query slots per patch."""
+    H, D = q.shape[2], q.shape[3]
     return dict(
-        H=H, G=H // Hkv, D=D, KS=k, **_warps(),
-        BH=triton.next_power_of_2(H), BD=triton.next_power_of_2(D), BK=triton.next_power_of_2(k),
+        G=H // Hkv, D=D, KS=k, PP=PATCHES_PER_PROGRAM, BS=max(16, triton.next_power_of_2(PATCHES_PER_PROGRAM * k)),
+        BD=max(16, triton.next_power_of_2(D)), R=BYTES_PER_CHUNK, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **_warps(),
     )  # fmt: skip
+
+
+def _pool_grid(P: int, B: int, D: int) -> tuple[int, int, int]:
+    return triton.cdiv(P, POOL_TILE[0]), B, triton.cdiv(D, POOL_TILE[2])
+
+
+def _grid(q: torch.Tensor, P: int) -> tuple[int, int, int]:
+    return triton.cdiv(P, PATCHES_PER_PROGRAM), q.shape[0], q.shape[2]
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -72,203 +94,223 @@ def _group_sum(g: torch.Tensor, Hkv: int, dtype: torch.dtype) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _tile_offsets(H: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-        h = tl.arange(0, BH)
-        d = tl.arange(0, BD)
-        return h, d, (h[:, None] < H) & (d[None, :] < D)
-
-    @triton.jit
-    def _slot_tile(X, b, p, sxb, sxs, sxh, heads, d, hd, KS: tl.constexpr, BK: tl.constexpr):
-        """Patch p's k slots of X, all heads (heads: each query head's row of X) -> the
-        (BK, BH, BD) tile in float32, its mask, and the slot index (BK, 1, 1)."""
-        j = tl.arange(0, BK)
-        mask = (j[:, None, None] < KS) & hd[None]
-        slot = (p * KS + j)[:, None, None]
-        tile = tl.load(X + b * sxb + slot * sxs + heads[None, :, None] * sxh + d[None, None, :], mask=mask, other=0.0)
-        return tile.to(tl.float32), mask, slot
-
-    @triton.jit
-    def _run(RS, RE, b, p, P):
-        """Patch p's run of bytes start..end-1 in row b, and where the previous run ended."""
-        return tl.load(RS + b * P + p), tl.load(RE + b * P + p), tl.load(RE + b * P + p - 1, mask=p > 0, other=0)
-
-    @triton.jit
-    def _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr):
-        """A decoder program's patch: its k keys and values (float32 tiles), their mask and slots,
-        and its run of bytes."""
-        p = tl.program_id(0)
+    def _tile(RS, RE, P, T, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr):
+        """This program's row b, head h, and tile of patches p0 .. p0+PP-1: per slot row i (its
+        patch p0 + i // KS, slot p0·KS + i) the slot, whether it exists, and its patch's run
+        rs..re-1; and the bytes lo..hi-1 that the tile owns: from the previous tile's last run
+        end (the gap before a run included) to its own last run end, or to T for the last tile."""
+        p0 = tl.program_id(0) * PP
         b = tl.program_id(1)
-        k3, mask, slot = _slot_tile(K, b, p, skb, sks, skh, h // G, d, hd, KS, BK)
-        v3, mask, slot = _slot_tile(V, b, p, svb, svs, svh, h // G, d, hd, KS, BK)
-        rs, re, prev = _run(RS, RE, b, p, P)
-        return k3, v3, mask, slot, rs, re, prev
+        h = tl.program_id(2)
+        i = tl.arange(0, BS)
+        ok = (i < PP * KS) & (p0 + i // KS < P)
+        rs = tl.load(RS + b * P + p0 + i // KS, mask=ok, other=0)
+        re = tl.load(RE + b * P + p0 + i // KS, mask=ok, other=0)  # empty for missing slots
+        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
+        hi = tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1)
+        hi = tl.where(p0 + PP >= P, T, hi)
+        return b, h, p0 * KS + i, ok, rs, re, lo, hi
 
     @triton.jit
-    def _key_probs(q, k3, scale: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr):
-        """A byte's q (BH, BD) against its patch's k keys (BK, BH, BD) -> softmax (BK, BH)."""
-        j = tl.arange(0, BK)
-        s = tl.sum(q[None] * k3, axis=2) * scale
-        s = tl.where(j[:, None] < KS, s, float("-inf"))
-        e = tl.exp(s - tl.max(s, axis=0)[None])
-        return e / tl.sum(e, axis=0)[None]
+    def _rows(X, b, rows, h, sxb, sxr, sxh, ok, D: tl.constexpr, BD: tl.constexpr):
+        """Pointers to rows `rows` of head h in row b of X (B, L, heads, D), and their mask."""
+        d = tl.arange(0, BD)
+        return X + b * sxb + rows[:, None] * sxr + h * sxh + d[None, :], ok[:, None] & (d[None, :] < D)
+
+    @triton.jit
+    def _masked_scores(a, bt, vis, scale, PREC: tl.constexpr):
+        """a @ bt.T · scale where visible, -inf elsewhere."""
+        return tl.where(vis, tl.dot(a, tl.trans(bt), input_precision=PREC) * scale, float("-inf"))
+
+    @triton.jit
+    def _softmax_rows(s):
+        """Softmax of each row of s; a row with nothing visible (all -inf) gives zeros."""
+        m = tl.max(s, axis=1)
+        e = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        den = tl.sum(e, axis=1)
+        return e / tl.where(den > 0, den, 1.0)[:, None]
 
     # ---- decoder: bytes (queries) read the k key slots of their latest complete patch ----
 
     @triton.jit
     def _bytes_read_patches_fwd(
-        Q, K, V, O, RS, RE, P,
+        Q, K, V, O, RS, RE, P, T,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh,
-        scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+        scale, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
+        BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(1)
-        h, d, hd = _tile_offsets(H, D, BH, BD)
-        k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
-        q_hd = h[:, None] * sqh + d[None, :]
-        o_hd = h[:, None] * soh + d[None, :]
-        for t in range(prev, rs):  # bytes before this run that read no patch
-            tl.store(O + b * sob + t * sot + o_hd, tl.zeros((BH, BD), tl.float32).to(O.dtype.element_ty), mask=hd)
-        for t in range(rs, re):
-            q = tl.load(Q + b * sqb + t * sqt + q_hd, mask=hd, other=0.0).to(tl.float32)
-            pr = _key_probs(q, k3, scale, KS, BK)
-            o = tl.sum(pr[:, :, None] * v3, axis=0)
-            tl.store(O + b * sob + t * sot + o_hd, o.to(O.dtype.element_ty), mask=hd)
+        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        k_at, k_ok = _rows(K, b, slot, h // G, skb, sks, skh, ok, D, BD)
+        v_at, v_ok = _rows(V, b, slot, h // G, svb, svs, svh, ok, D, BD)
+        kt, vt = tl.load(k_at, mask=k_ok, other=0.0), tl.load(v_at, mask=v_ok, other=0.0)
+        for t0 in range(lo, hi, R):
+            t = t0 + tl.arange(0, R)
+            q_at, q_ok = _rows(Q, b, t, h, sqb, sqt, sqh, t < hi, D, BD)
+            vis = (t[:, None] >= rs[None, :]) & (t[:, None] < re[None, :])  # (bytes, slots)
+            pr = _softmax_rows(_masked_scores(tl.load(q_at, mask=q_ok, other=0.0), kt, vis, scale, PREC))
+            o = tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)  # a byte that reads no patch: zeros
+            o_at, o_ok = _rows(O, b, t, h, sob, sot, soh, t < hi, D, BD)
+            tl.store(o_at, o.to(O.dtype.element_ty), mask=o_ok)
 
     @triton.jit
     def _bytes_read_patches_bwd(
-        Q, K, V, DO, DQ, DK, DV, RS, RE, P,
+        Q, K, V, DO, DQ, DK, DV, RS, RE, P, T,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sgb, sgs, sgh,
-        scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+        scale, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
+        BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(1)
-        h, d, hd = _tile_offsets(H, D, BH, BD)
-        k3, v3, kv_mask, slot, rs, re, prev = _patch_keys(K, V, RS, RE, P, skb, sks, skh, svb, svs, svh, h, d, hd, G, KS, BK)
-        q_hd = h[:, None] * sqh + d[None, :]
-        do_hd = h[:, None] * sdoh + d[None, :]
-        dq_hd = h[:, None] * sdqh + d[None, :]
-        for t in range(prev, rs):
-            tl.store(DQ + b * sdqb + t * sdqt + dq_hd, tl.zeros((BH, BD), tl.float32).to(DQ.dtype.element_ty), mask=hd)
-        dk3 = tl.zeros((BK, BH, BD), tl.float32)
-        dv3 = tl.zeros((BK, BH, BD), tl.float32)
-        for t in range(rs, re):
-            q = tl.load(Q + b * sqb + t * sqt + q_hd, mask=hd, other=0.0).to(tl.float32)
-            do = tl.load(DO + b * sdob + t * sdot + do_hd, mask=hd, other=0.0).to(tl.float32)
-            pr = _key_probs(q, k3, scale, KS, BK)
-            dp = tl.sum(do[None] * v3, axis=2)
-            ds = pr * (dp - tl.sum(pr * dp, axis=0)[None])
-            dq = tl.sum(ds[:, :, None] * k3, axis=0) * scale
-            tl.store(DQ + b * sdqb + t * sdqt + dq_hd, dq.to(DQ.dtype.element_ty), mask=hd)
-            dk3 += ds[:, :, None] * q[None]
-            dv3 += pr[:, :, None] * do[None]
-        g_off = b * sgb + slot * sgs + h[None, :, None] * sgh + d[None, None, :]  # per query head
-        tl.store(DK + g_off, (dk3 * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + g_off, dv3.to(DV.dtype.element_ty), mask=kv_mask)
+        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        k_at, k_ok = _rows(K, b, slot, h // G, skb, sks, skh, ok, D, BD)
+        v_at, v_ok = _rows(V, b, slot, h // G, svb, svs, svh, ok, D, BD)
+        kt, vt = tl.load(k_at, mask=k_ok, other=0.0), tl.load(v_at, mask=v_ok, other=0.0)
+        dk = tl.zeros((BS, BD), tl.float32)
+        dv = tl.zeros((BS, BD), tl.float32)
+        for t0 in range(lo, hi, R):
+            t = t0 + tl.arange(0, R)
+            q_at, q_ok = _rows(Q, b, t, h, sqb, sqt, sqh, t < hi, D, BD)
+            do_at, do_ok = _rows(DO, b, t, h, sdob, sdot, sdoh, t < hi, D, BD)
+            q, do = tl.load(q_at, mask=q_ok, other=0.0), tl.load(do_at, mask=do_ok, other=0.0)
+            vis = (t[:, None] >= rs[None, :]) & (t[:, None] < re[None, :])
+            pr = _softmax_rows(_masked_scores(q, kt, vis, scale, PREC))
+            dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+            ds = pr * (dp - tl.sum(pr * dp, axis=1)[:, None])
+            dq = tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * scale
+            dq_at, dq_ok = _rows(DQ, b, t, h, sdqb, sdqt, sdqh, t < hi, D, BD)
+            tl.store(dq_at, dq.to(DQ.dtype.element_ty), mask=dq_ok)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            dv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PREC)
+        g_at, g_ok = _rows(DK, b, slot, h, sgb, sgs, sgh, ok, D, BD)  # per query head
+        tl.store(g_at, (dk * scale).to(DK.dtype.element_ty), mask=g_ok)
+        g_at, g_ok = _rows(DV, b, slot, h, sgb, sgs, sgh, ok, D, BD)
+        tl.store(g_at, dv.to(DV.dtype.element_ty), mask=g_ok)
 
     # ---- encoder: each patch's k queries read the bytes of that patch ----
 
     @triton.jit
     def _patches_read_bytes_fwd(
-        Q, K, V, O, LSE, RS, RE, P,
+        Q, K, V, O, LSE, RS, RE, P, T,
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh,
-        scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+        scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
+        BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        p = tl.program_id(0)
-        b = tl.program_id(1)
-        h, d, hd = _tile_offsets(H, D, BH, BD)
-        j = tl.arange(0, BK)
-        q3, q_mask, slot = _slot_tile(Q, b, p, sqb, sqs, sqh, h, d, hd, KS, BK)
-        k_hd = (h // G)[:, None] * skh + d[None, :]
-        v_hd = (h // G)[:, None] * svh + d[None, :]
-        m = tl.full((BK, BH), float("-inf"), tl.float32)
-        den = tl.zeros((BK, BH), tl.float32)
-        acc = tl.zeros((BK, BH, BD), tl.float32)
-        for t in range(tl.load(RS + b * P + p), tl.load(RE + b * P + p)):  # online softmax
-            kt = tl.load(K + b * skb + t * skt + k_hd, mask=hd, other=0.0).to(tl.float32)
-            vt = tl.load(V + b * svb + t * svt + v_hd, mask=hd, other=0.0).to(tl.float32)
-            s = tl.sum(q3 * kt[None], axis=2) * scale
-            m_new = tl.maximum(m, s)
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(s - m_new)
-            den = den * alpha + e
-            acc = acc * alpha[:, :, None] + e[:, :, None] * vt[None]
+        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        q_at, q_ok = _rows(Q, b, slot, h, sqb, sqs, sqh, ok, D, BD)
+        qt = tl.load(q_at, mask=q_ok, other=0.0)
+        m = tl.full((BS,), float("-inf"), tl.float32)
+        den = tl.zeros((BS,), tl.float32)
+        acc = tl.zeros((BS, BD), tl.float32)
+        for t0 in range(lo, hi, R):  # online softmax over chunks of the tile's bytes
+            t = t0 + tl.arange(0, R)
+            k_at, k_ok = _rows(K, b, t, h // G, skb, skt, skh, t < hi, D, BD)
+            v_at, v_ok = _rows(V, b, t, h // G, svb, svt, svh, t < hi, D, BD)
+            vis = (t[None, :] >= rs[:, None]) & (t[None, :] < re[:, None])  # (slots, bytes)
+            s = _masked_scores(qt, tl.load(k_at, mask=k_ok, other=0.0), vis, scale, PREC)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            e = tl.exp(s - m_safe[:, None])
+            den = den * alpha + tl.sum(e, axis=1)
+            vt = tl.load(v_at, mask=v_ok, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(e.to(vt.dtype), vt, input_precision=PREC)
             m = m_new
         has = den > 0  # an empty patch (padding) outputs zeros
-        out = tl.where(has[:, :, None], acc / tl.where(has, den, 1.0)[:, :, None], 0.0)
-        tl.store(O + b * sob + slot * sos + h[None, :, None] * soh + d[None, None, :], out.to(O.dtype.element_ty), mask=q_mask)
-        lse = tl.where(has, m + tl.log(tl.where(has, den, 1.0)), 0.0)
-        tl.store(LSE + (b * P * KS + p * KS + j)[:, None] * H + h[None, :], lse, mask=(j[:, None] < KS) & (h[None, :] < H))
+        out = acc / tl.where(has, den, 1.0)[:, None]
+        o_at, o_ok = _rows(O, b, slot, h, sob, sos, soh, ok, D, BD)
+        tl.store(o_at, out.to(O.dtype.element_ty), mask=o_ok)
+        tl.store(LSE + (b * P * KS + slot) * H + h, tl.where(has, m + tl.log(tl.where(has, den, 1.0)), 0.0), mask=ok)
 
     @triton.jit
     def _patches_read_bytes_bwd(
-        Q, K, V, O, DO, LSE, DQ, DK, DV, RS, RE, P,
+        Q, K, V, O, DO, LSE, DQ, DK, DV, RS, RE, P, T,
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
         sgb, sgt, sgh,
-        scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr,
-        BH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+        scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
+        BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        p = tl.program_id(0)
-        b = tl.program_id(1)
-        h, d, hd = _tile_offsets(H, D, BH, BD)
-        j = tl.arange(0, BK)
-        q3, q_mask, slot = _slot_tile(Q, b, p, sqb, sqs, sqh, h, d, hd, KS, BK)
-        o3, q_mask, slot = _slot_tile(O, b, p, sob, sos, soh, h, d, hd, KS, BK)
-        do3, q_mask, slot = _slot_tile(DO, b, p, sdob, sdos, sdoh, h, d, hd, KS, BK)
-        live = (j[:, None] < KS) & (h[None, :] < H)
-        lse = tl.load(LSE + (b * P * KS + p * KS + j)[:, None] * H + h[None, :], mask=live, other=0.0)
-        delta = tl.sum(do3 * o3, axis=2)  # (BK, BH)
-        k_hd = (h // G)[:, None] * skh + d[None, :]
-        v_hd = (h // G)[:, None] * svh + d[None, :]
-        g_hd = h[:, None] * sgh + d[None, :]  # per query head
-        dq3 = tl.zeros((BK, BH, BD), tl.float32)
-        for t in range(tl.load(RS + b * P + p), tl.load(RE + b * P + p)):
-            kt = tl.load(K + b * skb + t * skt + k_hd, mask=hd, other=0.0).to(tl.float32)
-            vt = tl.load(V + b * svb + t * svt + v_hd, mask=hd, other=0.0).to(tl.float32)
-            s = tl.sum(q3 * kt[None], axis=2) * scale
-            pr = tl.where(live, tl.exp(s - lse), 0.0)
-            ds = pr * (tl.sum(do3 * vt[None], axis=2) - delta)
-            dq3 += ds[:, :, None] * kt[None]
-            dk = tl.sum(ds[:, :, None] * q3, axis=0) * scale
-            dv = tl.sum(pr[:, :, None] * do3, axis=0)
-            tl.store(DK + b * sgb + t * sgt + g_hd, dk.to(DK.dtype.element_ty), mask=hd)
-            tl.store(DV + b * sgb + t * sgt + g_hd, dv.to(DV.dtype.element_ty), mask=hd)
-        dq_off = b * sdqb + slot * sdqs + h[None, :, None] * sdqh + d[None, None, :]
-        tl.store(DQ + dq_off, (dq3 * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        q_at, q_ok = _rows(Q, b, slot, h, sqb, sqs, sqh, ok, D, BD)
+        o_at, o_ok = _rows(O, b, slot, h, sob, sos, soh, ok, D, BD)
+        do_at, do_ok = _rows(DO, b, slot, h, sdob, sdos, sdoh, ok, D, BD)
+        qt, dout = tl.load(q_at, mask=q_ok, other=0.0), tl.load(do_at, mask=do_ok, other=0.0)
+        delta = tl.sum(dout.to(tl.float32) * tl.load(o_at, mask=o_ok, other=0.0).to(tl.float32), axis=1)
+        lse = tl.load(LSE + (b * P * KS + slot) * H + h, mask=ok, other=0.0)
+        dq = tl.zeros((BS, BD), tl.float32)
+        for t0 in range(lo, hi, R):  # every byte of the tile: its key and value gradients, zeros outside the runs
+            t = t0 + tl.arange(0, R)
+            k_at, k_ok = _rows(K, b, t, h // G, skb, skt, skh, t < hi, D, BD)
+            v_at, v_ok = _rows(V, b, t, h // G, svb, svt, svh, t < hi, D, BD)
+            kt, vt = tl.load(k_at, mask=k_ok, other=0.0), tl.load(v_at, mask=v_ok, other=0.0)
+            vis = (t[None, :] >= rs[:, None]) & (t[None, :] < re[:, None])
+            pr = tl.where(vis, tl.exp(_masked_scores(qt, kt, vis, scale, PREC) - lse[:, None]), 0.0)
+            ds = pr * (tl.dot(dout, tl.trans(vt), input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+            dk_at, dk_ok = _rows(DK, b, t, h, sgb, sgt, sgh, t < hi, D, BD)  # per query head
+            tl.store(dk_at, (tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC) * scale).to(DK.dtype.element_ty), mask=dk_ok)
+            dv_at, dv_ok = _rows(DV, b, t, h, sgb, sgt, sgh, t < hi, D, BD)
+            tl.store(dv_at, tl.dot(tl.trans(pr.to(dout.dtype)), dout, input_precision=PREC).to(DV.dtype.element_ty), mask=dv_ok)
+        dq_at, dq_ok = _rows(DQ, b, slot, h, sdqb, sdqs, sdqh, ok, D, BD)
+        tl.store(dq_at, (dq * scale).to(DQ.dtype.element_ty), mask=dq_ok)
 
     # ---- max-pooling each patch's bytes (the encoder's initial patch queries) ----
 
     @triton.jit
-    def _patch_max_fwd(X, O, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
-        p = tl.program_id(0)
+    def _pool_tile(RS, RE, P, T, PP: tl.constexpr, BD: tl.constexpr):
+        """A max-pool program's row b, tile of patches p0 .. p0+PP-1 (their runs; empty where
+        there is no patch), its bytes lo..hi-1 (as _tile's), and its block of feature columns."""
+        p0 = tl.program_id(0) * PP
         b = tl.program_id(1)
-        d = tl.program_id(2) * BD + tl.arange(0, BD)
-        m = tl.full((BD,), float("-inf"), tl.float32)
-        rs = tl.load(RS + b * P + p)
-        re = tl.load(RE + b * P + p)
-        for t in range(rs, re):
-            m = tl.maximum(m, tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32))
-        m = tl.where(re > rs, m, 0.0)  # an empty patch pools to zeros
-        tl.store(O + b * sob + p * sop + d, m.to(O.dtype.element_ty), mask=d < D)
+        cols = tl.program_id(2) * BD + tl.arange(0, BD)
+        i = tl.arange(0, PP)
+        rs = tl.load(RS + b * P + p0 + i, mask=p0 + i < P, other=0)
+        re = tl.load(RE + b * P + p0 + i, mask=p0 + i < P, other=0)
+        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
+        hi = tl.where(p0 + PP >= P, T, tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1))
+        return b, cols, rs, re, lo, hi
 
     @triton.jit
-    def _patch_max_bwd(X, O, G, DX, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
+    def _pool_chunk(X, b, t, hi, cols, rs, re, sxb, sxt, D: tl.constexpr):
+        """Bytes t (a chunk) of row b at columns cols, float32, and which patch of the tile holds
+        each byte: (patches, bytes, 1)."""
+        x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=(t < hi)[:, None] & (cols < D)[None, :], other=0.0)
+        inside = (t[None, :] >= rs[:, None]) & (t[None, :] < re[:, None])
+        return x.to(tl.float32), inside[:, :, None]
+
+    @triton.jit
+    def _patch_max_fwd(
+        X, O, RS, RE, P, T, sxb, sxt, sob, sop, D: tl.constexpr, PP: tl.constexpr, R: tl.constexpr, BD: tl.constexpr
+    ):  # fmt: skip
+        b, cols, rs, re, lo, hi = _pool_tile(RS, RE, P, T, PP, BD)
+        m = tl.full((PP, BD), float("-inf"), tl.float32)
+        for t0 in range(lo, hi, R):
+            x, inside = _pool_chunk(X, b, t0 + tl.arange(0, R), hi, cols, rs, re, sxb, sxt, D)
+            m = tl.maximum(m, tl.max(tl.where(inside, x[None], float("-inf")), axis=1))
+        m = tl.where((re > rs)[:, None], m, 0.0)  # an empty patch pools to zeros
+        p = tl.program_id(0) * PP + tl.arange(0, PP)
+        tl.store(O + b * sob + p[:, None] * sop + cols[None, :], m.to(O.dtype.element_ty), mask=(p < P)[:, None] & (cols < D)[None, :])
+
+    @triton.jit
+    def _patch_max_bwd(
+        X, O, G, DX, RS, RE, P, T, sxb, sxt, sob, sop, D: tl.constexpr, PP: tl.constexpr, R: tl.constexpr,
+        BD: tl.constexpr,
+    ):  # fmt: skip
         """Each patch's gradient goes to the bytes that hold its maximum, split evenly among ties
-        (as scatter_reduce's amax). O, G and DX share X's strides but for the patch axis."""
-        p = tl.program_id(0)
-        b = tl.program_id(1)
-        d = tl.program_id(2) * BD + tl.arange(0, BD)
-        m = tl.load(O + b * sob + p * sop + d, mask=d < D, other=0.0).to(tl.float32)
-        g = tl.load(G + b * sob + p * sop + d, mask=d < D, other=0.0).to(tl.float32)
-        rs = tl.load(RS + b * P + p)
-        re = tl.load(RE + b * P + p)
-        ties = tl.zeros((BD,), tl.float32)
-        for t in range(rs, re):
-            ties += tl.where(tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32) == m, 1.0, 0.0)
-        share = g / tl.maximum(ties, 1.0)
-        for t in range(rs, re):
-            x = tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32)
-            tl.store(DX + b * sxb + t * sxt + d, tl.where(x == m, share, 0.0).to(DX.dtype.element_ty), mask=d < D)
+        (as scatter_reduce's amax); every other byte of the tile gets zeros. O and G share
+        X's strides but for the patch axis; DX has X's."""
+        b, cols, rs, re, lo, hi = _pool_tile(RS, RE, P, T, PP, BD)
+        p = tl.program_id(0) * PP + tl.arange(0, PP)
+        at = b * sob + p[:, None] * sop + cols[None, :]
+        ok = (p < P)[:, None] & (cols < D)[None, :]
+        m = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
+        ties = tl.zeros((PP, BD), tl.float32)
+        for t0 in range(lo, hi, R):
+            x, inside = _pool_chunk(X, b, t0 + tl.arange(0, R), hi, cols, rs, re, sxb, sxt, D)
+            ties += tl.sum(tl.where(inside & (x[None] == m[:, None, :]), 1.0, 0.0), axis=1)
+        share = tl.load(G + at, mask=ok, other=0.0).to(tl.float32) / tl.maximum(ties, 1.0)
+        for t0 in range(lo, hi, R):
+            t = t0 + tl.arange(0, R)
+            x, inside = _pool_chunk(X, b, t, hi, cols, rs, re, sxb, sxt, D)
+            dx = tl.sum(tl.where(inside & (x[None] == m[:, None, :]), share[:, None, :], 0.0), axis=0)
+            tl.store(DX + b * sxb + t[:, None] * sxt + cols[None, :], dx.to(DX.dtype.element_ty), mask=(t < hi)[:, None] & (cols < D)[None, :])
 
     @triton_op("blt::patch_max", mutates_args=())
     def patch_max(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -276,7 +318,9 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         out = torch.empty(B, P, D, dtype=x.dtype, device=x.device)
-        triton_support.launcher(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps())
+        triton_support.launcher(_patch_max_fwd)[_pool_grid(P, B, D)](
+            x, out, start, end, P, T, T * D, D, P * D, D, D=D, PP=POOL_TILE[0], R=POOL_TILE[1], BD=POOL_TILE[2], **_warps()
+        )  # fmt: skip
         return out
 
     @triton_op("blt::patch_max_backward", mutates_args=())
@@ -285,9 +329,10 @@ if triton is not None:
     ) -> torch.Tensor:
         B, T, D = x.shape
         P = start.shape[1]
-        dx = torch.zeros_like(x)  # bytes in no patch (none, when the patches cover the row)
-        triton_support.launcher(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
-            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps()
+        dx = torch.empty_like(x)  # the tiles cover every byte
+        triton_support.launcher(_patch_max_bwd)[_pool_grid(P, B, D)](
+            x, out, grad, dx, start, end, P, T, T * D, D, P * D, D, D=D, PP=POOL_TILE[0], R=POOL_TILE[1], BD=POOL_TILE[2],
+            **_warps(),
         )  # fmt: skip
         return dx
 
@@ -314,8 +359,8 @@ if triton is not None:
         B, T, H, D = q.shape
         P = start.shape[1]
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        triton_support.launcher(_bytes_read_patches_fwd)[(P, B)](
-            q, k, v, out, start, end, P, *_strides(q, k, v, out), scale=scale, **_meta(H, k.shape[2], D, k.shape[1] // P)
+        triton_support.launcher(_bytes_read_patches_fwd)[_grid(q, P)](
+            q, k, v, out, start, end, P, T, *_strides(q, k, v, out), scale=scale, **_meta(k.shape[2], q, k.shape[1] // P)
         )  # fmt: skip
         return out
 
@@ -329,9 +374,9 @@ if triton is not None:
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         acc = torch.float32 if Hkv != H else k.dtype
         dk, dv = (torch.empty(B, S, H, D, dtype=acc, device=q.device) for _ in range(2))
-        triton_support.launcher(_bytes_read_patches_bwd)[(P, B)](
-            q, k, v, grad, dq, dk, dv, start, end, P, *_strides(q, k, v, grad, dq, dk),
-            scale=scale, **_meta(H, Hkv, D, S // P),
+        triton_support.launcher(_bytes_read_patches_bwd)[_grid(q, P)](
+            q, k, v, grad, dq, dk, dv, start, end, P, T, *_strides(q, k, v, grad, dq, dk),
+            scale=scale, **_meta(Hkv, q, S // P),
         )  # fmt: skip
         return [dq, _group_sum(dk, Hkv, k.dtype), _group_sum(dv, Hkv, v.dtype)]
 
@@ -345,8 +390,9 @@ if triton is not None:
         P = start.shape[1]
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(B, S, H, dtype=torch.float32, device=q.device)
-        triton_support.launcher(_patches_read_bytes_fwd)[(P, B)](
-            q, k, v, out, lse, start, end, P, *_strides(q, k, v, out), scale=scale, **_meta(H, k.shape[2], D, S // P)
+        T = k.shape[1]
+        triton_support.launcher(_patches_read_bytes_fwd)[_grid(q, P)](
+            q, k, v, out, lse, start, end, P, T, *_strides(q, k, v, out), scale=scale, H=H, **_meta(k.shape[2], q, S // P)
         )  # fmt: skip
         return out, lse
 
@@ -359,11 +405,10 @@ if triton is not None:
         T, Hkv, P = k.shape[1], k.shape[2], start.shape[1]
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         acc = torch.float32 if Hkv != H else k.dtype
-        # zeros: a byte outside every patch (none, when the patches cover the row) gets no gradient
-        dk, dv = (torch.zeros(B, T, H, D, dtype=acc, device=q.device) for _ in range(2))
-        triton_support.launcher(_patches_read_bytes_bwd)[(P, B)](
-            q, k, v, out, grad, lse, dq, dk, dv, start, end, P, *_strides(q, k, v, out, grad, dq, dk),
-            scale=scale, **_meta(H, Hkv, D, S // P),
+        dk, dv = (torch.empty(B, T, H, D, dtype=acc, device=q.device) for _ in range(2))  # the tiles cover every byte
+        triton_support.launcher(_patches_read_bytes_bwd)[_grid(q, P)](
+            q, k, v, out, grad, lse, dq, dk, dv, start, end, P, T, *_strides(q, k, v, out, grad, dq, dk),
+            scale=scale, H=H, **_meta(Hkv, q, S // P),
         )  # fmt: skip
         return [dq, _group_sum(dk, Hkv, k.dtype), _group_sum(dv, Hkv, v.dtype)]
 

@@ -116,18 +116,55 @@ CHECKS = textwrap.dedent(
             out = model(x[:, :-1], x[:, 1:], backend="flex")
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
+    def check_gaps():
+        # runs with gaps between them and bytes after the last one (each kernel program owns the
+        # gap before its runs; the last program owns the row's tail): those bytes read nothing
+        # (decoder: zero output) and get no gradient (encoder: zero key/value gradients)
+        B, T, P, k, H = 2, 150, 40, 2, 4
+        bounds = torch.sort(torch.randint(0, T - 5, (B, 2 * P), generator=g), dim=1).values.int()
+        start, end = bounds[:, 0::2].contiguous(), bounds[:, 1::2].contiguous()
+        t = torch.arange(T)
+        slot_run = lambda x: x.repeat_interleave(k, dim=1)[:, :, None]  # (B, P·k, 1)
+        inside = (t >= slot_run(start)) & (t < slot_run(end))  # (B, P·k, T)
+        for queries, dense in (("bytes", inside.transpose(1, 2)), ("patches", inside)):
+            Q, K = dense.shape[1:]
+            q = torch.randn(B, H, Q, 16, generator=g, requires_grad=True)
+            kk, v = (torch.randn(B, H, K, 16, generator=g, requires_grad=True) for _ in range(2))
+            ref, out = attend(q, kk, v, dense[:, None]), attend(q, kk, v, M.PatchRuns(start, end, queries))
+            gr = torch.randn(ref.shape, generator=g)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            for a, b in zip(grads(out, (q, kk, v), gr), grads(ref, (q, kk, v), gr)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert (end[:, -1] < T).all() and not inside.any(1)[:, -5:].any()
+        # the max-pool on the same runs, against a loop over the patches (ties: integer values)
+        x = (torch.randn(B, T, 70, generator=g) * 2).round().requires_grad_()
+        gr = torch.randn(B, P, 70, generator=g)
+        out = patch_runs.max_pool(x, start, end)
+        (dx,) = grads(out, x, gr)
+        ref, ref_dx = torch.zeros(B, P, 70), torch.zeros(B, T, 70)
+        for b in range(B):
+            for p in range(P):
+                s, e = int(start[b, p]), int(end[b, p])
+                if e > s:
+                    run = x.detach()[b, s:e]
+                    ref[b, p] = run.max(0).values
+                    top = (run == ref[b, p]).float()
+                    ref_dx[b, s:e] += top * gr[b, p] / top.sum(0)
+        assert torch.equal(out, ref) and torch.allclose(dx, ref_dx, atol=1e-6)
+
     name = sys.argv[1]
-    check_model() if name == "model" else check(name)
+    {"model": check_model, "gaps": check_gaps}.get(name, lambda: check(name))()
     print("ok", name)
     """
 )
 
 
 @pytest.mark.skipif(not has_triton, reason="needs Triton (its interpreter runs the kernels on CPU)")
-@pytest.mark.parametrize("name", ["decoder", "encoder", "max_pool", "model"])
+@pytest.mark.parametrize("name", ["decoder", "encoder", "gaps", "max_pool", "model"])
 def test_kernels_interpreted_match_reference(name):
     """The decoder and encoder cross-attentions (values and gradients of q, k, v) against dense
-    SDPA with the masks; the max-pool against scatter_reduce's amax, ties included; a tiny BLT's
+    SDPA with the masks, also on runs with gaps and a tail that no run covers; the max-pool
+    against scatter_reduce's amax, ties included; a tiny BLT's
     logits with the kernels against the dense reference."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", CHECKS, name], cwd=ROOT, env=env, capture_output=True, text=True)
