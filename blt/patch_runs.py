@@ -51,8 +51,6 @@ NUM_WARPS = 4
 # key or query slots) and walks the bytes of their runs in chunks of BYTES_PER_CHUNK.
 PATCHES_PER_PROGRAM = 16
 BYTES_PER_CHUNK = 32
-# The max-pool kernels: patches, bytes per chunk and feature columns of each program.
-POOL_TILE = (16, 8, 64)
 
 
 def _warps() -> dict:
@@ -66,13 +64,9 @@ def _meta(Hkv: int, q: torch.Tensor, k: int) -> dict:
     H, D = q.shape[2], q.shape[3]
     return dict(
         G=H // Hkv, D=D, KS=k, PP=PATCHES_PER_PROGRAM, BS=max(16, triton.next_power_of_2(PATCHES_PER_PROGRAM * k)),
-        BD=max(16, triton.next_power_of_2(D)), R=BYTES_PER_CHUNK, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        BD=max(16, triton.next_power_of_2(D)), R=BYTES_PER_CHUNK, IEEE=q.dtype == torch.float32,
         **_warps(),
     )  # fmt: skip
-
-
-def _pool_grid(P: int, B: int, D: int) -> tuple[int, int, int]:
-    return triton.cdiv(P, POOL_TILE[0]), B, triton.cdiv(D, POOL_TILE[2])
 
 
 def _grid(q: torch.Tensor, P: int) -> tuple[int, int, int]:
@@ -118,9 +112,16 @@ if triton is not None:
         return X + b * sxb + rows[:, None] * sxr + h * sxh + d[None, :], ok[:, None] & (d[None, :] < D)
 
     @triton.jit
-    def _masked_scores(a, bt, vis, scale, PREC: tl.constexpr):
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b accumulated in float32; IEEE (float32 inputs): full float32 products, not TF32."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _masked_scores(a, bt, vis, scale, IEEE: tl.constexpr):
         """a @ bt.T · scale where visible, -inf elsewhere."""
-        return tl.where(vis, tl.dot(a, tl.trans(bt), input_precision=PREC) * scale, float("-inf"))
+        return tl.where(vis, _dot(a, tl.trans(bt), IEEE) * scale, float("-inf"))
 
     @triton.jit
     def _softmax_rows(s):
@@ -136,8 +137,8 @@ if triton is not None:
     def _bytes_read_patches_fwd(
         Q, K, V, O, RS, RE, P, T,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh,
-        scale, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
-        BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
+        scale: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
+        BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
         k_at, k_ok = _rows(K, b, slot, h // G, skb, sks, skh, ok, D, BD)
@@ -147,8 +148,8 @@ if triton is not None:
             t = t0 + tl.arange(0, R)
             q_at, q_ok = _rows(Q, b, t, h, sqb, sqt, sqh, t < hi, D, BD)
             vis = (t[:, None] >= rs[None, :]) & (t[:, None] < re[None, :])  # (bytes, slots)
-            pr = _softmax_rows(_masked_scores(tl.load(q_at, mask=q_ok, other=0.0), kt, vis, scale, PREC))
-            o = tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)  # a byte that reads no patch: zeros
+            pr = _softmax_rows(_masked_scores(tl.load(q_at, mask=q_ok, other=0.0), kt, vis, scale, IEEE))
+            o = _dot(pr.to(vt.dtype), vt, IEEE)  # a byte that reads no patch: zeros
             o_at, o_ok = _rows(O, b, t, h, sob, sot, soh, t < hi, D, BD)
             tl.store(o_at, o.to(O.dtype.element_ty), mask=o_ok)
 
@@ -156,8 +157,8 @@ if triton is not None:
     def _bytes_read_patches_bwd(
         Q, K, V, DO, DQ, DK, DV, RS, RE, P, T,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sgb, sgs, sgh,
-        scale, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
-        BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
+        scale: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
+        BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
         k_at, k_ok = _rows(K, b, slot, h // G, skb, sks, skh, ok, D, BD)
@@ -171,14 +172,14 @@ if triton is not None:
             do_at, do_ok = _rows(DO, b, t, h, sdob, sdot, sdoh, t < hi, D, BD)
             q, do = tl.load(q_at, mask=q_ok, other=0.0), tl.load(do_at, mask=do_ok, other=0.0)
             vis = (t[:, None] >= rs[None, :]) & (t[:, None] < re[None, :])
-            pr = _softmax_rows(_masked_scores(q, kt, vis, scale, PREC))
-            dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+            pr = _softmax_rows(_masked_scores(q, kt, vis, scale, IEEE))
+            dp = _dot(do, tl.trans(vt), IEEE)
             ds = pr * (dp - tl.sum(pr * dp, axis=1)[:, None])
-            dq = tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * scale
+            dq = _dot(ds.to(kt.dtype), kt, IEEE) * scale
             dq_at, dq_ok = _rows(DQ, b, t, h, sdqb, sdqt, sdqh, t < hi, D, BD)
             tl.store(dq_at, dq.to(DQ.dtype.element_ty), mask=dq_ok)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-            dv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PREC)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+            dv += _dot(tl.trans(pr.to(do.dtype)), do, IEEE)
         g_at, g_ok = _rows(DK, b, slot, h, sgb, sgs, sgh, ok, D, BD)  # per query head
         tl.store(g_at, (dk * scale).to(DK.dtype.element_ty), mask=g_ok)
         g_at, g_ok = _rows(DV, b, slot, h, sgb, sgs, sgh, ok, D, BD)
@@ -190,8 +191,8 @@ if triton is not None:
     def _patches_read_bytes_fwd(
         Q, K, V, O, LSE, RS, RE, P, T,
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh,
-        scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
-        BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
+        scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
+        BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
         q_at, q_ok = _rows(Q, b, slot, h, sqb, sqs, sqh, ok, D, BD)
@@ -204,14 +205,14 @@ if triton is not None:
             k_at, k_ok = _rows(K, b, t, h // G, skb, skt, skh, t < hi, D, BD)
             v_at, v_ok = _rows(V, b, t, h // G, svb, svt, svh, t < hi, D, BD)
             vis = (t[None, :] >= rs[:, None]) & (t[None, :] < re[:, None])  # (slots, bytes)
-            s = _masked_scores(qt, tl.load(k_at, mask=k_ok, other=0.0), vis, scale, PREC)
+            s = _masked_scores(qt, tl.load(k_at, mask=k_ok, other=0.0), vis, scale, IEEE)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_safe)
             e = tl.exp(s - m_safe[:, None])
             den = den * alpha + tl.sum(e, axis=1)
             vt = tl.load(v_at, mask=v_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(e.to(vt.dtype), vt, input_precision=PREC)
+            acc = acc * alpha[:, None] + _dot(e.to(vt.dtype), vt, IEEE)
             m = m_new
         has = den > 0  # an empty patch (padding) outputs zeros
         out = acc / tl.where(has, den, 1.0)[:, None]
@@ -224,8 +225,8 @@ if triton is not None:
         Q, K, V, O, DO, LSE, DQ, DK, DV, RS, RE, P, T,
         sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
         sgb, sgt, sgh,
-        scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
-        BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
+        scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
+        BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
         q_at, q_ok = _rows(Q, b, slot, h, sqb, sqs, sqh, ok, D, BD)
@@ -241,76 +242,49 @@ if triton is not None:
             v_at, v_ok = _rows(V, b, t, h // G, svb, svt, svh, t < hi, D, BD)
             kt, vt = tl.load(k_at, mask=k_ok, other=0.0), tl.load(v_at, mask=v_ok, other=0.0)
             vis = (t[None, :] >= rs[:, None]) & (t[None, :] < re[:, None])
-            pr = tl.where(vis, tl.exp(_masked_scores(qt, kt, vis, scale, PREC) - lse[:, None]), 0.0)
-            ds = pr * (tl.dot(dout, tl.trans(vt), input_precision=PREC) - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+            pr = tl.where(vis, tl.exp(_masked_scores(qt, kt, vis, scale, IEEE) - lse[:, None]), 0.0)
+            ds = pr * (_dot(dout, tl.trans(vt), IEEE) - delta[:, None])
+            dq += _dot(ds.to(kt.dtype), kt, IEEE)
             dk_at, dk_ok = _rows(DK, b, t, h, sgb, sgt, sgh, t < hi, D, BD)  # per query head
-            tl.store(dk_at, (tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC) * scale).to(DK.dtype.element_ty), mask=dk_ok)
+            tl.store(dk_at, (_dot(tl.trans(ds.to(qt.dtype)), qt, IEEE) * scale).to(DK.dtype.element_ty), mask=dk_ok)
             dv_at, dv_ok = _rows(DV, b, t, h, sgb, sgt, sgh, t < hi, D, BD)
-            tl.store(dv_at, tl.dot(tl.trans(pr.to(dout.dtype)), dout, input_precision=PREC).to(DV.dtype.element_ty), mask=dv_ok)
+            tl.store(dv_at, _dot(tl.trans(pr.to(dout.dtype)), dout, IEEE).to(DV.dtype.element_ty), mask=dv_ok)
         dq_at, dq_ok = _rows(DQ, b, slot, h, sdqb, sdqs, sdqh, ok, D, BD)
         tl.store(dq_at, (dq * scale).to(DQ.dtype.element_ty), mask=dq_ok)
 
     # ---- max-pooling each patch's bytes (the encoder's initial patch queries) ----
 
     @triton.jit
-    def _pool_tile(RS, RE, P, T, PP: tl.constexpr, BD: tl.constexpr):
-        """A max-pool program's row b, tile of patches p0 .. p0+PP-1 (their runs; empty where
-        there is no patch), its bytes lo..hi-1 (as _tile's), and its block of feature columns."""
-        p0 = tl.program_id(0) * PP
+    def _patch_max_fwd(X, O, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
+        p = tl.program_id(0)
         b = tl.program_id(1)
-        cols = tl.program_id(2) * BD + tl.arange(0, BD)
-        i = tl.arange(0, PP)
-        rs = tl.load(RS + b * P + p0 + i, mask=p0 + i < P, other=0)
-        re = tl.load(RE + b * P + p0 + i, mask=p0 + i < P, other=0)
-        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
-        hi = tl.where(p0 + PP >= P, T, tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1))
-        return b, cols, rs, re, lo, hi
+        d = tl.program_id(2) * BD + tl.arange(0, BD)
+        m = tl.full((BD,), float("-inf"), tl.float32)
+        rs = tl.load(RS + b * P + p)
+        re = tl.load(RE + b * P + p)
+        for t in range(rs, re):
+            m = tl.maximum(m, tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32))
+        m = tl.where(re > rs, m, 0.0)  # an empty patch pools to zeros
+        tl.store(O + b * sob + p * sop + d, m.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
-    def _pool_chunk(X, b, t, hi, cols, rs, re, sxb, sxt, D: tl.constexpr):
-        """Bytes t (a chunk) of row b at columns cols, float32, and which patch of the tile holds
-        each byte: (patches, bytes, 1)."""
-        x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=(t < hi)[:, None] & (cols < D)[None, :], other=0.0)
-        inside = (t[None, :] >= rs[:, None]) & (t[None, :] < re[:, None])
-        return x.to(tl.float32), inside[:, :, None]
-
-    @triton.jit
-    def _patch_max_fwd(
-        X, O, RS, RE, P, T, sxb, sxt, sob, sop, D: tl.constexpr, PP: tl.constexpr, R: tl.constexpr, BD: tl.constexpr
-    ):  # fmt: skip
-        b, cols, rs, re, lo, hi = _pool_tile(RS, RE, P, T, PP, BD)
-        m = tl.full((PP, BD), float("-inf"), tl.float32)
-        for t0 in range(lo, hi, R):
-            x, inside = _pool_chunk(X, b, t0 + tl.arange(0, R), hi, cols, rs, re, sxb, sxt, D)
-            m = tl.maximum(m, tl.max(tl.where(inside, x[None], float("-inf")), axis=1))
-        m = tl.where((re > rs)[:, None], m, 0.0)  # an empty patch pools to zeros
-        p = tl.program_id(0) * PP + tl.arange(0, PP)
-        tl.store(O + b * sob + p[:, None] * sop + cols[None, :], m.to(O.dtype.element_ty), mask=(p < P)[:, None] & (cols < D)[None, :])
-
-    @triton.jit
-    def _patch_max_bwd(
-        X, O, G, DX, RS, RE, P, T, sxb, sxt, sob, sop, D: tl.constexpr, PP: tl.constexpr, R: tl.constexpr,
-        BD: tl.constexpr,
-    ):  # fmt: skip
+    def _patch_max_bwd(X, O, G, DX, RS, RE, P, sxb, sxt, sob, sop, D: tl.constexpr, BD: tl.constexpr):
         """Each patch's gradient goes to the bytes that hold its maximum, split evenly among ties
-        (as scatter_reduce's amax); every other byte of the tile gets zeros. O and G share
-        X's strides but for the patch axis; DX has X's."""
-        b, cols, rs, re, lo, hi = _pool_tile(RS, RE, P, T, PP, BD)
-        p = tl.program_id(0) * PP + tl.arange(0, PP)
-        at = b * sob + p[:, None] * sop + cols[None, :]
-        ok = (p < P)[:, None] & (cols < D)[None, :]
-        m = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
-        ties = tl.zeros((PP, BD), tl.float32)
-        for t0 in range(lo, hi, R):
-            x, inside = _pool_chunk(X, b, t0 + tl.arange(0, R), hi, cols, rs, re, sxb, sxt, D)
-            ties += tl.sum(tl.where(inside & (x[None] == m[:, None, :]), 1.0, 0.0), axis=1)
-        share = tl.load(G + at, mask=ok, other=0.0).to(tl.float32) / tl.maximum(ties, 1.0)
-        for t0 in range(lo, hi, R):
-            t = t0 + tl.arange(0, R)
-            x, inside = _pool_chunk(X, b, t, hi, cols, rs, re, sxb, sxt, D)
-            dx = tl.sum(tl.where(inside & (x[None] == m[:, None, :]), share[:, None, :], 0.0), axis=0)
-            tl.store(DX + b * sxb + t[:, None] * sxt + cols[None, :], dx.to(DX.dtype.element_ty), mask=(t < hi)[:, None] & (cols < D)[None, :])
+        (as scatter_reduce's amax). O, G and DX share X's strides but for the patch axis."""
+        p = tl.program_id(0)
+        b = tl.program_id(1)
+        d = tl.program_id(2) * BD + tl.arange(0, BD)
+        m = tl.load(O + b * sob + p * sop + d, mask=d < D, other=0.0).to(tl.float32)
+        g = tl.load(G + b * sob + p * sop + d, mask=d < D, other=0.0).to(tl.float32)
+        rs = tl.load(RS + b * P + p)
+        re = tl.load(RE + b * P + p)
+        ties = tl.zeros((BD,), tl.float32)
+        for t in range(rs, re):
+            ties += tl.where(tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32) == m, 1.0, 0.0)
+        share = g / tl.maximum(ties, 1.0)
+        for t in range(rs, re):
+            x = tl.load(X + b * sxb + t * sxt + d, mask=d < D, other=0.0).to(tl.float32)
+            tl.store(DX + b * sxb + t * sxt + d, tl.where(x == m, share, 0.0).to(DX.dtype.element_ty), mask=d < D)
 
     @triton_op("blt::patch_max", mutates_args=())
     def patch_max(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -318,9 +292,7 @@ if triton is not None:
         B, T, D = x.shape
         P = start.shape[1]
         out = torch.empty(B, P, D, dtype=x.dtype, device=x.device)
-        triton_support.launcher(_patch_max_fwd)[_pool_grid(P, B, D)](
-            x, out, start, end, P, T, T * D, D, P * D, D, D=D, PP=POOL_TILE[0], R=POOL_TILE[1], BD=POOL_TILE[2], **_warps()
-        )  # fmt: skip
+        triton_support.launcher(_patch_max_fwd)[(P, B, triton.cdiv(D, 128))](x, out, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps())
         return out
 
     @triton_op("blt::patch_max_backward", mutates_args=())
@@ -329,10 +301,9 @@ if triton is not None:
     ) -> torch.Tensor:
         B, T, D = x.shape
         P = start.shape[1]
-        dx = torch.empty_like(x)  # the tiles cover every byte
-        triton_support.launcher(_patch_max_bwd)[_pool_grid(P, B, D)](
-            x, out, grad, dx, start, end, P, T, T * D, D, P * D, D, D=D, PP=POOL_TILE[0], R=POOL_TILE[1], BD=POOL_TILE[2],
-            **_warps(),
+        dx = torch.zeros_like(x)  # bytes in no patch (none, when the patches cover the row)
+        triton_support.launcher(_patch_max_bwd)[(P, B, triton.cdiv(D, 128))](
+            x, out, grad, dx, start, end, P, T * D, D, P * D, D, D=D, BD=128, **_warps()
         )  # fmt: skip
         return dx
 

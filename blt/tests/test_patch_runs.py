@@ -49,6 +49,27 @@ def test_runs_are_the_bytes_of_each_index():
         assert torch.equal(end[:, -1], torch.full((3,), 40, dtype=torch.int32))  # the last run ends the row
 
 
+def interpreter_loops_over_loaded_bounds() -> bool:
+    """Whether this Triton's interpreter runs a loop whose bounds were loaded from memory, as
+    every kernel here does (Triton 3.6's interpreter cannot; compiled kernels can)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(X, O):
+        n = 0
+        for _ in range(tl.load(X), tl.load(X + 1)):
+            n += 1
+        tl.store(O, n)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](torch.tensor([2, 5], dtype=torch.int32), out)
+    except Exception:  # the interpreter's error type differs between versions
+        return False
+    return int(out) == 3
+
+
 CHECKS = textwrap.dedent(
     """
     import sys
@@ -59,9 +80,12 @@ CHECKS = textwrap.dedent(
     from blt.entropy_model import EntropyModel
     from blt.layers import attend
     from blt.model import BLT
-    from blt.tests.test_patch_runs import random_lengths
+    from blt.tests.test_patch_runs import interpreter_loops_over_loaded_bounds, random_lengths
 
     assert patch_runs.available("cpu")
+    if not interpreter_loops_over_loaded_bounds():
+        print("skip")
+        sys.exit(0)
     g = torch.Generator().manual_seed(0)
     B, T, P, k = 3, 40, 20, 2
     lengths = random_lengths(B, T, P, g)  # rows end in empty (padding) patches
@@ -168,6 +192,8 @@ def test_kernels_interpreted_match_reference(name):
     logits with the kernels against the dense reference."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", CHECKS, name], cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode == 0 and done.stdout.strip() == "skip":
+        pytest.skip("this Triton's interpreter cannot loop over bounds loaded from memory (the CUDA test covers the kernels)")
     assert done.returncode == 0 and f"ok {name}" in done.stdout, done.stderr[-3000:]
 
 
