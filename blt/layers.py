@@ -121,7 +121,7 @@ def fused_product(x: torch.Tensor, norm: "RMSNorm | None", *linears: nn.Linear) 
     if norm is not None:
         w, x = w * norm.weight, norm.normalize(x)
     width = w.shape[0]
-    if width % 16 == 0:  # no slice: its backward would be a copy of the whole gradient
+    if width % 16 == 0:  # nothing padded, nothing to slice off
         return F.linear(x, w)
     # e.g. the 260 logits: zero rows up to a multiple of 16 get cuBLAS's fast kernels
     return F.linear(x, F.pad(w, (0, 0, 0, -width % 16)))[..., :width]
