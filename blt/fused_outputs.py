@@ -127,25 +127,30 @@ if triton is not None:
     # ---- SwiGLU: silu(h1) * h3 from h = [h1 | h3] ----
 
     @triton.jit
-    def _swiglu_tile(Hh, N, F, sh, R: tl.constexpr, BC: tl.constexpr):
-        """This program's R x BC tile: rows r, columns c, its mask, and h1, h3 there in float32."""
+    def _swiglu_tile(N, F, R: tl.constexpr, BC: tl.constexpr):
+        """This program's R x BC tile: rows r, columns c, and its mask. (No pointer passes through
+        here: torch.compile's mutation analysis would take it as written, and copy h.)"""
         r = tl.program_id(0) * R + tl.arange(0, R)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
-        mask = (r < N)[:, None] & (c < F)[None, :]
+        return r, c, (r < N)[:, None] & (c < F)[None, :]
+
+    @triton.jit
+    def _swiglu_load(Hh, r, c, mask, F, sh):
+        """h1, h3 on the tile, in float32."""
         h_at = Hh + r[:, None] * sh + c[None, :]
-        a = tl.load(h_at, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
-        return r, c, mask, a, b
+        return tl.load(h_at, mask=mask, other=0.0).to(tl.float32), tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _swiglu_fwd(Hh, O, N, F, sh, so, R: tl.constexpr, BC: tl.constexpr):
-        r, c, mask, a, b = _swiglu_tile(Hh, N, F, sh, R, BC)
+        r, c, mask = _swiglu_tile(N, F, R, BC)
+        a, b = _swiglu_load(Hh, r, c, mask, F, sh)
         tl.store(O + r[:, None] * so + c[None, :], (a * tl.sigmoid(a) * b).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_bwd(Hh, G, DH, N, F, sh, sg, R: tl.constexpr, BC: tl.constexpr):
         """DH = [g · h3 · silu'(h1) | g · silu(h1)], silu'(a) = σ(a)(1 + a(1 - σ(a))); DH has h's strides."""
-        r, c, mask, a, b = _swiglu_tile(Hh, N, F, sh, R, BC)
+        r, c, mask = _swiglu_tile(N, F, R, BC)
+        a, b = _swiglu_load(Hh, r, c, mask, F, sh)
         g = tl.load(G + r[:, None] * sg + c[None, :], mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(a)
         d_at = DH + r[:, None] * sh + c[None, :]

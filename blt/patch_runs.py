@@ -88,22 +88,18 @@ def _group_sum(g: torch.Tensor, Hkv: int, dtype: torch.dtype) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _tile(RS, RE, P, T, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr):
+    def _tile(P, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr):
         """This program's row b, head h, and tile of patches p0 .. p0+PP-1: per slot row i (its
-        patch p0 + i // KS, slot p0·KS + i) the slot, whether it exists, and its patch's run
-        rs..re-1; and the bytes lo..hi-1 that the tile owns: from the previous tile's last run
-        end (the gap before a run included) to its own last run end, or to T for the last tile."""
+        patch p0 + i // KS, slot p0·KS + i) the slot and whether it exists."""
         p0 = tl.program_id(0) * PP
-        b = tl.program_id(1)
-        h = tl.program_id(2)
         i = tl.arange(0, BS)
         ok = (i < PP * KS) & (p0 + i // KS < P)
-        rs = tl.load(RS + b * P + p0 + i // KS, mask=ok, other=0)
-        re = tl.load(RE + b * P + p0 + i // KS, mask=ok, other=0)  # empty for missing slots
-        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
-        hi = tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1)
-        hi = tl.where(p0 + PP >= P, T, hi)
-        return b, h, p0 * KS + i, ok, rs, re, lo, hi
+        return tl.program_id(1), tl.program_id(2), p0, p0 * KS + i, ok
+
+    @triton.jit
+    def _tile_runs(RS, RE, b, slot, ok, P, KS: tl.constexpr):
+        """Per slot its patch's run rs..re-1 (empty for missing slots)."""
+        return tl.load(RS + b * P + slot // KS, mask=ok, other=0), tl.load(RE + b * P + slot // KS, mask=ok, other=0)
 
     @triton.jit
     def _rows(X, b, rows, h, sxb, sxr, sxh, ok, D: tl.constexpr, BD: tl.constexpr):
@@ -140,7 +136,10 @@ if triton is not None:
         scale: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
         BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        b, h, p0, slot, ok = _tile(P, KS, PP, BS)
+        rs, re = _tile_runs(RS, RE, b, slot, ok, P, KS)
+        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
+        hi = tl.where(p0 + PP >= P, T, tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1))
         k_at, k_ok = _rows(K, b, slot, h // G, skb, sks, skh, ok, D, BD)
         v_at, v_ok = _rows(V, b, slot, h // G, svb, svs, svh, ok, D, BD)
         kt, vt = tl.load(k_at, mask=k_ok, other=0.0), tl.load(v_at, mask=v_ok, other=0.0)
@@ -160,7 +159,10 @@ if triton is not None:
         scale: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr,
         BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        b, h, p0, slot, ok = _tile(P, KS, PP, BS)
+        rs, re = _tile_runs(RS, RE, b, slot, ok, P, KS)
+        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
+        hi = tl.where(p0 + PP >= P, T, tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1))
         k_at, k_ok = _rows(K, b, slot, h // G, skb, sks, skh, ok, D, BD)
         v_at, v_ok = _rows(V, b, slot, h // G, svb, svs, svh, ok, D, BD)
         kt, vt = tl.load(k_at, mask=k_ok, other=0.0), tl.load(v_at, mask=v_ok, other=0.0)
@@ -194,7 +196,10 @@ if triton is not None:
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
         BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        b, h, p0, slot, ok = _tile(P, KS, PP, BS)
+        rs, re = _tile_runs(RS, RE, b, slot, ok, P, KS)
+        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
+        hi = tl.where(p0 + PP >= P, T, tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1))
         q_at, q_ok = _rows(Q, b, slot, h, sqb, sqs, sqh, ok, D, BD)
         qt = tl.load(q_at, mask=q_ok, other=0.0)
         m = tl.full((BS,), float("-inf"), tl.float32)
@@ -228,7 +233,10 @@ if triton is not None:
         scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KS: tl.constexpr, PP: tl.constexpr,
         BS: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        b, h, slot, ok, rs, re, lo, hi = _tile(RS, RE, P, T, KS, PP, BS)
+        b, h, p0, slot, ok = _tile(P, KS, PP, BS)
+        rs, re = _tile_runs(RS, RE, b, slot, ok, P, KS)
+        lo = tl.load(RE + b * P + p0 - 1, mask=p0 > 0, other=0)
+        hi = tl.where(p0 + PP >= P, T, tl.load(RE + b * P + tl.minimum(p0 + PP, P) - 1))
         q_at, q_ok = _rows(Q, b, slot, h, sqb, sqs, sqh, ok, D, BD)
         o_at, o_ok = _rows(O, b, slot, h, sob, sos, soh, ok, D, BD)
         do_at, do_ok = _rows(DO, b, slot, h, sdob, sdos, sdoh, ok, D, BD)
