@@ -35,8 +35,10 @@ def config(window: int) -> BLTConfig:
     ).validate()
 
 
-def relative_errors(device: str, T: int, window: int, amp: bool) -> dict[str, float]:
-    """|compiled - reference| / |reference| of the loss and of each parameter's gradient."""
+def relative_errors(device: str, T: int, window: int, amp: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """|x - reference| / |reference| of the loss and of each parameter's gradient, for x the
+    compiled step and for x the eager model on dense masks in the same precision (the rounding
+    any correct kernel shows); the reference is the eager model in float32 on dense masks."""
     torch.manual_seed(0)
     model = BLT(config(window), EntropyModel(config(window).entropy_model)).to(device)
     model.pack_patches = True
@@ -46,26 +48,38 @@ def relative_errors(device: str, T: int, window: int, amp: bool) -> dict[str, fl
     entropies = torch.rand(2, T, generator=g) * 2  # precomputed entropies: varied patch lengths
     tokens, entropies = tokens.to(device), entropies.to(device)
 
+    def grads(loss):
+        loss.backward()
+        out = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.item(), out
+
     one_graph = OneGraph(model, torch.device(device), accumulate=False)
     with torch.autocast(device, torch.bfloat16, enabled=amp):
         loss, patching = one_graph((tokens, entropies))
-    loss.backward()
-    compiled = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
+    compiled = grads(loss)
 
-    out = model(tokens[:, :-1], tokens[:, 1:], patching.patch_lengths, patching.next_starts_patch, backend="dense")
-    out.loss.backward()
-    errors = {"loss": abs(loss.item() - out.loss.item()) / out.loss.item()}
-    for n, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        assert n in compiled, f"{n}: no gradient from the compiled step"
-        errors[n] = ((compiled[n] - p.grad).norm() / p.grad.norm().clamp(min=1e-12)).item()
-    return errors
+    def eager():
+        args = (tokens[:, :-1], tokens[:, 1:], patching.patch_lengths, patching.next_starts_patch)
+        return model(*args, backend="dense").loss
+
+    reference = grads(eager())
+    with torch.autocast(device, torch.bfloat16, enabled=amp):
+        rounded = grads(eager())
+
+    def errors(result):
+        loss, got = result
+        out = {"loss": abs(loss - reference[0]) / reference[0]}
+        for n, ref in reference[1].items():
+            assert n in got, f"{n}: no gradient"
+            out[n] = ((got[n] - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+        return out
+
+    return errors(compiled), errors(rounded)
 
 
 def test_one_graph_path_matches_reference_on_cpu():
-    errors = relative_errors("cpu", T=128, window=32, amp=False)
+    errors, _ = relative_errors("cpu", T=128, window=32, amp=False)
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-4, (worst, errors[worst])
 
@@ -73,15 +87,17 @@ def test_one_graph_path_matches_reference_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fused", [False, True])
 def test_compiled_step_matches_reference_on_cuda(fused):
-    """bf16 autocast against float32: each gradient within a few percent (bf16 keeps 8 bits),
-    with --attention flash when FlashAttention-4 is installed."""
+    """bf16 autocast against float32, with --attention flash when FlashAttention-4 is installed:
+    each error within twice the eager bf16 model's own (plus 1%). bf16 keeps 8 bits, so the
+    smallest gradients (the encoder attention's) are a few percent off in any correct kernel;
+    a skipped key block or patch is tens of percent off."""
     flash = importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
     set_flex_backend("flash" if flash else "triton")
     set_fused_products(fused)
     try:
-        errors = relative_errors("cuda", T=1024, window=256, amp=True)
+        errors, rounding = relative_errors("cuda", T=1024, window=256, amp=True)
     finally:
         set_flex_backend("triton")
         set_fused_products(False)
-    bad = {n: round(e, 4) for n, e in errors.items() if e > 0.05}
-    assert not bad, f"gradients off by more than 5% (flash={flash}): {bad}"
+    bad = {n: (round(e, 4), round(rounding[n], 4)) for n, e in errors.items() if e > 2 * rounding[n] + 0.01}
+    assert not bad, f"(compiled, eager bf16) errors against float32 (flash={flash}): {bad}"
