@@ -77,8 +77,9 @@ def run_every_op() -> None:
     fused_outputs.swiglu(leaf(B, T, 4 * D)).sum().backward()
     end = torch.full((B, P), T // P).cumsum(1).int()
     start = end - T // P
-    patch_runs.bytes_read_patches(leaf(B, T, H, D), leaf(B, P * K, H, D), leaf(B, P * K, H, D), start, end).sum().backward()
-    patch_runs.patches_read_bytes(leaf(B, P * K, H, D), leaf(B, T, H, D), leaf(B, T, H, D), start, end).sum().backward()
+    slots, bytes_ = (leaf(B, P * K, H, D) for _ in range(2)), (leaf(B, T, H, D) for _ in range(2))
+    patch_runs.bytes_read_patches(leaf(B, T, H, D), *slots, start, end).sum().backward()
+    patch_runs.patches_read_bytes(leaf(B, P * K, H, D), *bytes_, start, end).sum().backward()
     patch_runs.max_pool(leaf(B, T, D), start, end).sum().backward()
 
 
