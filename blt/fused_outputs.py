@@ -138,7 +138,8 @@ if triton is not None:
     def _swiglu_load(Hh, r, c, mask, F, sh):
         """h1, h3 on the tile, in float32."""
         h_at = Hh + r[:, None] * sh + c[None, :]
-        return tl.load(h_at, mask=mask, other=0.0).to(tl.float32), tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
+        h1 = tl.load(h_at, mask=mask, other=0.0).to(tl.float32)
+        return h1, tl.load(h_at + F, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _swiglu_fwd(Hh, O, N, F, sh, so, R: tl.constexpr, BC: tl.constexpr):
