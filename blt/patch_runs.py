@@ -90,7 +90,11 @@ if triton is not None:
     @triton.jit
     def _tile(P, KS: tl.constexpr, PP: tl.constexpr, BS: tl.constexpr):
         """This program's row b, head h, and tile of patches p0 .. p0+PP-1: per slot row i (its
-        patch p0 + i // KS, slot p0·KS + i) the slot and whether it exists."""
+        patch p0 + i // KS, slot p0·KS + i) the slot and whether it exists. Each kernel then loads
+        the bytes lo..hi-1 the tile owns itself (from the previous tile's last run end, the gap
+        before a run included, to its own last run end, or to T for the last tile): read through
+        a helper, they would bound stores, and torch.compile's mutation analysis would then take
+        the run ends as written and copy them before every call (tests/test_kernel_writes.py)."""
         p0 = tl.program_id(0) * PP
         i = tl.arange(0, BS)
         ok = (i < PP * KS) & (p0 + i // KS < P)
