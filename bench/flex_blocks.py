@@ -11,7 +11,8 @@ Each runs forward + backward, compiled, with the default kernel choice, with a f
 `kernel_options` (forward tiles BLOCK_M × BLOCK_N; backward tiles BLOCK_M1/N1 for dK/dV
 and BLOCK_M2/N2 for dQ), with the forward tiles of the fastest forward joined to the
 backward tiles of the fastest backward, with FlexAttention's FLASH backend where its package
-is installed, and with inductor's own search (max-autotune).
+is installed, and with inductor's own search (max-autotune). The two self-attentions also run on
+FlashAttention-4's own causal kernels (blt.fa4, `--attention fa4`; no FlexAttention).
 Prints the kernels' GPU time of each, how far its output and gradients are from the default
 choice's, and the fastest fixed choice per shape.
 """
@@ -25,8 +26,11 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from blt import fa4  # noqa: E402
 from blt import masks as M  # noqa: E402
 from blt.config import bench  # noqa: E402
+
+FA4 = "fa4"  # the choice that runs blt.fa4 instead of FlexAttention
 
 CHOICES = {
     "default": {},
@@ -40,6 +44,8 @@ CHOICES = {
     # FlashAttention-4's CuTe kernels instead of Triton's (experimental in torch; needs the
     # optional flash-attn-4 package, else this choice reports that it failed)
     "FLASH backend": dict(BACKEND="FLASH"),
+    # FlashAttention-4's own causal kernels (blt.fa4), self-attentions only; same package
+    "FlashAttention-4 causal": FA4,
 }
 
 
@@ -56,13 +62,15 @@ def random_patch_lengths(B: int, T: int, mean: float, gen: torch.Generator) -> t
     return torch.tensor([r + [0] * (P - len(r)) for r in rows])
 
 
-def fwd_bwd_ms(q, k, v, mask, options, mode, steps=20) -> tuple[float, float, tuple]:
+def fwd_bwd_ms(q, k, v, mask, options, mode, window=None, steps=20) -> tuple[float, float, tuple]:
     """GPU time of the forward and the backward kernels, in ms per call, and the output with
     its gradients. Kernel time, not wall time: at these sizes the host's per-call work would
-    hide the kernels' differences."""
+    hide the kernels' differences. options FA4: blt.fa4's causal kernels with this window."""
     # the block mask goes in as an argument, as layers._flex passes it
     torch._dynamo.reset()
     fn = torch.compile(flex_attention, mode=mode, dynamic=False)
+    if options == FA4:
+        fn = lambda q, k, v, block_mask, kernel_options: fa4.attention(q, k, v, window)  # noqa: E731
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     grad = torch.randn(q.shape, dtype=q.dtype, device=q.device, generator=torch.Generator(q.device).manual_seed(1))
 
@@ -97,7 +105,8 @@ def max_error(results, reference) -> float:
 
 def combined(times: dict, choices: dict) -> dict | None:
     """The forward tiles of the fastest forward and the backward tiles of the fastest backward."""
-    fixed = {label: choices[label] for label in times if choices.get(label) and "BACKEND" not in choices[label]}
+    tiles = lambda options: isinstance(options, dict) and options and "BACKEND" not in options  # noqa: E731
+    fixed = {label: choices[label] for label in times if tiles(choices.get(label))}
     if not fixed:
         return None
     fwd = min(fixed, key=lambda label: times[label][0])
@@ -127,28 +136,30 @@ def main():
     masks = M.build_masks(pid, M.decoder_patch_ids(pid, None), P, k, cfg.encoder.window, cfg.decoder.window,
                           cfg.global_model.window, None, None, "flex")  # fmt: skip
     e, g = cfg.encoder, cfg.global_model
-    shapes = {  # name: (mask, heads, queries, keys)
-        f"byte self (window {e.window})": (masks.enc_self, e.n_heads, T, T),
-        "global self (causal)": (masks.patch_self, g.n_heads, P, P),
-        "encoder cross": (masks.enc_cross, e.n_heads, P * k, T),
-        "decoder cross": (masks.dec_cross, e.n_heads, T, P * k),
+    shapes = {  # name: (mask, heads, queries, keys, causal window: None = all, False = not causal)
+        f"byte self (window {e.window})": (masks.enc_self, e.n_heads, T, T, e.window),
+        "global self (causal)": (masks.patch_self, g.n_heads, P, P, g.window),
+        "encoder cross": (masks.enc_cross, e.n_heads, P * k, T, False),
+        "decoder cross": (masks.dec_cross, e.n_heads, T, P * k, False),
     }
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} P={P} (padded) bf16")
     print("kernel time per call (ms): forward + backward = total; error: largest difference of the output and")
     print("its gradients from the default choice's, relative to the largest value")
-    for name, (mask, H, Q, K) in shapes.items():
+    for name, (mask, H, Q, K, window) in shapes.items():
         q = torch.randn(B, H, Q, e.head_dim, device=dev, dtype=torch.bfloat16)
         kv = [torch.randn(B, H, K, e.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2)]
         choices, times, reference = dict(CHOICES), {}, None
         if args.only:
             choices = {label: choices[label] for label in choices if label == "default" or label in args.only}
+        if window is False or not fa4.available():
+            choices = {label: options for label, options in choices.items() if options != FA4}
 
         def measure(label):
             nonlocal reference
             options = choices[label]
             mode = "max-autotune-no-cudagraphs" if options is None else None
             try:
-                f, b, results = fwd_bwd_ms(q, *kv, mask, options, mode)
+                f, b, results = fwd_bwd_ms(q, *kv, mask, options, mode, window)
                 times[label] = f, b
                 reference = reference or results
                 error = max_error(results, reference)

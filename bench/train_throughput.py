@@ -14,8 +14,9 @@ Ours runs twice: compiled stack by stack (dynamic shapes), and as `blt.train --o
 --tune-kernels` runs it: the patcher as one CUDA graph, then the whole forward and loss as
 another on patch counts padded to a multiple of 128 (Patching.padded), the global transformer
 on packed rows (--no-pack-patches: on the padded rows). Each row also gives
-the first step's time, compilation included. `--attention flash` runs our self-attentions on
-FlashAttention-4's kernels, as `blt.train --attention flash` does (optional flash-attn-4 package).
+the first step's time, compilation included. `--attention flash` and `--attention fa4` run the
+one-graph variant's self-attentions on FlashAttention-4's kernels (through FlexAttention, or its
+own causal ones), as `blt.train --attention` does (optional flash-attn-4 package).
 """
 
 import argparse
@@ -210,7 +211,7 @@ def main():
                     help="the one-graph variant's AdamW: blt.adamw's one-launch kernel (as blt.train on CUDA), "
                          "torch's fused kernel, or torch's foreach code compiled")  # fmt: skip
     ap.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
-                    help="our FlexAttention kernels, as blt.train --attention")  # fmt: skip
+                    help="the self-attentions' kernels in the one-graph variant, as blt.train --attention")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")

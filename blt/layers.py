@@ -5,40 +5,37 @@ attention entry point with its two backends.
 Shape symbols: B batch, H heads, Q queries, K keys, T bytes, P patches, D width.
 """
 
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from blt import fused_outputs, patch_runs
+from blt import fa4, fused_outputs, patch_runs
 from blt.config import TransformerConfig
-from blt.masks import PatchRuns
+from blt.masks import CausalRows, PatchRuns, set_fa4
 
 _compiled_flex = None
-FLEX_BACKENDS = ("triton", "flash")
+FLEX_BACKENDS = ("triton", "flash", "fa4")
 _flex_options: dict | None = None  # FlexAttention kernel_options; None = torch's Triton kernels
 _fused_products = False
 
 
 def set_flex_backend(name: str) -> None:
-    """Which kernels run FlexAttention on CUDA: torch's own Triton kernels ("triton", the
-    default) or FlashAttention-4's CuTe kernels ("flash": FlexAttention's experimental
-    BACKEND="FLASH", same masks and math; needs the optional flash-attn-4 package; see
-    flex_kernel_options for where it applies). Set it before the first compiled call:
-    compiled graphs keep the backend they were traced with."""
+    """Which kernels run the attentions on CUDA: torch's own Triton kernels for FlexAttention
+    ("triton", the default); FlashAttention-4's CuTe kernels through FlexAttention's
+    experimental BACKEND="FLASH" ("flash", same masks and math; see flex_kernel_options for
+    where it applies); or FlashAttention-4's own causal kernels for the self-attentions
+    ("fa4": sliding windows and packed rows built in, no block lists; blt.fa4), FlexAttention's
+    Triton kernels for the rest. "flash" and "fa4" need the optional flash-attn-4 package. Set
+    it before the first compiled call: compiled graphs keep the backend they were traced with."""
     global _flex_options
     if name not in FLEX_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {list(FLEX_BACKENDS)}")
-    if name == "flash":
-        try:
-            found = importlib.util.find_spec("flash_attn.cute") is not None
-        except ImportError:
-            found = False
-        if not found:
-            raise ValueError("attention backend 'flash' needs FlashAttention-4: pip install flash-attn-4")
+    if name != "triton" and not fa4.available():
+        raise ValueError(f"attention backend {name!r} needs FlashAttention-4: pip install flash-attn-4")
     _flex_options = {"BACKEND": "FLASH"} if name == "flash" else None
+    set_fa4(name == "fa4")
 
 
 def flex_kernel_options(dtype: torch.dtype, cross: bool, compiling: bool) -> dict | None:
@@ -71,10 +68,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, cross: bool 
     """Scaled dot-product attention, q (B,H,Q,Dh), k/v (B,Hkv,K,Dh) -> (B,H,Q,Dh).
 
     mask: None (every query sees every key), a boolean tensor broadcastable to (B,H,Q,K)
-    (True = may attend; dense SDPA backend), a FlexAttention BlockMask, or masks.PatchRuns
-    (a one-patch cross-attention, on blt.patch_runs's kernels). A query row with no
+    (True = may attend; dense SDPA backend), a FlexAttention BlockMask, masks.PatchRuns
+    (a one-patch cross-attention, on blt.patch_runs's kernels), or masks.CausalRows (a causal
+    self-attention, on FlashAttention-4's kernels where they take the inputs). A query row with no
     visible key outputs zeros in every backend (FlexAttention's convention) instead of NaN.
     """
+    if isinstance(mask, CausalRows):
+        if fa4.takes(q) and k.shape[2] == q.shape[2]:  # (not a cached decoding step)
+            return fa4.attention(q, k, v, mask.window, mask.bounds)
+        mask = mask.flex()
     if isinstance(mask, PatchRuns):
         read = patch_runs.bytes_read_patches if mask.queries == "bytes" else patch_runs.patches_read_bytes
         return read(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask.start, mask.end).transpose(1, 2)

@@ -29,6 +29,7 @@ windows at their default (one patch), the flex backend gives the two cross-atten
 PatchRuns instead: the byte range of each patch, which blt.patch_runs's kernels walk.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,14 @@ from blt import patch_runs
 BLOCK = 128  # FlexAttention's block size
 _causal_cache: dict = {}  # (T, window, device) -> BlockMask; these depend on shapes only
 _patch_kernels = True
+_fa4 = False
+
+
+def set_fa4(enabled: bool) -> None:
+    """Whether the flex backend gives the causal self-attentions as CausalRows, for
+    FlashAttention-4's own kernels (blt.fa4; layers.set_flex_backend("fa4") sets it)."""
+    global _fa4
+    _fa4 = enabled
 
 
 def set_patch_kernels(enabled: bool) -> None:
@@ -57,6 +66,19 @@ class PatchRuns:
     start: torch.Tensor  # (B, P) int32
     end: torch.Tensor  # (B, P) int32
     queries: str
+
+
+@dataclass
+class CausalRows:
+    """A causal self-attention given by its shape, for FlashAttention-4's own kernels (blt.fa4):
+    each query sees the `window` keys up to itself (None: all), within its sequence: a batch
+    row, or with `bounds` ((S+1,) int32 cumulative ends) one of the sequences packed in the
+    single row. `flex()` builds the same mask as a BlockMask, for inputs those kernels do not
+    take (float32, CPU)."""
+
+    window: int | None
+    bounds: torch.Tensor | None
+    flex: Callable[[], BlockMask]
 
 
 def runs(ids: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,32 +131,43 @@ def _causal_mod(window):
     return mod
 
 
-def causal_mask(T: int, window: int | None, backend: str, device, kv_len: int | None = None):
+def causal_mask(T: int, window: int | None, backend: str, device):
     """Causal (sliding-window) self-attention over T positions."""
+    if backend == "flex" and _fa4:
+        return CausalRows(window, None, lambda: _causal_block_mask(T, window, device))
     if backend == "flex":
-        key = (T, window, str(device))
-        if torch.compiler.is_compiling():
-            # Traced into a compiled graph (train --one-graph): its output must not be cached,
-            # a CUDA graph's next replay would overwrite it.
-            return create_block_mask(_causal_mod(window), None, None, T, T, device=device)
-        if key not in _causal_cache:
-            if len(_causal_cache) > 256:
-                _causal_cache.clear()
-            _causal_cache[key] = create_block_mask(_causal_mod(window), None, None, T, T, device=device)
-        return _causal_cache[key]
+        return _causal_block_mask(T, window, device)
     q = torch.arange(T, device=device)[:, None]
     kv = torch.arange(T, device=device)[None, :]
     return ((kv <= q) & _window_ok(q - kv, window))[None, None]
 
 
+def _causal_block_mask(T: int, window: int | None, device) -> BlockMask:
+    if torch.compiler.is_compiling():
+        # Traced into a compiled graph (train --one-graph): its output must not be cached,
+        # a CUDA graph's next replay would overwrite it.
+        return create_block_mask(_causal_mod(window), None, None, T, T, device=device)
+    key = (T, window, str(device))
+    if key not in _causal_cache:
+        if len(_causal_cache) > 256:
+            _causal_cache.clear()
+        _causal_cache[key] = create_block_mask(_causal_mod(window), None, None, T, T, device=device)
+    return _causal_cache[key]
+
+
 def packed_patch_mask(
-    doc: torch.Tensor, first: torch.Tensor, window: int | None, backend: str, aligned: bool = False
+    doc: torch.Tensor, first: torch.Tensor, window: int | None, backend: str, aligned: bool = False,
+    bounds: torch.Tensor | None = None,
 ):  # fmt: skip
     """Causal (sliding-window) self-attention over packed patch slots (blt.packing), within each
     slot's own row only. doc (N,): row of each slot (non-decreasing); first (N,): first slot of
     that row. aligned: every row starts on a multiple of BLOCK (packing_plan's align), so no
     block holds two rows' slots and the flex mask lists only blocks inside a row; in a compiled
-    graph its mask_mod is then plain causality, with no lookup of any slot's row."""
+    graph its mask_mod is then plain causality, with no lookup of any slot's row. bounds: the
+    rows' cumulative slot ends (PatchPacking.bounds), for FlashAttention-4's kernels (set_fa4),
+    which then get the mask as CausalRows."""
+    if backend == "flex" and _fa4 and bounds is not None:
+        return CausalRows(window, bounds, lambda: packed_patch_mask(doc, first, window, backend, aligned))
     N = doc.shape[0]
 
     def mod(b, h, q, kv):

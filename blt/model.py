@@ -136,7 +136,9 @@ class BLT(nn.Module):
             patch_out = self.global_model(patches, masks.patch_self)
         else:
             plan = packing_plan(patching.patch_lengths, packed_slots, align)
-            mask = M.packed_patch_mask(plan.doc, plan.first, c.global_model.window, backend, aligned=align == M.BLOCK)
+            mask = M.packed_patch_mask(
+                plan.doc, plan.first, c.global_model.window, backend, aligned=align == M.BLOCK, bounds=plan.bounds
+            )  # fmt: skip
             cos, sin = self.global_model.rope.table(P)
             packed = self.global_model(pack(patches, plan), mask, rope=(cos[plan.pos], sin[plan.pos]))
             patch_out = unpack(packed, plan)

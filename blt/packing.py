@@ -36,6 +36,7 @@ class PatchPacking:
     dest: torch.Tensor  # (B, P) slot of each patch of the (B, P) layout
     kept: torch.Tensor  # (B, P) bool: the patch has a slot (it is not trailing padding)
     valid: torch.Tensor  # (N,) bool: the slot holds a patch (not a row's or the end's padding)
+    bounds: torch.Tensor  # (B+2,) int32: 0, where each row's segment ends, N (the end padding last)
 
 
 def row_patch_counts(patch_lengths: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,8 @@ def packing_plan(patch_lengths: torch.Tensor, slots: int, align: int = 1) -> Pat
     first = torch.where(in_row, starts[row], ends[-1])
     kept = j[None] < n[:, None]
     dest = (starts[:, None] + j[None]).clamp(max=slots - 1)
-    return PatchPacking(doc, pos, torch.where(valid, row * P + pos, 0), first, dest, kept, valid)
+    bounds = torch.cat([ends.new_zeros(1), ends, ends.new_full((1,), slots)]).int()
+    return PatchPacking(doc, pos, torch.where(valid, row * P + pos, 0), first, dest, kept, valid, bounds)
 
 
 def pack(x: torch.Tensor, plan: PatchPacking) -> torch.Tensor:

@@ -208,8 +208,9 @@ def blt_parser() -> argparse.ArgumentParser:
                         "split, rotary and SwiGLU after them: same function and gradients, fewer kernels "
                         "(blt.layers.set_fused_products)")  # fmt: skip
     g.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
-                   help="with --one-graph on CUDA: FlexAttention's self-attention kernels, torch's Triton ones or "
-                        "FlashAttention-4's (optional flash-attn-4 package; experimental in torch)")  # fmt: skip
+                   help="on CUDA, the self-attentions' kernels: FlexAttention's Triton ones (triton), FlexAttention's "
+                        "experimental FlashAttention-4 backend (flash; with --one-graph), or FlashAttention-4's own "
+                        "causal kernels (fa4); flash and fa4 need the optional flash-attn-4 package")  # fmt: skip
     g.add_argument("--init-from", metavar="DIR",
                    help="start from the weights of this model folder (e.g. a run on other data), not from a random "
                         "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
@@ -986,8 +987,10 @@ def main(argv=None) -> None:
         parser.error("--patch-pad pads the --one-graph patch count; add --one-graph")
     if args.bf16_residual and args.dtype != "bf16":
         parser.error("--bf16-residual needs bf16 autocast (--dtype bf16, on CUDA)")
-    if args.attention != "triton" and not (args.one_graph and args.device == "cuda"):
-        parser.error(f"--attention {args.attention} runs inside --one-graph on CUDA (its kernels need static shapes)")
+    if args.attention == "flash" and not (args.one_graph and args.device == "cuda"):
+        parser.error("--attention flash runs inside --one-graph on CUDA (its kernels need static shapes)")
+    if args.attention == "fa4" and args.device != "cuda":
+        parser.error("--attention fa4 runs on CUDA")
     try:
         set_flex_backend(args.attention)
     except ValueError as err:

@@ -2,7 +2,7 @@
 every parameter's gradient.
 
 On CUDA the compiled step runs everything the speed benchmarks measure: FlexAttention block
-masks (FlashAttention-4's kernels with --attention flash, where installed), the byte <-> patch
+masks (FlashAttention-4's kernels with --attention flash or fa4, where installed), the byte <-> patch
 Triton kernels, fused products and their kernels, packed global rows, bf16 autocast. The
 reference is the same model run eagerly in float32 on dense masks. A kernel that skipped
 part of its work (a key block of a sliding window, a patch's bytes) would show as a gradient
@@ -10,11 +10,10 @@ far outside bf16 rounding. On CPU the same comparison runs the one-graph path's 
 packing eagerly, on dense masks.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
+from blt import fa4
 from blt.config import BLTConfig, EntropyModelConfig, GlobalConfig, LocalDecoderConfig, LocalEncoderConfig, PatcherConfig
 from blt.entropy_model import EntropyModel
 from blt.layers import set_flex_backend, set_fused_products
@@ -85,14 +84,15 @@ def test_one_graph_path_matches_reference_on_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fused", [False, True])
-def test_compiled_step_matches_reference_on_cuda(fused):
-    """bf16 autocast against float32, with --attention flash when FlashAttention-4 is installed:
-    each error within twice the eager bf16 model's own (plus 1%). bf16 keeps 8 bits, so the
-    smallest gradients (the encoder attention's) are a few percent off in any correct kernel;
-    a skipped key block or patch is tens of percent off."""
-    flash = importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
-    set_flex_backend("flash" if flash else "triton")
+@pytest.mark.parametrize(("attention", "fused"), [("triton", True), ("flash", False), ("flash", True), ("fa4", True)])
+def test_compiled_step_matches_reference_on_cuda(attention, fused):
+    """bf16 autocast against float32, on each attention backend (FlashAttention-4's where it is
+    installed): each error within twice the eager bf16 model's own (plus 1%). bf16 keeps 8 bits,
+    so the smallest gradients (the encoder attention's) are a few percent off in any correct
+    kernel; a skipped key block or patch is tens of percent off."""
+    if attention != "triton" and not fa4.available():
+        pytest.skip("needs flash-attn-4")
+    set_flex_backend(attention)
     set_fused_products(fused)
     try:
         errors, rounding = relative_errors("cuda", T=1024, window=256, amp=True)
@@ -100,4 +100,4 @@ def test_compiled_step_matches_reference_on_cuda(fused):
         set_flex_backend("triton")
         set_fused_products(False)
     bad = {n: (round(e, 4), round(rounding[n], 4)) for n, e in errors.items() if e > 2 * rounding[n] + 0.01}
-    assert not bad, f"(compiled, eager bf16) errors against float32 (flash={flash}): {bad}"
+    assert not bad, f"(compiled, eager bf16) errors against float32 ({attention}): {bad}"

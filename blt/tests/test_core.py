@@ -626,6 +626,7 @@ def test_packing_puts_each_row_after_the_last(seed, align):
     assert plan.doc.tolist() == want_doc and plan.pos.tolist() == want_pos and plan.valid.tolist() == want_valid
     starts = [sum(segments[:b]) for b in range(len(rows))] + [sum(segments)]
     assert plan.first.tolist() == [starts[d] for d in want_doc]
+    assert plan.bounds.tolist() == [*starts, slots] and plan.bounds.dtype == torch.int32
     x = torch.randn(*lengths.shape, 5)
     packed = pack(x, plan)
     assert packed.shape == (1, slots, 5) and torch.equal(packed[0].any(-1), plan.valid & packed[0].any(-1))
