@@ -359,7 +359,8 @@ def main():
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} bf16 autocast")
     print(f"mean bytes/patch {bpp:.2f} (θ={cfg.patcher.threshold:.4f}); model FLOPs/byte (train) {flops / 1e6:.1f}M")
-    rows_aligned = aligned_slot_count(row_patch_counts(patching.patch_lengths), BLOCK)  # as the GPU packs
+    align = 1 if args.attention == "fa4" else BLOCK  # as the GPU packs (model.packing_align)
+    rows_aligned = aligned_slot_count(row_patch_counts(patching.patch_lengths), align)
     packed = -(-int(rows_aligned) // args.patch_pad) * args.patch_pad
     print(f"patches: {real} real; the one graph's global transformer runs on {padded} as (B, P) padded to a "
           f"multiple of {args.patch_pad} ({100 * (1 - real / padded):.1f}% padding), {packed} packed "

@@ -50,6 +50,10 @@ def set_fa4(enabled: bool) -> None:
     _fa4 = enabled
 
 
+def uses_fa4() -> bool:
+    return _fa4
+
+
 def set_patch_kernels(enabled: bool) -> None:
     """Whether the flex backend runs the one-patch cross-attentions on blt.patch_runs's
     kernels (the default, where they can run) or on FlexAttention."""

@@ -45,8 +45,9 @@ class BLTOutput:
 def packing_align(backend: str) -> int:
     """Packed rows (blt.packing) start on FlexAttention's block boundaries, so that the packed
     mask needs no lookup of each slot's row (masks.packed_patch_mask): its kernels then run as
-    fast as on the padded layout's plain causal mask. Dense masks need no alignment."""
-    return M.BLOCK if backend == "flex" else 1
+    fast as on the padded layout's plain causal mask. Dense masks need no alignment, nor
+    FlashAttention-4's own kernels (masks.set_fa4), which take the rows' bounds."""
+    return M.BLOCK if backend == "flex" and not M.uses_fa4() else 1
 
 
 class BLT(nn.Module):
