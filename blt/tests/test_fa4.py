@@ -18,9 +18,10 @@ def fa4_masks():
     M.set_fa4(False)
 
 
-def packed_rows():
+def packed_rows(extra: int = 50, align: int = M.BLOCK):
+    """Three rows of 201, 261 and 91 patches packed, then `extra` padding slots."""
     lengths = torch.tensor([[1] + [3] * 200 + [0] * 60, [1] + [2] * 260, [1] + [5] * 90 + [0] * 170])
-    return packing_plan(lengths, packed_patch_count(lengths, M.BLOCK) + 50, M.BLOCK)
+    return packing_plan(lengths, packed_patch_count(lengths, align) + extra, align)
 
 
 @pytest.mark.parametrize("window", [None, 40])
@@ -74,14 +75,17 @@ def test_fake_shapes():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fa4.available()), reason="needs CUDA and flash-attn-4")
 @pytest.mark.parametrize(
-    ("window", "packed", "kv_heads"), [(256, False, 4), (None, False, 2), (None, True, 4), (64, True, 4)]
+    ("window", "packed", "kv_heads"),
+    [(256, None, 4), (None, None, 2), (None, 50, 4), (64, 50, 4), (None, 0, 4)],
 )
 def test_kernels_match_float32_reference(window, packed, kv_heads):
     """bf16 FlashAttention-4 against float32 SDPA on the dense mask: output and gradients within
-    bf16 rounding (1%), sliding windows, grouped-query heads, packed rows of several lengths."""
+    bf16 rounding (1%), sliding windows, grouped-query heads, packed rows of several lengths
+    (packed: that many padding slots after them, unaligned, as fa4 packs; 0: an empty last
+    sequence)."""
     torch.manual_seed(0)
-    if packed:
-        plan = packed_rows()
+    if packed is not None:
+        plan = packed_rows(packed, align=1)
         mask = M.packed_patch_mask(plan.doc.cuda(), plan.first.cuda(), window, "dense")
         bounds, B, T = plan.bounds.cuda(), 1, plan.doc.shape[0]
     else:
