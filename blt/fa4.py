@@ -15,6 +15,7 @@ graph) calls them as they are; their fake versions give the compiler the output 
 """
 
 import importlib.util
+from typing import Optional
 
 import torch
 
@@ -40,7 +41,7 @@ def _left(window: int) -> int | None:
 
 @torch.library.custom_op("blt::fa4_causal", mutates_args=())
 def _causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, bounds: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, bounds: Optional[torch.Tensor]  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, T, H, D), k/v (B, T, Hkv, D); or packed, (N, heads, D) with bounds (S+1,) int32,
     the sequences' cumulative ends -> out like q, and the softmax's log-sum-exp per query,
@@ -63,7 +64,7 @@ def _(q, k, v, window, bounds):
 @torch.library.custom_op("blt::fa4_causal_backward", mutates_args=())
 def _causal_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    window: int, bounds: torch.Tensor | None,
+    window: int, bounds: Optional[torch.Tensor],  # noqa: UP045 (the op schema's spelling, any torch)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     from flash_attn.cute.interface import _flash_attn_bwd
 
