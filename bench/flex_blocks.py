@@ -133,6 +133,7 @@ def main():
     lengths = torch.nn.functional.pad(lengths, (0, -lengths.shape[1] % 128)).to(dev)  # as --one-graph pads
     P, k = lengths.shape[1], cfg.cross_attn_k
     pid = M.patch_ids_from_lengths(lengths, T)
+    M.set_patch_kernels(False)  # the cross-attentions as FlexAttention block masks, not blt.patch_runs
     masks = M.build_masks(pid, M.decoder_patch_ids(pid, None), P, k, cfg.encoder.window, cfg.decoder.window,
                           cfg.global_model.window, None, None, "flex")  # fmt: skip
     e, g = cfg.encoder, cfg.global_model
