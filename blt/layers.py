@@ -5,7 +5,6 @@ attention entry point with its two backends.
 Shape symbols: B batch, H heads, Q queries, K keys, T bytes, P patches, D width.
 """
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
