@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from blt import fused_outputs
+
 
 def available() -> bool:
     """Whether the flash-attn-4 package (flash_attn.cute) is installed."""
@@ -105,3 +107,100 @@ def attention(q, k, v, window: int | None, bounds: torch.Tensor | None = None) -
         unit = [x[0] for x in unit]
     out = _causal(*unit, window or 0, bounds)[0]
     return (out[None] if bounds is not None else out).transpose(1, 2)
+
+
+# ---- the same attention read straight from the fused q|k|v product (set_fused_products) ----
+# rotary_split writes q, k and v out of the product's (B, T, (H + 2·Hkv)·D) output for the
+# kernels above. FlashAttention-4 reads any row stride, so here v stays where the product wrote
+# it, and its gradient is written where the product's backward reads it: one op, forward and
+# backward, does the rotation of q and k and the attention, and moves 2/3 of the bytes.
+
+
+def _v_columns(y: torch.Tensor, n_kv: int, head_dim: int) -> torch.Tensor:
+    """v as a view of y's last Hkv·D columns, (B, T, Hkv, D), row stride (H + 2·Hkv)·D."""
+    return y[..., y.shape[-1] - n_kv * head_dim :].unflatten(-1, (n_kv, head_dim))
+
+
+@torch.library.custom_op("blt::fa4_qkv", mutates_args=())
+def _qkv(
+    y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, window: int,
+    bounds: Optional[torch.Tensor],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """y (B, T, (H + 2·Hkv)·D) contiguous, cos/sin (B, T, D/2) float32 -> the attention's output
+    and log-sum-exp as _causal gives them, and the rotated q (B,T,H,D), k (B,T,Hkv,D) (saved
+    for the backward). bounds: packed sequences, as in _causal (then B = 1)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    q, k = fused_outputs.rotate_qk(y, cos, sin, n_heads, n_kv)
+    qkv = (q, k, _v_columns(y, n_kv, q.shape[-1]))
+    if bounds is not None:
+        qkv = [x[0] for x in qkv]
+    out, lse = _flash_attn_fwd(
+        *qkv, cu_seqlens_q=bounds, cu_seqlens_k=bounds, causal=True, window_size_left=_left(window), return_lse=True
+    )[:2]  # fmt: skip
+    return out, lse, q, k
+
+
+@_qkv.register_fake
+def _(y, cos, sin, n_heads, n_kv, window, bounds):
+    B, T, _ = y.shape
+    D = cos.shape[-1] * 2
+    q, k = y.new_empty(B, T, n_heads, D), y.new_empty(B, T, n_kv, D)
+    if bounds is None:
+        return q.new_empty(q.shape), q.new_empty(B, n_heads, T, dtype=torch.float32), q, k
+    return q.new_empty(T, n_heads, D), q.new_empty(n_heads, T, dtype=torch.float32), q, k
+
+
+@torch.library.custom_op("blt::fa4_qkv_backward", mutates_args=())
+def _qkv_backward(
+    dout: torch.Tensor, y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, window: int, bounds: Optional[torch.Tensor],  # noqa: UP045
+) -> torch.Tensor:  # fmt: skip
+    """-> the gradient of y: FlashAttention-4's dv written into its v columns, dq and dk
+    rotated back into the others."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dy, dq, dk = torch.empty_like(y), torch.empty_like(q), torch.empty_like(k)
+    n_kv, D = k.shape[2], k.shape[3]
+    tensors = [q, k, _v_columns(y, n_kv, D), out, dout, dq, dk, _v_columns(dy, n_kv, D)]
+    if bounds is not None:  # out and dout are packed already
+        tensors = [x if i in (3, 4) else x[0] for i, x in enumerate(tensors)]
+    q_, k_, v_, out_, dout_, dq_, dk_, dv_ = tensors
+    _flash_attn_bwd(
+        q_, k_, v_, out_, dout_, lse, causal=True, window_size_left=_left(window), cu_seqlens_q=bounds,
+        cu_seqlens_k=bounds, dq=dq_, dk=dk_, dv=dv_,
+    )  # fmt: skip
+    fused_outputs.unrotate_qk(dy, dq, dk, cos, sin)
+    return dy
+
+
+@_qkv_backward.register_fake
+def _(dout, y, q, k, out, lse, cos, sin, window, bounds):
+    return torch.empty_like(y)
+
+
+def _qkv_setup(ctx, inputs, output):
+    y, cos, sin, _, _, window, bounds = inputs
+    out, lse, q, k = output
+    ctx.save_for_backward(y, q, k, out, lse, cos, sin, bounds)
+    ctx.window = window
+
+
+def _qkv_grad(ctx, dout, _dlse, _dq, _dk):
+    y, q, k, out, lse, cos, sin, bounds = ctx.saved_tensors
+    return _qkv_backward(dout.contiguous(), y, q, k, out, lse, cos, sin, ctx.window, bounds), *[None] * 6
+
+
+_qkv.register_autograd(_qkv_grad, setup_context=_qkv_setup)
+
+
+def qkv_attention(
+    y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_heads: int, n_kv: int, window: int | None,
+    bounds: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The causal self-attention of the fused q|k|v product y (B, T, (H + 2·Hkv)·D) -> (B, T, H·D):
+    q and k rotated by rope (as blt.fused_outputs.rotary_split), then attention(q, k, v, window,
+    bounds). Needs takes(y) and blt.fused_outputs.available."""
+    B, T, _ = y.shape
+    out = _qkv(y.contiguous(), *fused_outputs.rope_tables(rope, B, T), n_heads, n_kv, window or 0, bounds)[0]
+    return out.view(B, T, -1)

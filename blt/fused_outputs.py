@@ -42,13 +42,14 @@ if triton is not None:
     @triton.jit
     def _rotate_heads(
         Y, Q, K, V, C, S, N, T, syb, syt, sqb, sqt, skb, skt, svb, svt, scb, sct,
-        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr,
-        R: tl.constexpr,
+        HQ: tl.constexpr, HKV: tl.constexpr, NV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        SPLIT: tl.constexpr, R: tl.constexpr,
     ):  # fmt: skip
         """Rows r .. r+R-1 of the flattened (B, T). SPLIT: the HQ + 2·HKV heads of D in a row of
         Y are q's, k's and v's; q's and k's rotated by θ into Q and K, v's copied into V.
-        Otherwise the reverse: Q and K rotated back by -θ and V copied, into Y. Strides per batch
-        row and position; heads D apart in every tensor. BD: D rounded up to a power of 2."""
+        Otherwise the reverse: Q and K rotated back by -θ and V copied, into Y. NV: the v heads
+        copied, HKV or 0 (v left where it is: V unused). Strides per batch row and position;
+        heads D apart in every tensor. BD: D rounded up to a power of 2."""
         r = tl.program_id(0) * R + tl.arange(0, R)
         b, t = r // T, r % T
         m = tl.arange(0, BD // 2)
@@ -60,7 +61,7 @@ if triton is not None:
         if not SPLIT:
             s = -s
         y_rows = Y + b[:, None] * syb + t[:, None] * syt + d[None, :]
-        for j in tl.static_range(HQ + 2 * HKV):  # the block and head of each column block, at compile time
+        for j in tl.static_range(HQ + HKV + NV):  # the block and head of each column block, at compile time
             if j < HQ:
                 o_rows, h = Q + b[:, None] * sqb + t[:, None] * sqt + d[None, :], j
             elif j < HQ + HKV:
@@ -78,14 +79,33 @@ if triton is not None:
             tl.store(dst, x.to(dst.dtype.element_ty), mask=elems)
 
     def _launch(y, q, k, v, cos, sin, split):
-        """y (B, T, (H + 2·Hkv)·D); q, k, v (B, T, heads·D); all with unit last strides."""
+        """y (B, T, (H + 2·Hkv)·D); q, k, v (B, T, heads·D); all with unit last strides. v None:
+        only q's and k's columns of y are read or written."""
         B, T = y.shape[:2]
         D = cos.shape[-1] * 2
+        HKV = k.shape[2] // D
+        v_at = q if v is None else v
         triton_support.launcher(_rotate_heads)[(triton.cdiv(B * T, ROWS),)](
-            y, q, k, v, cos, sin, B * T, T, y.stride(0), y.stride(1), q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1), HQ=q.shape[2] // D,
-            HKV=k.shape[2] // D, D=D, BD=triton.next_power_of_2(D), SPLIT=split, R=ROWS,
+            y, q, k, v_at, cos, sin, B * T, T, y.stride(0), y.stride(1), q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v_at.stride(0), v_at.stride(1), cos.stride(0), cos.stride(1), HQ=q.shape[2] // D,
+            HKV=HKV, NV=0 if v is None else HKV, D=D, BD=triton.next_power_of_2(D), SPLIT=split, R=ROWS,
         )  # fmt: skip
+
+    def rotate_qk(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
+        """As rotary_split_op, for a caller that reads v in place from y's last Hkv·D columns
+        (blt.fa4.qkv_attention): q (B,T,H,D) and k (B,T,Hkv,D) only, one kernel that reads
+        and writes their columns alone. Not an op: call it inside one."""
+        B, T, _ = y.shape
+        D = cos.shape[-1] * 2
+        q = torch.empty(B, T, n_heads, D, dtype=y.dtype, device=y.device)
+        k = torch.empty(B, T, n_kv, D, dtype=y.dtype, device=y.device)
+        _launch(y, q.view(B, T, -1), k.view(B, T, -1), None, cos, sin, True)
+        return q, k
+
+    def unrotate_qk(dy: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """rotate_qk's backward: dq (B,T,H,D) and dk (B,T,Hkv,D), contiguous, rotated back (angle
+        -θ) into dy's q and k columns; dy's v columns are left as they are."""
+        _launch(dy, dq.flatten(2), dk.flatten(2), None, cos, sin, False)
 
     @triton_op("blt::rotary_split", mutates_args=())
     def rotary_split_op(
@@ -190,15 +210,21 @@ if triton is not None:
     swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
+def rope_tables(rope: tuple[torch.Tensor, torch.Tensor], B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope from Rotary.forward or .table ((T, D/2) or (B, T, D/2)) -> cos, sin as the rotary
+    kernel reads them: (B, T, D/2) float32, a (T, D/2) table broadcast over rows (no copy)."""
+    cos, sin = (r.float().contiguous().expand(B, T, r.shape[-1]) for r in rope)
+    return cos, sin
+
+
 def rotary_split(y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_heads: int, n_kv: int):
     """y (B, T, (H + 2·Hkv)·D) from the fused q|k|v product; rope from Rotary.forward or
     .table ((T, D/2) or (B, T, D/2)) -> q (B,T,H,D), k, v (B,T,Hkv,D), q and k rotated as
     layers.apply_rotary rotates them."""
     B, T, _ = y.shape
-    cos, sin = (r.float().contiguous().expand(B, T, r.shape[-1]) for r in rope)
     if y.stride(-1) != 1:
         y = y.contiguous()
-    return rotary_split_op(y, cos, sin, n_heads, n_kv)
+    return rotary_split_op(y, *rope_tables(rope, B, T), n_heads, n_kv)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -204,6 +204,9 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         if _fused_products and fused_outputs.available(x.device):  # one kernel splits and rotates
             y = fused_product(x, norm, self.wq, self.wk, self.wv)
+            if cache is None and isinstance(mask, CausalRows) and fa4.takes(y):  # v read where y has it
+                out = fa4.qkv_attention(y, rope, self.n_heads, self.n_kv, mask.window, mask.bounds)
+                return self.wo(out)
             q, k, v = (t.transpose(1, 2) for t in fused_outputs.rotary_split(y, rope, self.n_heads, self.n_kv))
         else:
             q, k, v = project(x, norm, self.wq, self.wk, self.wv)

@@ -103,3 +103,53 @@ def test_kernels_match_float32_reference(window, packed, kv_heads):
     pairs = [(got, want)] + [(a.grad, b.grad) for a, b in zip(got_in, ref)]
     errors = [((a.float() - b).norm() / b.norm()).item() for a, b in pairs]
     assert max(errors) < 0.01, errors
+
+
+def test_qkv_fake_shapes():
+    """The shapes a compiler sees for the fused q|k|v attention's ops: _causal's output and
+    log-sum-exp, the rotated q and k, and y's gradient."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        H, Hkv, D = 6, 2, 32
+        for B, bounds in ((2, None), (1, torch.empty(4, dtype=torch.int32))):
+            y, cos = torch.empty(B, 64, (H + 2 * Hkv) * D, dtype=torch.bfloat16), torch.empty(B, 64, D // 2)
+            out, lse, q, k = torch.ops.blt.fa4_qkv(y, cos, cos, H, Hkv, 16, bounds)
+            assert q.shape == (B, 64, H, D) and k.shape == (B, 64, Hkv, D)
+            want_out, want_lse = torch.ops.blt.fa4_causal(q if bounds is None else q[0], k, k, 16, bounds)
+            assert out.shape == want_out.shape and lse.shape == want_lse.shape and lse.dtype == torch.float32
+            dy = torch.ops.blt.fa4_qkv_backward(out, y, q, k, out, lse, cos, cos, 16, bounds)
+            assert dy.shape == y.shape and dy.dtype == y.dtype
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fa4.available()), reason="needs CUDA and flash-attn-4")
+@pytest.mark.parametrize(("window", "packed", "kv_heads"), [(256, None, 4), (None, None, 2), (64, 50, 4), (None, 0, 2)])
+def test_qkv_attention_matches_float32_reference(window, packed, kv_heads):
+    """qkv_attention (v and its gradient read and written in the fused product's output) against
+    float32: the product split, q and k rotated (layers.apply_rotary), SDPA on the dense mask.
+    Output and y's gradient within bf16 rounding (1%); windows, grouped-query heads, packed rows."""
+    from blt.layers import Rotary
+    from blt.tests.test_fused_outputs import reference
+
+    torch.manual_seed(0)
+    H, D = 4, 64
+    if packed is not None:
+        plan = packed_rows(packed, align=1)
+        mask = M.packed_patch_mask(plan.doc.cuda(), plan.first.cuda(), window, "dense")
+        bounds, B, T = plan.bounds.cuda(), 1, plan.doc.shape[0]
+    else:
+        B, T, bounds = 2, 1000, None
+        mask = M.causal_mask(T, window, "dense", "cuda")
+    rope = Rotary(D, 10000.0).cuda().table(T)
+    y = torch.randn(B, T, (H + 2 * kv_heads) * D, device="cuda")
+    g = torch.randn(B, T, H * D, device="cuda")
+
+    ref = y.clone().requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in reference(ref, rope, H, kv_heads))
+    want = attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1)
+    want.backward(g)
+    got_in = y.bfloat16().requires_grad_()
+    got = fa4.qkv_attention(got_in, rope, H, kv_heads, window, bounds)
+    got.backward(g.bfloat16())
+    errors = [((a.float() - b).norm() / b.norm()).item() for a, b in ((got, want), (got_in.grad, ref.grad))]
+    assert max(errors) < 0.01, errors

@@ -56,6 +56,31 @@ def compare(device: str, dtype: torch.dtype, tol: float) -> None:
             assert err <= tol * b.float().abs().max().item(), f"{name} per_row={per_row} {dtype}: {err}"
 
 
+def compare_qk(device: str, dtype: torch.dtype) -> None:
+    """rotate_qk and unrotate_qk (v left in place, as blt.fa4.qkv_attention reads and writes it)
+    against rotary_split and its backward: the same q, k and q|k columns of the gradient, bit
+    for bit, and the v columns of the gradient untouched."""
+    from blt import fused_outputs
+    from blt.layers import Rotary
+
+    g = torch.Generator().manual_seed(1)
+    B, T, H, Hkv, D = 2, 37, 4, 2, 16
+    y = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(device, dtype)
+    rope = Rotary(D, 10000.0).to(device).table(T)
+    cos, sin = fused_outputs.rope_tables(rope, B, T)
+    q, k = fused_outputs.rotate_qk(y, cos, sin, H, Hkv)
+    want = fused_outputs.rotary_split(y, rope, H, Hkv)
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+
+    dq, dk, dv = (torch.randn(B, T, h, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv))
+    want_dy = fused_outputs.rotary_split_backward(dq, dk, dv, cos, sin)
+    dy = torch.full_like(y, 7.0)
+    fused_outputs.unrotate_qk(dy, dq, dk, cos, sin)
+    qk = (H + Hkv) * D
+    assert torch.equal(dy[..., :qk], want_dy[..., :qk])
+    assert bool((dy[..., qk:] == 7.0).all())
+
+
 def compare_swiglu(device: str, dtype: torch.dtype, tol: float) -> None:
     """silu(h1) * h3 and the gradient of h against F.silu's, on a shape whose rows and columns
     are no multiples of the kernel's blocks, and on a (B, T, 2F) input."""
@@ -108,12 +133,13 @@ def compare_block() -> None:
 CHECKS = textwrap.dedent(
     """
     import sys, torch
-    from blt.tests.test_fused_outputs import compare, compare_block, compare_swiglu
+    from blt.tests.test_fused_outputs import compare, compare_block, compare_qk, compare_swiglu
     if sys.argv[1] == "kernels":
         compare("cpu", torch.float32, 0.0)
         compare("cpu", torch.bfloat16, 2 ** -7)  # the interpreter rounds to bfloat16 by truncation
         compare_swiglu("cpu", torch.float32, 1e-6)
         compare_swiglu("cpu", torch.bfloat16, 2 ** -6)
+        compare_qk("cpu", torch.float32)
     else:
         compare_block()
     print("ok", sys.argv[1])
@@ -137,6 +163,7 @@ def test_kernels_match_reference_on_cuda():
     compare("cuda", torch.bfloat16, 2 ** -7)
     compare_swiglu("cuda", torch.float32, 1e-6)
     compare_swiglu("cuda", torch.bfloat16, 2 ** -7)
+    compare_qk("cuda", torch.bfloat16)
 
 
 def test_unavailable_without_triton_or_device():
