@@ -10,8 +10,9 @@ backend (--attention flash) runs the same CuTe kernels, but with the mask as a b
 a mask function evaluated on every partial tile. masks.CausalRows carries the mask's shape to
 here; blt.layers.attend sends other inputs (float32, CPU) to its FlexAttention fallback.
 
-The kernels run as two torch ops, forward and backward, so a compiled graph (and its CUDA
-graph) calls them as they are; their fake versions give the compiler the output shapes.
+The kernels run as torch ops, forward and backward (and the same pair for qkv_attention, which
+reads the fused q|k|v product directly), so a compiled graph (and its CUDA graph) calls them as
+they are; their fake versions give the compiler the output shapes.
 """
 
 import importlib.util
@@ -113,7 +114,8 @@ def attention(q, k, v, window: int | None, bounds: torch.Tensor | None = None) -
 # rotary_split writes q, k and v out of the product's (B, T, (H + 2·Hkv)·D) output for the
 # kernels above. FlashAttention-4 reads any row stride, so here v stays where the product wrote
 # it, and its gradient is written where the product's backward reads it: one op, forward and
-# backward, does the rotation of q and k and the attention, and moves 2/3 of the bytes.
+# backward, does the rotation of q and k and the attention, and its rotary kernels move two
+# thirds of the bytes rotary_split's do.
 
 
 def _v_columns(y: torch.Tensor, n_kv: int, head_dim: int) -> torch.Tensor:

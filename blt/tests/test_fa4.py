@@ -73,6 +73,16 @@ def test_fake_shapes():
         assert [g.shape for g in grads] == [q[0].shape, kv[0].shape, kv[0].shape]
 
 
+def cuda_case(window, packed):
+    """-> B, T, the dense mask on CUDA and the kernels' bounds: two rows of 1000 (packed None),
+    or packed_rows(packed) unaligned, as fa4 packs, in one row."""
+    if packed is None:
+        return 2, 1000, M.causal_mask(1000, window, "dense", "cuda"), None
+    plan = packed_rows(packed, align=1)
+    mask = M.packed_patch_mask(plan.doc.cuda(), plan.first.cuda(), window, "dense")
+    return 1, plan.doc.shape[0], mask, plan.bounds.cuda()
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and fa4.available()), reason="needs CUDA and flash-attn-4")
 @pytest.mark.parametrize(
     ("window", "packed", "kv_heads"),
@@ -84,13 +94,7 @@ def test_kernels_match_float32_reference(window, packed, kv_heads):
     (packed: that many padding slots after them, unaligned, as fa4 packs; 0: an empty last
     sequence)."""
     torch.manual_seed(0)
-    if packed is not None:
-        plan = packed_rows(packed, align=1)
-        mask = M.packed_patch_mask(plan.doc.cuda(), plan.first.cuda(), window, "dense")
-        bounds, B, T = plan.bounds.cuda(), 1, plan.doc.shape[0]
-    else:
-        B, T, bounds = 2, 1000, None
-        mask = M.causal_mask(T, window, "dense", "cuda")
+    B, T, mask, bounds = cuda_case(window, packed)
     q = torch.randn(B, 4, T, 64, device="cuda")
     k, v = (torch.randn(B, kv_heads, T, 64, device="cuda") for _ in range(2))
     g = torch.randn_like(q)
@@ -133,13 +137,7 @@ def test_qkv_attention_matches_float32_reference(window, packed, kv_heads):
 
     torch.manual_seed(0)
     H, D = 4, 64
-    if packed is not None:
-        plan = packed_rows(packed, align=1)
-        mask = M.packed_patch_mask(plan.doc.cuda(), plan.first.cuda(), window, "dense")
-        bounds, B, T = plan.bounds.cuda(), 1, plan.doc.shape[0]
-    else:
-        B, T, bounds = 2, 1000, None
-        mask = M.causal_mask(T, window, "dense", "cuda")
+    B, T, mask, bounds = cuda_case(window, packed)
     rope = Rotary(D, 10000.0).cuda().table(T)
     y = torch.randn(B, T, (H + 2 * kv_heads) * D, device="cuda")
     g = torch.randn(B, T, H * D, device="cuda")
