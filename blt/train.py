@@ -631,10 +631,9 @@ class OneGraph:
        of patch_pad (as Patching.padded pads), so that a few shapes recur; the graph computes
        the patch lengths itself, so no bookkeeping kernels run between the graphs. With
        raw.pack_patches, the global transformer runs on the rows' patches packed end to end
-       (blt.packing), the total also
-       padded to patch_pad (from the count read here, so the graph reads nothing back), when
-       that makes fewer slots than the padded rows: with each row aligned to 128 slots, rows
-       of similar lengths often pack into exactly as many.
+       (blt.packing), the total also padded to patch_pad (from the count read here, so the
+       graph reads nothing back), when that makes fewer slots than the padded rows: with each
+       row aligned to 128 slots, rows of similar lengths often pack into exactly as many.
 
     On CUDA both are CUDA graphs (mode "reduce-overhead"), the loss graph's backward too: a step
     is a handful of launches instead of thousands, which is what bounds a small model's step.
