@@ -1,7 +1,8 @@
 """blt.patch_runs's kernels alone, at the bench preset's shapes, one GPU: microseconds per call of
-each forward and backward, for several warp counts per program (patch_runs.NUM_WARPS).
+each forward and backward, for several warp counts, patches per program and chunk sizes (patch_runs's
+NUM_WARPS, PATCHES_PER_PROGRAM, BYTES_PER_CHUNK).
 
-    python bench/patch_kernels.py [--batch-size 8] [--seq-len 4096] [--warps 4 1 2 8]
+    python bench/patch_kernels.py [--batch-size 8] [--seq-len 4096] [--warps 4 1 2 8] [--patches 16] [--chunk 32]
 
 Patch lengths are drawn uniformly from 1..8 bytes (4.5 on average, as the paper's patcher is
 calibrated to). Each operation is called `--calls` times inside one CUDA graph, so that launch
@@ -12,6 +13,7 @@ call (and subtracts the time that takes), so that every call reads its inputs fr
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -60,6 +62,10 @@ def main():
     ap.add_argument("--k", type=int, default=2, help="patch slots (cross_attn_k)")
     ap.add_argument("--dim", type=int, default=384, help="features of the max-pool")
     ap.add_argument("--warps", type=int, nargs="+", choices=(1, 2, 4, 8, 16), default=[4, 1, 2, 8])
+    ap.add_argument("--patches", type=int, nargs="+", default=[R.PATCHES_PER_PROGRAM],
+                    help="patches per program of the cross-attention kernels (patch_runs.PATCHES_PER_PROGRAM)")
+    ap.add_argument("--chunk", type=int, nargs="+", default=[R.BYTES_PER_CHUNK],
+                    help="bytes per chunk of their loops, at least 16 (patch_runs.BYTES_PER_CHUNK)")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--cold", action="store_true", help="evict the L2 cache before each call")
     args = ap.parse_args()
@@ -102,10 +108,12 @@ def main():
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if args.cold else None
     flush_us = graph_us(flush.zero_, args.calls) if args.cold else 0.0  # subtracted from each time
     names = list(ops())
-    print(f"{'warps':>5s} " + " ".join(f"{n:>13s}" for n in names) + f"   (µs per call, {'cold' if args.cold else 'warm'} L2)")
-    for warps in args.warps:
-        R.NUM_WARPS = warps
-        print(f"{warps:5d} " + " ".join(f"{graph_us(fn, args.calls, flush) - flush_us:13.1f}" for fn in ops().values()), flush=True)
+    print(f"{'patches':>7s} {'chunk':>5s} {'warps':>5s} " + " ".join(f"{n:>13s}" for n in names)
+          + f"   (µs per call, {'cold' if args.cold else 'warm'} L2)")  # fmt: skip
+    for patches, chunk, warps in itertools.product(args.patches, args.chunk, args.warps):
+        R.PATCHES_PER_PROGRAM, R.BYTES_PER_CHUNK, R.NUM_WARPS = patches, chunk, warps
+        times = " ".join(f"{graph_us(fn, args.calls, flush) - flush_us:13.1f}" for fn in ops().values())
+        print(f"{patches:7d} {chunk:5d} {warps:5d} {times}", flush=True)
 
 
 if __name__ == "__main__":
