@@ -129,6 +129,33 @@ def patching_from_starts(starts: torch.Tensor, entropies: torch.Tensor | None = 
     return Patching(lengths_from_starts(starts[:, :T], num_patches), starts[:, T], entropies)
 
 
+class StartsPatching(Patching):
+    """patching_from_starts(starts, num_patches=num_patches), its lengths computed only when
+    first read: for a caller that hands the starts themselves to a compiled graph (train's
+    --one-graph, whose loss graph computes the lengths inside) and reads the patches at most for
+    their mean length. That mean comes from the starts: every row's patches cover its T bytes
+    (patch_starts opens a patch at byte 0), so it is B·T over the number of patches."""
+
+    def __init__(self, starts: torch.Tensor, num_patches: int):
+        self.starts, self.num_patches, self.entropies = starts, num_patches, None
+        self._lengths = None
+
+    @property
+    def patch_lengths(self) -> torch.Tensor:
+        if self._lengths is None:
+            self._lengths = lengths_from_starts(self.starts[:, :-1], self.num_patches)
+        return self._lengths
+
+    @property
+    def next_starts_patch(self) -> torch.Tensor:
+        return self.starts[:, -1]
+
+    def mean_patch_length(self) -> torch.Tensor:
+        B, T = self.starts.shape[0], self.starts.shape[1] - 1
+        covered = torch.full((), B * T, dtype=torch.long, device=self.starts.device)
+        return covered / self.starts[:, :T].sum().clamp(min=1)
+
+
 def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None) -> Patching:
     """Patch a batch. Entropy-based modes run `entropy_model` (frozen, no grad) on the window."""
     return patching_from_starts(*model_patch_starts(tokens, cfg, entropy_model))

@@ -83,7 +83,7 @@ from blt.layers import FLEX_BACKENDS, Rotary, set_flex_backend, set_fused_produc
 from blt.masks import default_backend
 from blt.model import BLT, packing_align
 from blt.packing import aligned_slot_count
-from blt.patcher import model_patch_starts, patch_starts, patching_from_starts
+from blt.patcher import StartsPatching, lengths_from_starts, model_patch_starts, patch_starts, patching_from_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
 LN2 = math.log(2)
@@ -624,15 +624,16 @@ class OneGraph:
     """--one-graph: two compiled graphs per micro-batch with one host sync between them.
 
     1. The patcher (the frozen entropy model and the patching rule) on the (B, T) window:
-       a fixed shape, so one graph. Then the host reads the patch count. In training this
-       runs one micro-batch ahead (Lookahead): the count is read while the GPU still works
-       on the previous micro-batch, so the GPU never waits for the host here.
-    2. The whole forward and loss, fed patch lengths padded to a multiple of patch_pad
-       (Patching.padded) so that a few shapes recur. With raw.pack_patches, the global
-       transformer runs on the rows' patches packed end to end (blt.packing), the total also
-       padded to patch_pad (from the count read here, so the graph reads nothing back), when
-       that makes fewer slots than the padded rows: with each row aligned to 128 slots, rows
-       of similar lengths often pack into exactly as many.
+       a fixed shape, so one graph, which also counts the patches. Then the host reads the
+       count. In training this runs one micro-batch ahead (Lookahead): the count is read while
+       the GPU still works on the previous micro-batch, so the GPU never waits for the host here.
+    2. The whole forward and loss, fed the patch starts and a patch count padded to a multiple
+       of patch_pad (as Patching.padded pads), so that a few shapes recur; the graph computes
+       the patch lengths itself, so no bookkeeping kernels run between the graphs. With
+       raw.pack_patches, the global transformer runs on the rows' patches packed end to end
+       (blt.packing), the total also padded to patch_pad (from the count read here, so the
+       graph reads nothing back), when that makes fewer slots than the padded rows: with each
+       row aligned to 128 slots, rows of similar lengths often pack into exactly as many.
 
     On CUDA both are CUDA graphs (mode "reduce-overhead"), the loss graph's backward too: a step
     is a handful of launches instead of thousands, which is what bounds a small model's step.
@@ -676,26 +677,31 @@ class OneGraph:
         inputs = tokens[:, :-1]
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        starts = self.starts(inputs, entropies).clone()  # out of the CUDA graph's memory
-        per_row = starts[:, : inputs.shape[1]].sum(1)
-        # the longest row's patches; the slots of all rows packed (each row aligned as the model packs)
-        count = torch.stack((per_row.max(), aligned_slot_count(per_row, self.align)))
+        starts, count = self.starts(inputs, entropies)
+        starts = starts.clone()  # out of the CUDA graph's memory
         if not self.cuda:
             return batch, starts, count, None
         host = torch.empty(2, dtype=count.dtype, pin_memory=True)
-        host.copy_(count, non_blocking=True)
+        host.copy_(count, non_blocking=True)  # queued before the graph's next replay overwrites it
         ready = torch.cuda.Event()
         ready.record()
         return batch, starts, host, ready
 
     def _starts(self, inputs, entropies=None):
+        """-> the (B, T+1) patch starts, and the counts the host reads: the longest row's
+        patches, and the slots of all rows packed (each row aligned as the model packs)."""
         with torch.no_grad():
             if entropies is not None:  # --precomputed-entropies
-                return patch_starts(inputs, self.raw.cfg.patcher, entropies)
-            return model_patch_starts(inputs, self.raw.cfg.patcher, self.raw.entropy_model)[0]
+                starts = patch_starts(inputs, self.raw.cfg.patcher, entropies)
+            else:
+                starts = model_patch_starts(inputs, self.raw.cfg.patcher, self.raw.entropy_model)[0]
+            per_row = starts[:, : inputs.shape[1]].sum(1)
+            return starts, torch.stack((per_row.max(), aligned_slot_count(per_row, self.align)))
 
-    def _loss(self, inputs, targets, lengths, next_starts_patch, packed_slots=None):
-        return self.raw(inputs, targets, lengths, next_starts_patch, packed_slots=packed_slots).loss
+    def _loss(self, inputs, targets, starts, num_patches: int, packed_slots=None):
+        """The loss, the patch lengths (padded to num_patches) computed from the starts in the graph."""
+        lengths = lengths_from_starts(starts[:, : inputs.shape[1]], num_patches)
+        return self.raw(inputs, targets, lengths, starts[:, -1], packed_slots=packed_slots).loss
 
     def __call__(self, batch: torch.Tensor, upcoming: torch.Tensor | None = None):
         """(B, T+1) batch -> (loss, Patching): BLT.patch's patches, then the loss. A batch may
@@ -716,13 +722,12 @@ class OneGraph:
         if ready is not None:
             ready.synchronize()
         longest, total = count.tolist()
-        patching = patching_from_starts(starts, num_patches=longest)
-        padded = patching.padded(self.patch_pad)
+        padded = -(-longest // self.patch_pad) * self.patch_pad  # as Patching.padded pads
         slots = None
         if self.raw.pack_patches:  # packed, unless that takes as many slots as padding (then 0: padded)
             slots = -(-total // self.patch_pad) * self.patch_pad
-            slots = slots if slots < padded.patch_lengths.numel() else 0
-        return self.loss(inputs, targets, padded.patch_lengths, padded.next_starts_patch, slots), patching
+            slots = slots if slots < starts.shape[0] * padded else 0
+        return self.loss(inputs, targets, starts, padded, slots), StartsPatching(starts, longest)
 
     def zero_grad(self, optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self.accumulate)

@@ -152,6 +152,12 @@ def test_patcher_properties(seed):
         assert pl.dtype == torch.long and pl.shape[0] == Bn
         assert torch.equal(pl.sum(1), torch.full((Bn,), T)), where
         starts = PT.patch_starts(tokens, cfg, H)
+        # the same patches read lazily from the starts (train --one-graph): the mean length from
+        # the starts alone, before any length is computed
+        lazy = PT.StartsPatching(starts, pl.shape[1])
+        assert torch.equal(lazy.mean_patch_length(), p.mean_patch_length()) and lazy._lengths is None, where
+        assert torch.equal(lazy.patch_lengths, pl) and torch.equal(lazy.next_starts_patch, p.next_starts_patch), where
+        assert torch.equal(lazy.padded(8).patch_lengths, p.padded(8).patch_lengths), where
         for b in range(Bn):
             row = pl[b].tolist()
             n = sum(1 for x in row if x > 0)

@@ -476,7 +476,7 @@ def test_one_graph_patch_pad_changes_shapes_not_losses():
     losses, shapes = [], []
     for pad in (1, 5, 16, 128):
         og = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=pad)
-        og.loss = lambda inputs, targets, lengths, *rest, og=og: shapes.append(lengths.shape[1]) or og._loss(inputs, targets, lengths, *rest)
+        og.loss = lambda inputs, targets, starts, num, *rest, og=og: shapes.append(num) or og._loss(inputs, targets, starts, num, *rest)
         loss, patching = og(batch)
         losses.append(loss.item())
         real = patching.patch_lengths.shape[1]
