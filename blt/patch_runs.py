@@ -48,9 +48,11 @@ def available(device: torch.device | str) -> bool:
 # on an H200 (bench/patch_kernels.py sweeps it).
 NUM_WARPS = 4
 # The cross-attention kernels: each program takes one head of this many consecutive patches (their
-# key or query slots) and walks the bytes of their runs in chunks of BYTES_PER_CHUNK.
-PATCHES_PER_PROGRAM = 16
-BYTES_PER_CHUNK = 32
+# key or query slots) and walks the bytes of their runs in chunks of BYTES_PER_CHUNK. 8 and 16: of
+# 8/16/32 x 16/32/64 the fastest for the four cross-attention kernels together on an H200 (cold L2,
+# 4.5 bytes a patch; one call of each 177 µs against 191 µs for 16 and 32; bench/patch_kernels.py).
+PATCHES_PER_PROGRAM = 8
+BYTES_PER_CHUNK = 16
 
 
 def _warps() -> dict:
