@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask
 
 from blt import patch_runs
 
@@ -150,13 +150,20 @@ def _causal_block_mask(T: int, window: int | None, device) -> BlockMask:
     if torch.compiler.is_compiling():
         # Traced into a compiled graph (train --one-graph): its output must not be cached,
         # a CUDA graph's next replay would overwrite it.
-        return create_block_mask(_causal_mod(window), None, None, T, T, device=device)
+        return _causal_blocks(T, window, device)
     key = (T, window, str(device))
     if key not in _causal_cache:
         if len(_causal_cache) > 256:
             _causal_cache.clear()
-        _causal_cache[key] = create_block_mask(_causal_mod(window), None, None, T, T, device=device)
+        _causal_cache[key] = _causal_blocks(T, window, device)
     return _causal_cache[key]
+
+
+def _causal_blocks(T: int, window: int | None, device) -> BlockMask:
+    """create_block_mask's causal (sliding-window) BlockMask over T positions, its block lists
+    computed from the geometry instead of by evaluating the mask at every pair."""
+    zeros = torch.zeros(T, dtype=torch.long, device=device)
+    return packed_patch_mask(zeros, zeros, window, "flex", aligned=True)
 
 
 def packed_patch_mask(
@@ -184,15 +191,17 @@ def packed_patch_mask(
         q = torch.arange(N, device=doc.device)
         return mod(None, None, q[:, None], q[None, :])[None, None]
     # Query block [q0, q1] reads keys from its first query's row start (or window) up to q1.
-    # Key blocks that lie wholly inside q1's row and before q0 are full: every pair is visible.
-    # What stays partial is the range below those, and the diagonal block.
+    # Key blocks wholly before q0, inside q1's row and within the window of q1 are full: every
+    # pair is visible. What stays partial is the range below those, and the diagonal block.
     nb = -(-N // BLOCK)
     i = torch.arange(nb, device=doc.device)
     q0, q1 = i * BLOCK, (i * BLOCK + BLOCK - 1).clamp(max=N - 1)
     lo = first[q0] if window is None else torch.maximum(first[q0], q0 - window + 1)
     lo_b = lo // BLOCK
     full_lo = torch.maximum(-(-first[q1] // BLOCK), lo_b)  # first full key block
-    n_full = (i - full_lo).clamp(min=0) if window is None else torch.zeros_like(i)
+    if window is not None:
+        full_lo = torch.maximum(full_lo, -(-(q1 - window + 1) // BLOCK))
+    n_full = (i - full_lo).clamp(min=0)
     part_end = torch.where(n_full > 0, full_lo, i)  # partial: lo_b .. part_end-1, then i
     t = torch.arange(nb, device=doc.device)
     part_idx = torch.where(t[None] < (part_end - lo_b)[:, None], lo_b[:, None] + t[None], i[:, None])
@@ -202,7 +211,44 @@ def packed_patch_mask(
     # kernel reads the block lists (eager FlexAttention applies mask_mod to every pair), so the
     # mask_mod without the row test is for graphs being compiled only.
     mask_mod = causal if aligned and torch.compiler.is_compiling() else mod
-    return BlockMask.from_kv_blocks(*blocks, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(N, N))
+    return block_mask(*blocks, mask_mod=mask_mod, seq_lengths=(N, N))
+
+
+def _dense_to_lists(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., Q, K) 0/1 block table -> (number of listed blocks (..., Q), block lists (..., Q, K)):
+    each row's listed blocks in increasing order, then its unlisted ones. This is what
+    FlexAttention gets from a stable descending argsort; a cumulative sum and a scatter give it
+    here, because inductor cannot compile a sort inside its combined kernels once a row has more
+    than 64 blocks (--one-graph failed so on packed patch masks of 65 blocks)."""
+    K = dense.shape[-1]
+    col = torch.arange(K, device=dense.device)
+    taken = dense.cumsum(-1)
+    count = taken[..., -1:]
+    position = torch.where(dense > 0, taken - 1, count + col - taken)  # unlisted after the listed
+    lists = torch.empty_like(dense).scatter_(-1, position.long(), col.to(dense.dtype).expand_as(dense).contiguous())
+    return count[..., 0].int(), lists.int()
+
+
+def _transpose_lists(num: torch.Tensor, idx: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block lists by query block ((..., Q), (..., Q, K)) -> the same blocks listed by key block
+    ((..., K), (..., K, Q)), which the backward pass walks."""
+    dense = torch.zeros(*idx.shape[:-1], K + 1, dtype=torch.int32, device=idx.device)
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    dense.scatter_(-1, torch.where(listed, idx, K).long(), 1)
+    return _dense_to_lists(dense[..., :K].transpose(-2, -1))
+
+
+def block_mask(kv_num, kv_idx, full_num, full_idx, mask_mod, seq_lengths: tuple[int, int]) -> BlockMask:
+    """BlockMask.from_kv_blocks without its sort (see _dense_to_lists): the key-side lists are
+    given, the query-side ones derived. kv_idx and full_idx list every key block (width K)."""
+    K = kv_idx.shape[-1]
+    q_num, q_idx = _transpose_lists(kv_num, kv_idx, K)
+    full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, K)
+    return BlockMask(
+        seq_lengths=seq_lengths, kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_num,
+        full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx, BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod,
+    )  # fmt: skip
 
 
 def build_masks(
@@ -257,9 +303,7 @@ def _from_ranges(mask_mod, lo: torch.Tensor, hi: torch.Tensor, Q: int, K: int) -
     num, idx = num[:, None].int(), idx[:, None].int()
     # no key block is fully visible to a whole query block; saying so (zero full blocks) is what
     # FlashAttention-4's kernels need to take a block mask
-    return BlockMask.from_kv_blocks(
-        num, idx, torch.zeros_like(num), torch.zeros_like(idx), BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Q, K)
-    )
+    return block_mask(num, idx, torch.zeros_like(num), torch.zeros_like(idx), mask_mod, (Q, K))
 
 
 def _cross_block_masks(enc_mod, dec_mod, patch_ids, dec_ids, P, k, ew, dw):

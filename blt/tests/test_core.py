@@ -475,6 +475,13 @@ def assert_block_structure(bm, dense: torch.Tensor, name: str):
     listed = (partial | full).expand(Bn, -1, -1)
     assert not (any_visible & ~listed).any(), f"{name}: visible pairs in blocks the kernel would skip"
     assert not (full.expand(Bn, -1, -1) & ~all_visible).any(), f"{name}: a full block hides masked pairs"
+    # The backward pass walks the same blocks listed by key block (masks.block_mask derives them)
+    for kv, q in (("kv", "q"), ("full_kv", "full_q")):
+        if getattr(bm, f"{kv}_num_blocks") is None:
+            continue
+        by_query = _listed_blocks(getattr(bm, f"{kv}_num_blocks"), getattr(bm, f"{kv}_indices"), KB)
+        by_key = _listed_blocks(getattr(bm, f"{q}_num_blocks"), getattr(bm, f"{q}_indices"), by_query.shape[-2])
+        assert torch.equal(by_query, by_key.transpose(-2, -1)), f"{name}: {q} lists are not the {kv} lists transposed"
 
 
 def _pad_rows(rows):
@@ -523,6 +530,59 @@ def test_flex_masks_across_blocks(case):
         want = reference_attention(q, kk, v, ref[i].expand(2, Q, K)[:, None])
         assert (attend(q, kk, v, getattr(dense, name)) - want).abs().max() < 1e-5, f"dense {name}"
         assert (attend(q, kk, v, getattr(flex, name)) - want).abs().max() < 1e-5, f"flex {name}"
+
+
+@pytest.mark.parametrize("window", [None, 100, 300])
+def test_causal_block_mask_matches_flex_attention(window):
+    """The causal BlockMask built from the block geometry lists the blocks FlexAttention's
+    create_block_mask lists, on both sides, for lengths on and off the 128 blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    for T in (1, 100, 128, 129, 700):
+        ours = M.causal_mask(T, window, "flex", "cpu")
+        want = create_block_mask(M._causal_mod(window), None, None, T, T, device="cpu")
+        dense = M.causal_mask(T, window, "dense", "cpu")[0]
+        assert_block_structure(ours, dense, f"causal T={T}")
+        nb = -(-T // M.BLOCK)
+
+        def blocks(m, side):
+            return (_listed_blocks(getattr(m, f"{side}_num_blocks"), getattr(m, f"{side}_indices"), nb),
+                    _listed_blocks(getattr(m, f"full_{side}_num_blocks"), getattr(m, f"full_{side}_indices"), nb))  # fmt: skip
+
+        for side in ("kv", "q"):
+            (partial, full), (want_partial, want_full) = blocks(ours, side), blocks(want, side)
+            assert not (partial & full).any()  # a block is listed once
+            assert torch.equal(partial | full, want_partial | want_full)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_mask_graphs_hold_no_sort(monkeypatch):
+    """Compiled (train --one-graph), no mask construction puts a sort in the graph: inductor
+    cannot compile one inside its combined kernels once a row has more than 64 blocks (the
+    recipe's packed patches, 65 blocks, failed so). The backward's block lists come from a
+    cumulative sum and a scatter instead (masks.block_mask)."""
+    from blt.packing import packed_patch_count, packing_plan
+
+    seen = []
+
+    def record(gm, inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    lengths = torch.tensor([[1] + [3] * 300 + [0] * 100, [1] + [2] * 400])
+    plan = packing_plan(lengths, packed_patch_count(lengths, M.BLOCK) + M.BLOCK, M.BLOCK)
+    pl, nsp, T, args = _long_mask_case("random-a")
+    monkeypatch.setattr(M, "_causal_cache", {})
+
+    def masks(doc, first, pl, nsp):
+        packed = M.packed_patch_mask(doc, first, None, "flex", aligned=True)
+        return packed, _build(pl, nsp, T, args, "flex")
+
+    torch._dynamo.reset()
+    torch.compile(masks, backend=record, fullgraph=True)(plan.doc, plan.first, pl, nsp)
+    torch._dynamo.reset()
+    assert any("scatter" in op for op in seen)
+    assert not [op for op in seen if "sort" in op]
 
 
 def test_mask_cases_include_empty_rows():
