@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from blt import fa4, fused_outputs, patch_runs
 from blt.config import TransformerConfig
-from blt.masks import CausalRows, PatchRuns, set_fa4
+from blt.masks import CausalRows, PatchRuns, set_fa4, uses_fa4
 
 _compiled_flex = None
 FLEX_BACKENDS = ("triton", "flash", "fa4")
@@ -35,6 +35,11 @@ def set_flex_backend(name: str) -> None:
         raise ValueError(f"attention backend {name!r} needs FlashAttention-4: pip install flash-attn-4")
     _flex_options = {"BACKEND": "FLASH"} if name == "flash" else None
     set_fa4(name == "fa4")
+
+
+def flex_backend() -> str:
+    """The backend set_flex_backend chose."""
+    return "flash" if _flex_options else "fa4" if uses_fa4() else "triton"
 
 
 def flex_kernel_options(dtype: torch.dtype, cross: bool, compiling: bool) -> dict | None:

@@ -79,6 +79,7 @@ from blt.data import Batcher, DataConfig, DataError, entropy_shard, iter_eval_ba
 from blt.entropy_model import EntropyModel, stream_entropies
 from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
+from blt import layers
 from blt.layers import FLEX_BACKENDS, Rotary, set_flex_backend, set_fused_products
 from blt.masks import default_backend
 from blt.model import BLT, packing_align
@@ -416,15 +417,12 @@ def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
         for i, block in enumerate(blocks):
             if args.activation_checkpointing:
                 block = checkpoint_wrapper(block)
-            if args.compile and not one_graph:
-                block.compile()
             if args.dist == "fsdp":
                 fully_shard(block)
             blocks[i] = block
+    if args.compile and not one_graph:  # OneGraph compiles the model whole
+        compile_blocks(model)
     frozen = model.entropy_model if isinstance(model, BLT) else None
-    if args.compile and not one_graph and frozen is not None:  # OneGraph compiles it whole
-        for block in frozen.layers:
-            block.compile()
     if args.dist == "fsdp":
         fully_shard(model, ignored_params=set(frozen.parameters()) if frozen is not None else None)
     elif args.dist == "ddp":
@@ -432,6 +430,16 @@ def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
         # so none is broadcast before each forward.
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each trained block in place, and the frozen entropy model's blocks. In place
+    (Module.compile), so wrappers around the blocks (checkpointing, FSDP) stay as they are."""
+    blocks = [block for blocks in block_lists(model) for block in blocks]
+    if isinstance(model, BLT) and model.entropy_model is not None:
+        blocks += list(model.entropy_model.layers)
+    for block in blocks:
+        block.compile()
 
 
 def full_copy(raw: nn.Module, rank: int) -> nn.Module | None:
@@ -767,11 +775,13 @@ def loss_and_patching(model, batch, patcher=None):
     return F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID), patching
 
 
-def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_graph=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, execution=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad
     norm), all device tensors: reading them would make the host wait for the GPU, so the loop
-    reads them only when it logs. one_graph: a OneGraph (--one-graph) computes the loss; given a
-    Lookahead as batcher, it patches the next micro-batch early."""
+    reads them only when it logs. execution: an Execution; with its OneGraph (--one-graph)
+    computing the loss and a Lookahead as batcher, the next micro-batch is patched early. A
+    micro-batch whose compilation fails runs again on the next slower path (Execution.fall_back)."""
+    one_graph = execution.one_graph if execution is not None else None
 
     def forward(batch):
         if one_graph is None:
@@ -782,10 +792,18 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_grap
     bpp_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
         batch = to_device(next(batcher), device)
-        with grad_sync(model, micro == args.grad_accum - 1):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, patching = forward(batch)
-            (loss / args.grad_accum).backward()
+        while True:
+            try:
+                with grad_sync(model, micro == args.grad_accum - 1):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, patching = forward(batch)
+                    (loss / args.grad_accum).backward()
+                break
+            except Exception as error:  # a compiler failure: same micro-batch, next slower path
+                if execution is None or not is_compile_error(error):
+                    raise
+                tqdm.write(execution.fall_back(error), file=sys.stderr)
+                one_graph = execution.one_graph
         loss_sum += loss.detach()
         bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
     norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
@@ -795,6 +813,45 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, one_grap
     else:
         optimizer.zero_grad(set_to_none=True)
     return loss_sum / args.grad_accum, bpp_sum / args.grad_accum, norm
+
+
+def is_compile_error(error: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) comes from the compiler stack (dynamo,
+    inductor, Triton), not from the model, the data or the device."""
+    while error is not None:
+        module = type(error).__module__
+        if module.startswith(("torch._dynamo", "torch._inductor", "triton")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class Execution:
+    """How training steps run, and the slower paths left to fall back on: the one compiled
+    graph (--one-graph), then each block compiled on its own (--compile), then eager. A compiler
+    bug on some shape (inductor once failed on a mask of 65 blocks that the benchmark's shapes
+    never reach) then costs speed, not the run."""
+
+    def __init__(self, raw: nn.Module, one_graph: "OneGraph | None", compiled: bool, keep_packing: bool = True):
+        self.raw, self.one_graph, self.compiled, self.keep_packing = raw, one_graph, compiled, keep_packing
+
+    def fall_back(self, error: BaseException) -> str:
+        """Step down one path -> the one-line warning to print; re-raises on the eager path."""
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+        if self.one_graph is not None:
+            self.one_graph = None
+            if isinstance(self.raw, BLT) and not self.keep_packing:
+                self.raw.pack_patches = False  # packed rows vary in shape: one-graph pads them
+            if layers.flex_backend() == "flash":  # FlexAttention's FLASH backend needs the one graph
+                set_flex_backend("triton")
+            compile_blocks(self.raw)
+            self.compiled = True
+            return f"warning: --one-graph failed to compile ({why}); continuing with each block compiled (--compile)"
+        if self.compiled and hasattr(torch.compiler, "set_stance"):
+            torch.compiler.set_stance("force_eager")  # every compiled function now runs eagerly
+            self.compiled = False
+            return f"warning: compilation failed ({why}); continuing eagerly"
+        raise error
 
 
 def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
@@ -847,6 +904,7 @@ def train(args, build, export) -> None:
     one_graph = None
     if getattr(args, "one_graph", False):
         one_graph = OneGraph(raw, device, args.grad_accum > 1, args.tune_kernels, patch_pad=args.patch_pad)
+    execution = Execution(raw, one_graph, args.compile, keep_packing=getattr(args, "pack_patches", None) is not None)
     batches = batcher if one_graph is None else Lookahead(batcher, device)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
@@ -883,7 +941,7 @@ def train(args, build, export) -> None:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, bpp, norm = train_step(model, raw, optimizer, batches, args, device, amp_dtype, one_graph)
+            loss, bpp, norm = train_step(model, raw, optimizer, batches, args, device, amp_dtype, execution)
             step += 1
             run_steps += 1
             window += torch.stack((loss.double(), bpp))

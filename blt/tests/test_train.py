@@ -611,3 +611,55 @@ def test_lookahead_peeks_without_moving_the_batcher():
         assert batch is upcoming
         assert torch.equal(batch, next(plain))
     assert seen.state_dict() == plain.state_dict()
+
+
+@pytest.fixture
+def broken_compiler(monkeypatch):
+    """torch.compile whose backend fails on every graph, as inductor did on one shape (a sort
+    inside a combined kernel): each compiled function raises dynamo's BackendCompilerFailed at
+    its first call. Returns the number of failed compilations."""
+    real, failures = torch.compile, []
+
+    def backend(gm, example_inputs):
+        failures.append(gm)
+        raise RuntimeError("simulated compiler failure")
+
+    def compile(model=None, *args, **kwargs):
+        kwargs.pop("options", None)
+        kwargs["backend"] = backend
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile)
+    yield failures
+    torch.compiler.set_stance("default")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_failed_compilation_falls_back_without_losing_a_step(work, entropy_dir, reference, broken_compiler, capsys):
+    """--one-graph whose compilation fails goes on with each block compiled, and when that fails
+    too, eagerly: one warning line each, every step trained once, the eager losses."""
+    out = work / "fallback"
+    train.main(blt_argv(work, entropy_dir, out, 3, 4, "--one-graph"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "--one-graph failed to compile" in warnings[0], warnings
+    assert "continuing eagerly" in warnings[1] and len(broken_compiler) >= 2
+    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3]
+    assert losses(out) == pytest.approx(losses(reference)[:3], abs=2e-4)
+
+
+def test_only_compiler_errors_fall_back():
+    """Errors of the model, the data or the device propagate; compiler errors, also when
+    another error was raised from them, step down one path at a time."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    compile_error = TorchDynamoException("ops.sort is only supported in persistent reductions")
+    assert train.is_compile_error(compile_error)
+    try:
+        raise ValueError("wrapped") from compile_error
+    except ValueError as e:
+        assert train.is_compile_error(e)
+    assert not train.is_compile_error(RuntimeError("CUDA out of memory"))
+    model = torch.nn.Linear(2, 2)
+    execution = train.Execution(model, one_graph=None, compiled=False)
+    with pytest.raises(TorchDynamoException):
+        execution.fall_back(compile_error)  # eager already: nothing slower to go to
