@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The shipped TinyStories model, end to end: entropy model + θ calibration, BLT (optionally
-# pretrained on general text first), bf16 export, held-out evaluation. One GPU; a step that is
-# interrupted continues when its command is run again with --resume added.
+# pretrained on general text first), bf16 export, held-out evaluation. One GPU. Run it again
+# after an interruption (a signal, a crash, a full disk): finished stages are skipped (their
+# model/ folder exists) and an interrupted one continues from its checkpoint (--resume).
 #
 #   bash recipes/tinystories.sh                                    # TinyStories from the hub
 #   DATA=data/tinystories/train.txt.xz VALID=data/tinystories/valid.txt.xz \
@@ -25,23 +26,39 @@ ACCUM=${ACCUM:-2}
 COMPILE=${COMPILE---compile}
 BLT_COMPILE=${BLT_COMPILE---one-graph}
 
-python -m blt.train_entropy --data "$DATA" --valid-data "$VALID" \
+# stage OUT CMD...: skip CMD when OUT/model is complete, add --resume when OUT has a checkpoint
+stage() {
+  local out=$1
+  shift
+  if [ -f "$out/model/config.json" ] || [ -f "$out/model/entropy_config.json" ]; then
+    echo "recipe: $out/model exists, skipping this stage"
+    return
+  fi
+  if [ -d "$out/checkpoint" ]; then
+    set -- "$@" --resume
+  fi
+  "$@"
+}
+
+stage "$RUNS/entropy" python -m blt.train_entropy --data "$DATA" --valid-data "$VALID" \
   --dim 128 --layers 2 --heads 2 --window 512 \
   --steps "${ENT_STEPS:-1500}" --batch-size 32 --seq-len 512 --grad-accum 1 \
   --lr 2e-3 --min-lr 1e-4 --warmup 100 --eval-every 500 --save-every 500 \
   --target-bytes-per-patch 4.5 --out "$RUNS/entropy" $COMPILE
 
-blt() {
-  python -m blt.train --valid-data "$VALID" --config tinystories --entropy-model "$RUNS/entropy" \
+blt() {  # blt OUT FLAGS...
+  local out=$1
+  shift
+  stage "$out" python -m blt.train --valid-data "$VALID" --config tinystories --entropy-model "$RUNS/entropy" \
     --batch-size "$BATCH" --grad-accum "$ACCUM" --seq-len 2048 --min-lr 1e-4 \
-    --eval-every 250 --eval-batches 0 --save-every 500 $BLT_COMPILE "$@"
+    --eval-every 250 --eval-batches 0 --save-every 500 $BLT_COMPILE "$@" --out "$out"
 }
 if [ -n "$PRETRAIN" ]; then
-  blt --data "$PRETRAIN" --steps "${PRE_STEPS:-3000}" --lr 1.5e-3 --warmup 200 --dropout 0.1 --out "$RUNS/pretrain"
-  blt --data "$DATA" --init-from "$RUNS/pretrain/model" --steps "${BLT_STEPS:-2600}" --lr 1e-3 --warmup 100 \
-    --dropout 0.2 --seed 1 --out "$RUNS/blt"
+  blt "$RUNS/pretrain" --data "$PRETRAIN" --steps "${PRE_STEPS:-3000}" --lr 1.5e-3 --warmup 200 --dropout 0.1
+  blt "$RUNS/blt" --data "$DATA" --init-from "$RUNS/pretrain/model" --steps "${BLT_STEPS:-2600}" --lr 1e-3 \
+    --warmup 100 --dropout 0.2 --seed 1
 else
-  blt --data "$DATA" --steps "${BLT_STEPS:-2200}" --lr 1.5e-3 --warmup 200 --dropout 0.1 --out "$RUNS/blt"
+  blt "$RUNS/blt" --data "$DATA" --steps "${BLT_STEPS:-2200}" --lr 1.5e-3 --warmup 200 --dropout 0.1
 fi
 
 python -m blt.export --checkpoint "$RUNS/blt/model" --out "$OUT" --dtype bf16
