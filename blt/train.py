@@ -40,6 +40,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -780,36 +781,31 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, executio
     norm), all device tensors: reading them would make the host wait for the GPU, so the loop
     reads them only when it logs. execution: an Execution; with its OneGraph (--one-graph)
     computing the loss and a Lookahead as batcher, the next micro-batch is patched early. A
-    micro-batch whose compilation fails runs again on the next slower path (Execution.fall_back)."""
-    one_graph = execution.one_graph if execution is not None else None
+    micro-batch whose compilation fails runs again on the next slower path (Execution.retry)."""
+    execution = execution or Execution(raw, None, compiled=False)
 
-    def forward(batch):
-        if one_graph is None:
-            return loss_and_patching(model, batch, raw.cfg.patcher if isinstance(raw, BLT) else None)
-        return one_graph(batch, batcher.peek() if isinstance(batcher, Lookahead) else None)
+    def micro_step(batch, sync: bool):
+        one_graph = execution.one_graph
+        with grad_sync(model, sync):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if one_graph is None:
+                    loss, patching = loss_and_patching(model, batch, raw.cfg.patcher if isinstance(raw, BLT) else None)
+                else:
+                    loss, patching = one_graph(batch, batcher.peek() if isinstance(batcher, Lookahead) else None)
+            (loss / args.grad_accum).backward()
+        return loss, patching
 
     loss_sum = torch.zeros((), device=device)
     bpp_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
         batch = to_device(next(batcher), device)
-        while True:
-            try:
-                with grad_sync(model, micro == args.grad_accum - 1):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss, patching = forward(batch)
-                    (loss / args.grad_accum).backward()
-                break
-            except Exception as error:  # a compiler failure: same micro-batch, next slower path
-                if execution is None or not is_compile_error(error):
-                    raise
-                tqdm.write(execution.fall_back(error), file=sys.stderr)
-                one_graph = execution.one_graph
+        loss, patching = execution.retry(partial(micro_step, batch, micro == args.grad_accum - 1))
         loss_sum += loss.detach()
         bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
     norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
     optimizer.step()
-    if one_graph is not None:
-        one_graph.zero_grad(optimizer)
+    if execution.one_graph is not None:
+        execution.one_graph.zero_grad(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
     return loss_sum / args.grad_accum, bpp_sum / args.grad_accum, norm
@@ -834,6 +830,16 @@ class Execution:
 
     def __init__(self, raw: nn.Module, one_graph: "OneGraph | None", compiled: bool, keep_packing: bool = True):
         self.raw, self.one_graph, self.compiled, self.keep_packing = raw, one_graph, compiled, keep_packing
+
+    def retry(self, fn):
+        """fn() on the current path; after a compiler error, again on the next slower one."""
+        while True:
+            try:
+                return fn()
+            except Exception as error:
+                if not is_compile_error(error):
+                    raise
+                tqdm.write(self.fall_back(error), file=sys.stderr)
 
     def fall_back(self, error: BaseException) -> str:
         """Step down one path -> the one-line warning to print; re-raises on the eager path."""
@@ -979,7 +985,7 @@ def train(args, build, export) -> None:
             if step == args.steps or stop:
                 break
             if eval_now:
-                eval_bpb = evaluate(model, data.valid, args, rank, world, device, amp_dtype)
+                eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype))
                 metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
                 bar.write(f"step {step}: held-out bpb {eval_bpb:.4f}")
             if save_now:
@@ -993,7 +999,7 @@ def train(args, build, export) -> None:
         if master:
             print(f"stopped by a signal after step {step}; checkpoint in {ckpt_dir}; continue with --resume")
     else:
-        eval_bpb = evaluate(model, data.valid, args, rank, world, device, amp_dtype)
+        eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype))
         metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
         plain = full_copy(raw, rank)
         if master:
