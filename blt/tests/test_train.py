@@ -526,6 +526,30 @@ def test_one_graph_packed_loss_traces_and_matches(traced_only, monkeypatch):
     assert len(grads) == len(want_grads) and all((g - w).abs().max() < 1e-5 for g, w in zip(grads, want_grads))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+@pytest.mark.parametrize("patches", ["every byte", "one long patch", "median"])
+def test_one_graph_traces_any_patch_count(traced_only, patches):
+    """The loss graph on the extremes of the patch count (every byte a patch: many blocks of
+    packed patches; one patch a row: the fewest) gives the eager model's loss on those patches."""
+    from blt.config import tiny
+    from blt.entropy_model import EntropyModel
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = BLT(cfg, EntropyModel(cfg.entropy_model))
+    model.pack_patches = True
+    batch = torch.cat([torch.ones(3, 1, dtype=torch.long), torch.randint(4, 260, (3, 400))], 1)
+    entropies = model.entropy_model.entropies(batch[:, :-1])
+    model.cfg.patcher.threshold = {"every byte": 0.0, "one long patch": 1e6, "median": entropies.median().item()}[patches]
+    model.cfg.patcher.max_patch_length = None
+    loss, patching = train.OneGraph(model, torch.device("cpu"), accumulate=False)(batch)
+    counts = (patching.patch_lengths > 0).sum(1)
+    want_counts = {"every byte": [400] * 3, "one long patch": [2] * 3}.get(patches)  # BOS, then the rest
+    assert want_counts is None or counts.tolist() == want_counts
+    eager = model(batch[:, :-1], batch[:, 1:], patching.patch_lengths, patching.next_starts_patch).loss
+    assert traced_only and loss.item() == pytest.approx(eager.item(), abs=1e-5)
+
+
 def test_given_entropies_patch_as_the_entropy_model_would():
     """A (tokens, entropies) batch is patched from the given entropies, eagerly and by OneGraph:
     given the entropy model's own, the patches and loss of a plain batch; given others, others."""
