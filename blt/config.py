@@ -262,7 +262,9 @@ def _typed(value, annotation, key: str):
     an integer given for a float field becomes a float."""
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     for t in options:
-        if t is type(None) and value is None or t is bool and isinstance(value, bool):
+        if t is type(None) and value is None:
+            return value
+        if t is bool and isinstance(value, bool):
             return value
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -273,12 +275,12 @@ def _typed(value, annotation, key: str):
         if t == list[int] and isinstance(value, list) and all(type(v) is int for v in value):
             return list(value)
     expected = " or ".join(_JSON_TYPES[t] for t in options)
-    raise ConfigError(f"{key} must be {expected}, got {json.dumps(value)}")
+    raise ConfigError(f"{key} must be {expected}, got {json.dumps(value, default=repr)}")
 
 
 def _json_name(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def entropy_config_from_dict(d: dict) -> EntropyModelConfig:
