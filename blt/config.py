@@ -2,10 +2,21 @@
 
 Every field is explicit and JSON-serialisable; `BLTConfig.to_json` / `from_json` round-trip
 exactly. Presets are plain functions selected by name in `PRESETS`.
+
+A saved config is read strictly (`BLTConfig.from_dict`, `entropy_config_from_dict`): every
+field of every component must be present, no unknown key, each value of its field's JSON
+type, numbers finite, and the whole must pass `validate`. Anything else is a one-line
+ConfigError naming the dotted key. A missing key never takes the dataclass default: the
+default can describe a different model (a missing `patcher.threshold` would patch with the
+HF port's 1.335 instead of the calibrated value). The set of fields has not changed since
+the first saved config, so every config this project wrote loads. A field added later must
+come with the value that reproduces what older files meant without it, given explicitly
+where the file is read, not taken from the dataclass default.
 """
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,10 +75,15 @@ class TransformerConfig:
             raise ConfigError(f"{name}: n_kv_heads must be >= 1 or null")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"{name}: n_heads {self.n_heads} not divisible by n_kv_heads {self.kv_heads}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ConfigError(f"{name}: ffn_hidden must be >= 1 or null")
         if self.window is not None and self.window < 1:
             raise ConfigError(f"{name}: window must be >= 1 or null")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{name}: dropout must be in [0, 1)")
+        for key in ("rope_theta", "norm_eps"):
+            if not 0.0 < getattr(self, key) < math.inf:
+                raise ConfigError(f"{name}: {key} must be a finite number > 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -106,6 +122,9 @@ class PatcherConfig:
             raise ConfigError("patcher.patch_size must be >= 1")
         if self.max_patch_length is not None and self.max_patch_length < 1:
             raise ConfigError("patcher.max_patch_length must be >= 1 or null")
+        for key in ("threshold", "threshold_add"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"patcher.{key} must be a finite number, got {getattr(self, key)}")
 
     @property
     def needs_entropy(self) -> bool:
@@ -181,6 +200,9 @@ class BLTConfig:
                               "the decoder reads the encoder's byte states")
         if self.encoder.n_layers < 1 or self.decoder.n_layers < 1:
             raise ConfigError("encoder and decoder need at least one layer")
+        for name, window in (("encoder", self.encoder.cross_attn_window), ("decoder", self.decoder.cross_attn_window)):
+            if window is not None and window < 1:
+                raise ConfigError(f"{name}.cross_attn_window must be >= 1 or null")
         return self
 
     @property
@@ -194,88 +216,100 @@ class BLTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BLTConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"a BLT config must be a JSON object, got {type(d).__name__}")
-        sub = {f.name: f.type for f in dataclasses.fields(cls)}
-        _check_types(d, cls, "")
-        kwargs = {}
-        for key, value in d.items():
-            if key not in sub:
-                raise ConfigError(f"unknown BLT config field {key!r}")
-            kwargs[key] = _build(_SUBCONFIGS.get(key), value, key)
-        return cls(**kwargs).validate()
+        """A saved config, read strictly (see the module docstring)."""
+        return _strict(cls, d, "").validate()
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BLTConfig":
-        return cls.from_dict(load_json(path, "config"))
+        raw = load_json(path, "config")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
-_SUBCONFIGS = {
-    "entropy_model": EntropyModelConfig,
-    "patcher": PatcherConfig,
-    "encoder": LocalEncoderConfig,
-    "global_model": GlobalConfig,
-    "decoder": LocalDecoderConfig,
-}
+_JSON_TYPES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               list[int]: "a list of integers", type(None): "null"}  # fmt: skip
 
 
-def _type_ok(value, annotation) -> bool:
-    """JSON value against a field annotation (int, float, bool, str, list[int], X | None)."""
+def _strict(klass, d, prefix: str):
+    """Build dataclass `klass` from a JSON object holding exactly its fields (nested for
+    dataclass-typed fields). `prefix` is the dotted path of `d`, for the messages."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix[:-1] or 'the config'} must be a JSON object, got {_json_name(d)}")
+    hints = typing.get_type_hints(klass)
+    names = [f.name for f in dataclasses.fields(klass)]
+    unknown = [prefix + k for k in d if k not in hints]
+    if unknown:
+        raise ConfigError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
+    missing = [prefix + k for k in names if k not in d]
+    if missing:
+        raise ConfigError(f"missing key{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    kwargs = {}
+    for name in names:
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _strict(hints[name], d[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _typed(d[name], hints[name], prefix + name)
+    return klass(**kwargs)
+
+
+def _typed(value, annotation, key: str):
+    """A JSON value checked against a field annotation (bool, int, float, str, list[int], X | None);
+    an integer given for a float field becomes a float."""
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     for t in options:
         if t is type(None) and value is None:
-            return True
+            return value
         if t is bool and isinstance(value, bool):
-            return True
+            return value
         if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
         if t is str and isinstance(value, str):
-            return True
-        if typing.get_origin(t) is list and isinstance(value, list):
-            return all(_type_ok(v, typing.get_args(t)[0]) for v in value)
-    return False
+            return value
+        if t == list[int] and isinstance(value, list) and all(type(v) is int for v in value):
+            return list(value)
+    expected = " or ".join(_JSON_TYPES[t] for t in options)
+    raise ConfigError(f"{key} must be {expected}, got {json.dumps(value, default=repr)}")
 
 
-def _check_types(values: dict, klass, section: str) -> None:
-    hints = typing.get_type_hints(klass)
-    for key, value in values.items():
-        if key in hints and key not in _SUBCONFIGS and not _type_ok(value, hints[key]):
-            raise ConfigError(f"config field {section}{key} has the wrong type: {value!r} (expected {hints[key]})")
-
-
-def _build(klass, value, name):
-    if klass is None:
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"config field {name!r} must be an object")
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(value) - names
-    if unknown:
-        raise ConfigError(f"unknown field(s) {sorted(unknown)} in config section {name!r}")
-    _check_types(value, klass, f"{name}.")
-    return klass(**value)
+def _json_name(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def entropy_config_from_dict(d: dict) -> EntropyModelConfig:
-    cfg = _build(EntropyModelConfig, d, "entropy_model")
-    cfg.validate("entropy_model")
+    """A saved entropy model config (`entropy_config.json`), read as strictly as `BLTConfig.from_dict`."""
+    try:
+        cfg = _strict(EntropyModelConfig, d, "")
+        cfg.validate("entropy_model")
+    except ConfigError as e:
+        raise ConfigError(f"entropy model config: {e}") from None
     return cfg
 
 
 def load_json(path: str | Path, what: str) -> dict:
-    """Read a JSON file or raise a one-line ConfigError naming the problem."""
+    """Read a JSON object from a file or raise a one-line ConfigError naming the problem.
+    NaN and Infinity, which Python's json accepts but JSON does not, are refused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = json.loads(path.read_text(), parse_constant=_no_constant)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN or Infinity
         raise ConfigError(f"{what} file {path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} file {path} must hold a JSON object, got {_json_name(value)}")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 # ---- presets ----------------------------------------------------------------------------

@@ -40,9 +40,13 @@ plus `meta.json`. See `SHARD_DTYPE` for why it is uint16. Shards live in
 `cache_dir/<name>-<key>/`. The key is a hash of the data files (path, size and mtime
 for local files; the URL for remote ones) and of the split settings. A re-run with
 the same inputs reuses the shards. Every file is written to a temporary name and then
-renamed into place with `os.replace`. `meta.json` is written last, so its presence
-means the shards are complete. With several processes, call `prepare_data` on one rank
-first, then a barrier.
+renamed into place with `os.replace`. Beside each shard, `<shard>.json` records its
+length in bytes and the SHA-256 of its bytes; it is written after the shard, and
+`meta.json` after both. A shard is used only when its record exists and matches (the
+check reads the whole file once, about a second per GB); otherwise, with a one-line
+note, the shards are rebuilt. So a truncated or corrupted cache, or a crash at any point
+of a build, never gives wrong data. With several processes, call `prepare_data` on one
+rank first, then a barrier.
 
 Batches: `Batcher` draws random windows of T+1 tokens and returns (B, T+1) int64
 tensors: inputs = [:, :-1], targets = [:, 1:]. The global batch at step k depends only
@@ -61,6 +65,7 @@ import json
 import lzma
 import os
 import re
+import sys
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass
@@ -96,8 +101,9 @@ FORMAT_VERSION = 1  # bump when the shard contents change; it is part of the cac
 
 _READ_CHUNK = 1 << 20  # bytes read per call when splitting a file into lines
 _WRITE_CHUNK = 1 << 24  # text bytes gathered before encoding and writing a shard piece
+_HASH_CHUNK = 1 << 24  # bytes read per call when checking a shard's SHA-256
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+_CORRUPT_ERRORS = (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)  # the bytes arrived, but are wrong
 
 
 class DataError(ValueError):
@@ -162,12 +168,35 @@ def _documents(label: str, files: list[str], streaming: bool) -> Iterator[bytes]
 
 
 def _file_documents(file: str, streaming: bool) -> Iterator[bytes]:
-    """One file's documents. Each file is split on its own: a document never spans two."""
+    """One file's documents. Each file is split on its own: a document never spans two.
+
+    A URL that cannot be fetched is a one-line DataError whatever the transport raised
+    (httpx, requests and the hub client have exception types of their own, not all OSError).
+    """
     try:
         with _open_binary(file, streaming) as f:
             yield from documents_from_lines(_iter_lines(f))
-    except _READ_ERRORS as e:
-        raise DataError(f"cannot read {file}: corrupt or unreadable ({type(e).__name__}: {e})") from e
+    except DataError:
+        raise
+    except Exception as e:
+        corrupt = isinstance(e, _CORRUPT_ERRORS)
+        if _URL.match(file) and not corrupt:
+            raise DataError(f"could not download {_source_name(file)}: {_one_line(e)}; "
+                            "check the network, or pass local files with --data PATH") from e
+        if corrupt or isinstance(e, OSError):
+            raise DataError(f"cannot read {file}: corrupt or unreadable ({_one_line(e)})") from e
+        raise
+
+
+def _source_name(file: str) -> str:
+    hub = {url: name for name, url in HUB_FILES.items()}
+    return f"TinyStories {hub[file]} ({file})" if file in hub else file
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as `Type: message` on one line, at most 300 characters."""
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _open_binary(file: str, streaming: bool):
@@ -279,11 +308,12 @@ class ShardInfo:
 
 
 class ShardWriter:
-    """Write encoded documents to a shard in one pass, atomically.
+    """Write encoded documents to a shard in one pass, atomically, with its record.
 
     The data goes to a temporary file in the same directory. On a clean exit from the
-    `with` block that file is renamed onto `path`. On an error it is deleted, and any
-    older `path` is left as it was. Writing no documents raises DataError.
+    `with` block that file is renamed onto `path`, then its record (length and SHA-256,
+    see `check_record`) is written. On an error it is deleted, and any older `path` is left
+    as it was. Writing no documents raises DataError.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -293,6 +323,8 @@ class ShardWriter:
         self._file = os.fdopen(fd, "wb")
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._sha256 = hashlib.sha256()
+        self._bytes = 0
         self.docs = 0
         self.tokens = 0
 
@@ -306,7 +338,10 @@ class ShardWriter:
 
     def _flush(self) -> None:
         if self._pending:
-            self._file.write(encode_documents(self._pending).tobytes())
+            piece = encode_documents(self._pending).tobytes()
+            self._sha256.update(piece)
+            self._bytes += len(piece)
+            self._file.write(piece)
         self._pending, self._pending_bytes = [], 0
 
     def __enter__(self) -> ShardWriter:
@@ -323,6 +358,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
+        _write_record(self.path, self._bytes, self._sha256.hexdigest())
 
     def _abort(self) -> None:
         self._file.close()
@@ -344,6 +380,50 @@ def build_shard(docs: Iterable[bytes], path: str | os.PathLike) -> ShardInfo:
 def open_shard(path: str | os.PathLike) -> np.ndarray:
     """Memory-map a shard as a read-only uint16 array of token ids."""
     return np.memmap(path, dtype=SHARD_DTYPE, mode="r")
+
+
+def _record_path(path: Path) -> Path:
+    """Where the record of a cached file lives: `<name>.json` beside it."""
+    return path.with_name(path.name + ".json")
+
+
+def _write_record(path: Path, size: int, sha256: str) -> None:
+    """Record a cached file's length and SHA-256, atomically, once the file is in place."""
+    _write_atomic(_record_path(path), json.dumps({"bytes": size, "sha256": sha256}).encode())
+
+
+def check_record(path: Path, size: int | None = None) -> str | None:
+    """Why the cached file at `path` cannot be trusted, or None when it matches its record
+    (and is `size` bytes long, if given). Reads the whole file."""
+    if not path.is_file():
+        return "missing"
+    try:
+        record = json.loads(_record_path(path).read_text())
+        want_size, want_sha256 = record["bytes"], record["sha256"]
+    except FileNotFoundError:
+        return "no checksum record"
+    except (ValueError, TypeError, KeyError, OSError):
+        return "unreadable checksum record"
+    actual = path.stat().st_size
+    if actual != want_size:
+        return f"{actual} bytes, its record says {want_size} (truncated?)"
+    if size is not None and actual != size:
+        return f"{actual} bytes, {size} expected"
+    if _sha256(path) != want_sha256:
+        return "SHA-256 differs from its record (corrupted)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ prepare_data
@@ -380,12 +460,22 @@ def prepare_data(config: DataConfig) -> ByteDataset:
         raise DataError(f"split_seed must be >= 0, got {config.split_seed}")
     directory = Path(config.cache_dir) / f"{_slug(config.source)}-{_cache_key(config, train_files, valid_files)}"
     meta_path = directory / "meta.json"
-    if not meta_path.exists():
+    if not (meta_path.exists() and _shards_intact(directory)):
+        meta_path.unlink(missing_ok=True)  # until both shards are rebuilt, nothing here is trusted
         meta = _build_shards(config, train_files, valid_files, directory)
         _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     return ByteDataset(
         train=open_shard(directory / "train.bin"), valid=open_shard(directory / "valid.bin"), directory=directory
     )
+
+
+def _shards_intact(directory: Path) -> bool:
+    for name in ("train.bin", "valid.bin"):
+        problem = check_record(directory / name)
+        if problem:
+            _note(f"cached shard {directory / name}: {problem}; rebuilding the shards")
+            return False
+    return True
 
 
 def _build_shards(config: DataConfig, train_files: list[str], valid_files: list[str] | None, directory: Path) -> dict:
@@ -460,12 +550,18 @@ ENTROPY_DTYPE = np.dtype("<f2")  # entropies are at most ln 260 = 5.56 nats: flo
 def entropy_shard(tokens: np.ndarray, path: str | os.PathLike, compute) -> np.ndarray:
     """The entropy of every position of a token stream, memory-mapped from `path` as float16.
 
-    If `path` does not exist, `compute(tokens, out)` fills a new map of the stream's length
-    (e.g. entropy_model.stream_entropies); it is written beside `path` and renamed into place,
-    so an interrupted build leaves nothing behind that a later run would trust. The caller puts
-    whatever the entropies depend on (entropy model, context, dtype) in the file name."""
+    `path` is used when it matches its record (`check_record`: length and SHA-256) and holds one
+    entropy per token. Otherwise (with a one-line note if a file was there) `compute(tokens, out)`
+    fills a new map of the stream's length (e.g. entropy_model.stream_entropies); it is written
+    beside `path`, renamed into place and then recorded, so an interrupted build leaves nothing
+    behind that a later run would trust. The caller puts whatever the entropies depend on
+    (entropy model, context, dtype) in the file name."""
     path = Path(path)
-    if not path.exists():
+    size = len(tokens) * ENTROPY_DTYPE.itemsize
+    problem = check_record(path, size)
+    if problem:
+        if problem != "missing":
+            _note(f"cached entropies {path}: {problem}; recomputing them")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         os.close(fd)
         try:
@@ -473,14 +569,13 @@ def entropy_shard(tokens: np.ndarray, path: str | os.PathLike, compute) -> np.nd
             compute(tokens, out)
             out.flush()
             del out
+            sha256 = _sha256(Path(tmp))
             os.replace(tmp, path)
+            _write_record(path, size, sha256)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    entropies = np.memmap(path, dtype=ENTROPY_DTYPE, mode="r")
-    if len(entropies) != len(tokens):
-        raise DataError(f"{path}: {len(entropies)} entropies for a stream of {len(tokens)} tokens (corrupt file)")
-    return entropies
+    return np.memmap(path, dtype=ENTROPY_DTYPE, mode="r")
 
 
 # ----------------------------------------------------------------------------- batches

@@ -20,6 +20,7 @@ from blt.data import (
     build_shard,
     documents_from_lines,
     encode_documents,
+    check_record,
     entropy_shard,
     is_heldout,
     iter_eval_batches,
@@ -219,7 +220,7 @@ def test_shard_cache_is_reused_and_keyed(tmp_path, monkeypatch):
     config = DataConfig(str(source), valid_fraction=0.3, split_seed=2, cache_dir=str(tmp_path / "cache"))
     first = prepare_data(config)
     stamps = {p.name: p.stat().st_mtime_ns for p in first.directory.iterdir()}
-    assert set(stamps) == {"train.bin", "valid.bin", "meta.json"}
+    assert set(stamps) == {"train.bin", "valid.bin", "train.bin.json", "valid.bin.json", "meta.json"}
 
     def no_rebuild(*args):
         raise AssertionError("cache was rebuilt")
@@ -250,7 +251,8 @@ def test_shard_writes_are_atomic(tmp_path):
     with pytest.raises(DataError, match=r"^no documents to write to .*s\.bin$"):
         build_shard([], path)
     assert stream_docs(open_shard(path)) == [b"old"]  # the old shard is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.bin.json"]  # no temporary files left
+    assert check_record(path) is None
 
 
 def test_large_shard_is_written_in_pieces(tmp_path, monkeypatch):
@@ -335,7 +337,7 @@ def test_eval_batches_on_a_real_shard(tmp_path):
 
 def test_entropy_shard_is_built_once_and_atomically(tmp_path, counting_tokens):
     """entropy_shard computes a stream's entropies once into a float16 map, then reuses the file;
-    a computation that fails leaves no file behind; a file of the wrong length is an error."""
+    a computation that fails leaves no file behind; a file of another length is recomputed."""
     calls = []
 
     def compute(tokens, out):
@@ -356,9 +358,9 @@ def test_entropy_shard_is_built_once_and_atomically(tmp_path, counting_tokens):
     other = tmp_path / "train.entropies-other.f16"
     with pytest.raises(KeyboardInterrupt):
         entropy_shard(counting_tokens, other, broken)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-    with pytest.raises(DataError, match="corrupt"):
-        entropy_shard(counting_tokens[:-5], path, compute)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".json"]
+    shorter = entropy_shard(counting_tokens[:-5], path, compute)  # a file for another stream: recomputed
+    assert calls[-1] == len(counting_tokens) - 5 and len(shorter) == len(counting_tokens) - 5
 
 
 def test_batcher_entropies_are_those_of_the_inputs(counting_tokens):
@@ -372,3 +374,145 @@ def test_batcher_entropies_are_those_of_the_inputs(counting_tokens):
     assert torch.equal(H.long(), tokens[:, :-1] % 1024)
     with pytest.raises(DataError, match="entropies"):
         Batcher(counting_tokens, batch_size=3, seq_len=12, entropies=entropies[:-1])
+
+
+# ------------------------------------------------------------------- cache verification
+
+
+def damage(path: Path, how: str) -> None:
+    """Truncate a cached file, flip one of its bytes, or delete / garble its checksum record."""
+    raw = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(raw[: len(raw) // 3])
+    elif how == "flipped":
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(raw)
+    elif how == "no record":
+        Path(f"{path}.json").unlink()
+    elif how == "bad record":
+        Path(f"{path}.json").write_text('{"bytes": "many"')
+
+
+@pytest.fixture
+def split_config(tmp_path) -> DataConfig:
+    source = tmp_path / "s.txt"
+    shutil.copy(STORIES, source)
+    return DataConfig(str(source), valid_fraction=0.3, split_seed=2, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "no record", "bad record"])
+@pytest.mark.parametrize("shard", ["train.bin", "valid.bin"])
+def test_damaged_cached_shard_is_rebuilt(split_config, shard, how, capsys):
+    """A cached shard that does not match its record is never used: the shards are rebuilt, with a
+    one-line note, and equal a fresh build."""
+    first = prepare_data(split_config)
+    fresh_train, fresh_valid, directory = np.array(first.train), np.array(first.valid), first.directory
+    del first  # reading a map past the end of a truncated file is a bus error
+    damage(directory / shard, how)
+    capsys.readouterr()
+    again = prepare_data(split_config)
+    (note,) = capsys.readouterr().err.splitlines()
+    assert note.startswith(f"note: cached shard {again.directory / shard}: ") and note.endswith("rebuilding the shards")
+    assert np.array_equal(again.train, fresh_train) and np.array_equal(again.valid, fresh_valid)
+    assert check_record(again.directory / "train.bin") is None and check_record(again.directory / "valid.bin") is None
+    prepare_data(split_config)
+    assert capsys.readouterr().err == ""  # rebuilt once, then trusted
+
+
+def test_truncated_shard_is_caught_by_its_length(split_config):
+    """A truncated shard is still a valid uint16 array, so only its record can tell."""
+    ds = prepare_data(split_config)
+    directory, full = ds.directory, len(ds.train)
+    del ds  # reading a map past the end of a truncated file is a bus error
+    damage(directory / "train.bin", "truncated")
+    assert check_record(directory / "train.bin").endswith("(truncated?)")
+    assert len(prepare_data(split_config).train) == full
+
+
+def test_interrupted_rebuild_is_never_trusted(split_config, monkeypatch, capsys):
+    """A build that dies after a shard is renamed into place but before its record is written, or
+    half-way through the source, leaves a cache that the next run rebuilds."""
+    fresh = np.array(prepare_data(split_config).train)
+    directory = prepare_data(split_config).directory
+    damage(directory / "valid.bin", "flipped")
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_write_record", crash)  # dies between a shard's rename and its record
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(split_config)
+    assert not (directory / "meta.json").exists()
+    monkeypatch.undo()
+
+    some = stories()[:3]
+
+    def dying_documents(label, files, streaming):
+        yield from some
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_documents", dying_documents)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(split_config)
+    assert not (directory / "meta.json").exists() and not list(directory.glob("*.tmp"))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert np.array_equal(prepare_data(split_config).train, fresh)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "no record", "bad record"])
+def test_damaged_entropy_shard_is_recomputed(tmp_path, counting_tokens, how, capsys):
+    def compute(tokens, out):
+        out[:] = tokens % 7 / 2
+
+    path = tmp_path / "train.entropies-k.f16"
+    fresh = np.array(entropy_shard(counting_tokens, path, compute))
+    damage(path, how)
+    capsys.readouterr()
+    again = entropy_shard(counting_tokens, path, compute)
+    (note,) = capsys.readouterr().err.splitlines()
+    assert note.startswith(f"note: cached entropies {path}: ") and note.endswith("recomputing them")
+    assert np.array_equal(again, fresh) and check_record(path, 2 * len(counting_tokens)) is None
+
+
+# ------------------------------------------------------------------- unreachable sources
+
+
+class ConnectError(Exception):
+    """Like httpx's: a transport error that is not an OSError."""
+
+
+@pytest.mark.parametrize("error", [ConnectError("[Errno -2] Name or service not known"),
+                                   ConnectionError("Connection refused\nretrying")])  # fmt: skip
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unreachable_hub_is_a_one_line_data_error(monkeypatch, error, streaming):
+    datasets = pytest.importorskip("datasets")
+    fsspec = pytest.importorskip("fsspec")
+
+    def unreachable(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets.DownloadManager, "download", unreachable)
+    monkeypatch.setattr(fsspec, "open", unreachable)
+    with pytest.raises(DataError) as info:
+        next(load_documents("valid", streaming=streaming))
+    message = str(info.value)
+    assert message.startswith(f"could not download TinyStories valid ({HUB_FILES['valid']}): {type(error).__name__}: ")
+    assert message.endswith("check the network, or pass local files with --data PATH") and "\n" not in message
+
+
+def test_train_without_network_is_one_line(tmp_path, monkeypatch, capsys):
+    """`blt.train --data valid` offline: `error: could not download ...` and exit code 1, no traceback."""
+    datasets = pytest.importorskip("datasets")
+    from blt import train
+
+    def unreachable(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(datasets.DownloadManager, "download", unreachable)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", "tiny", "--patch-mode", "byte", "--data", "valid", "--steps", "1", "--device", "cpu",
+                    "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])  # fmt: skip
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: could not download TinyStories valid") and line.endswith("--data PATH")
