@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from blt.config import BLTConfig, ConfigError, EntropyModelConfig, entropy_config_from_dict, load_json
 
@@ -110,7 +110,8 @@ def verify_folder(folder: Path) -> None:
     if not weights:
         raise CheckpointError(f"no weights (*.safetensors) in {folder}")
     for path in weights:
-        read_safetensors(path)
+        for _ in iter_safetensors(path):  # one tensor in memory at a time
+            pass
     for path in folder.glob("*.json"):
         try:
             json.loads(path.read_text())
@@ -216,18 +217,24 @@ def save_model(model, path: str | Path, extra_json: dict[str, dict] | None = Non
     atomic_dir_write(path, write)
 
 
-def read_safetensors(path: Path) -> dict:
-    """The tensors of a safetensors file, all finite, or a one-line CheckpointError."""
+def iter_safetensors(path: Path):
+    """(name, tensor) of a safetensors file, one at a time, each finite; a file missing, cut
+    short, corrupt or with inf/NaN weights is a one-line CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
-        sd = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if non_finite({name: tensor}):
+                    raise CheckpointError(f"checkpoint file {path} has inf or NaN values in tensor {name}")
+                yield name, tensor
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({e})") from None
-    bad = non_finite(sd)
-    if bad is not None:
-        raise CheckpointError(f"checkpoint file {path} has inf or NaN values in tensor {bad}")
-    return sd
+
+
+def read_safetensors(path: Path) -> dict:
+    return dict(iter_safetensors(path))
 
 
 def load_weights(module: torch.nn.Module, sd: dict, what: str) -> None:

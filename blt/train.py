@@ -548,7 +548,7 @@ def save_checkpoint(path: Path, raw, optimizer, step, batcher, args, elapsed, ra
             write_weights(plain, tmp)
             with open(tmp / TRAIN_STATE, "wb") as f:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, f)
-            if read_train_state(tmp)["step"] != step:
+            if read_train_state(tmp, mmap=True)["step"] != step:  # mapped: no second copy in memory
                 raise CheckpointError(f"{path}: the train state written does not read back")
 
         atomic_dir_write(path, write, own=CHECKPOINT_FILES, keep=path.with_name(PREVIOUS))
@@ -560,14 +560,14 @@ def write_weights(model, folder: Path) -> None:
     (write_model_files if isinstance(model, BLT) else write_entropy_model_files)(model, folder)
 
 
-def read_train_state(folder: Path) -> dict:
+def read_train_state(folder: Path, mmap: bool = False) -> dict:
     """train_state.pt as tensors and plain values: weights_only, so that no code in a checkpoint
     ever runs."""
     path = folder / TRAIN_STATE
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a cut-off zip, a foreign pickle: torch raises many kinds
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is corrupt, cut short or not a train state of tensors and plain values ({detail})") from None
