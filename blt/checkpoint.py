@@ -44,7 +44,7 @@ class CheckpointError(RuntimeError):
 class WriteError(CheckpointError):
     """A folder that could not be written (disk full, no permission): what was there is kept."""
 
-    def __init__(self, path: Path, error: Exception):
+    def __init__(self, path: Path, error: Exception | str):
         self.errno = getattr(error, "errno", None) or _os_error_number(str(error))
         super().__init__(f"could not write {path}: {os.strerror(self.errno) if self.errno else error}")
 
@@ -104,8 +104,8 @@ def remove_stale_temps(path: Path) -> None:
 
 
 def verify_folder(folder: Path) -> None:
-    """Every weight file and JSON file in folder reads back (and is on disk: fsync), and there
-    is at least one weight file."""
+    """Every weight file, JSON file and train state in folder reads back, and there is at least
+    one weight file."""
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise CheckpointError(f"no weights (*.safetensors) in {folder}")
@@ -117,6 +117,21 @@ def verify_folder(folder: Path) -> None:
             json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if (folder / TRAIN_STATE).exists():
+        read_train_state(folder, mmap=True)  # mapped: no second copy in memory
+
+
+def read_train_state(folder: Path, mmap: bool = False) -> dict:
+    """A training checkpoint's train_state.pt, as tensors and plain values: loaded weights_only,
+    so that no code in a checkpoint ever runs."""
+    path = folder / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a cut-off zip, a foreign pickle: torch raises many kinds
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt, cut short or not a train state of tensors and plain values ({detail})") from None
 
 
 def sync_files(folder: Path) -> None:
@@ -147,7 +162,10 @@ def atomic_dir_write(path: str | Path, write, own: frozenset = MODEL_FILES, keep
         try:
             write(tmp)
             sync_files(tmp)
-            verify_folder(tmp)
+            try:
+                verify_folder(tmp)
+            except CheckpointError as e:
+                raise WriteError(path, f"what was written does not read back ({e})") from None
             _swap_in(tmp, path, old, keep)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already if swapped in

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,15 +172,18 @@ def test_train_state_is_tensors_and_plain_values(saved):
 # ---- a full disk ----------------------------------------------------------------------------
 
 
-def fail_on_call(n: int, real, error: Exception):
-    """real(...), except that call n raises error."""
+def fail_on_call(n: int, real, error: Exception | None = None):
+    """real(...), except that call n raises error, or (no error) writes a file that does not
+    read back, without an error: a silent bad write."""
     calls = []
 
-    def writer(*args, **kwargs):
+    def writer(obj, f, *args, **kwargs):
         calls.append(1)
-        if len(calls) == n:
+        if len(calls) != n:
+            return real(obj, f, *args, **kwargs)
+        if error is not None:
             raise error
-        return real(*args, **kwargs)
+        f.write(b"not a checkpoint")
 
     return writer
 
@@ -189,20 +193,26 @@ ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 ENOSPC_SAFETENSORS = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-@pytest.mark.parametrize("writer, error", [("torch.save", ENOSPC), ("save_file", ENOSPC_SAFETENSORS)])
-def test_disk_full_at_the_final_checkpoint(work, tmp_path, reference, monkeypatch, capsys, writer, error):
-    """The final checkpoint's write fails: one error line naming the folder and what to do, exit
-    code 1, the step-2 checkpoint intact, no temp folder; --resume then finishes the run."""
+@pytest.mark.parametrize("writer, failure", [("torch.save", "full"), ("save_file", "full"), ("torch.save", "garbage")])
+def test_disk_full_at_the_final_checkpoint(work, tmp_path, reference, monkeypatch, capsys, writer, failure):
+    """The final checkpoint's write fails (ENOSPC as torch.save and safetensors raise it, or a
+    file that does not read back): one error line naming the folder and what to do, exit code 1,
+    the step-2 checkpoint intact, no temp folder; --resume then finishes the run."""
     out = tmp_path / "full"
     if writer == "torch.save":
-        monkeypatch.setattr(torch, "save", fail_on_call(2, torch.save, error))
+        monkeypatch.setattr(torch, "save", fail_on_call(2, torch.save, ENOSPC if failure == "full" else None))
     else:
-        monkeypatch.setattr(checkpoint, "save_file", fail_on_call(2, checkpoint.save_file, error))
+        monkeypatch.setattr(checkpoint, "save_file", fail_on_call(2, checkpoint.save_file, ENOSPC_SAFETENSORS))
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv(work, out, 4, "--save-every", "2"))  # saves at step 2 and at the end
     assert exit_info.value.code == 1
-    assert error_line(capsys) == (f"error: could not write {out / 'checkpoint'}: No space left on device; "
-                                  "the last checkpoint is intact: free space and rerun with --resume")  # fmt: skip
+    line = error_line(capsys)
+    if failure == "full":
+        assert line == (f"error: could not write {out / 'checkpoint'}: No space left on device; "
+                        "the last checkpoint is intact: free space and rerun with --resume")  # fmt: skip
+    else:
+        assert line.startswith(f"error: could not write {out / 'checkpoint'}: what was written does not read back (")
+        assert line.endswith("the last checkpoint is intact: fix that and rerun with --resume")
     assert step_of(out / "checkpoint") == 2 and not (out / "checkpoint.prev").exists()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.jsonl"]  # no temp folder, no lock
     monkeypatch.undo()
@@ -317,16 +327,34 @@ def test_stale_temp_folders_of_dead_writers_are_removed(model_dir, tmp_path):
     assert left == sorted([f".model.tmp-{live}", f".other.tmp-{dead}", ".model.tmp-x"])
 
 
-def test_atomic_write_failure_keeps_the_old_folder(model_dir, tmp_path):
+@pytest.mark.parametrize("failure", ["full", "unreadable", "swap"])
+def test_atomic_write_failure_keeps_the_old_folder(model_dir, tmp_path, monkeypatch, failure):
+    """A write that raises, one whose files do not read back, and a failed second rename of the
+    swap: WriteError, the old folder as it was, no temp folder."""
     target = tmp_path / "model"
     shutil.copytree(model_dir, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     def write(tmp):
         (tmp / "config.json").write_text("{}")
-        raise ENOSPC
+        (tmp / "model.safetensors").write_bytes(b"cut")
+        if failure == "full":
+            raise ENOSPC
 
-    with pytest.raises(checkpoint.WriteError, match=f"could not write {target}: No space left on device"):
+    if failure == "swap":
+        real = Path.rename
+
+        def write(tmp):
+            checkpoint.write_model_files(load_model(model_dir), tmp)
+
+        def rename(src, dst):
+            if src.name.startswith(".model.tmp"):  # the new folder into place
+                raise ENOSPC
+            return real(src, dst)
+
+        monkeypatch.setattr(Path, "rename", rename)
+    message = {"full": "No space left on device", "unreadable": "what was written does not read back", "swap": "No space left"}[failure]
+    with pytest.raises(checkpoint.WriteError, match=f"could not write {target}: {message}"):
         atomic_dir_write(target, write)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
