@@ -75,7 +75,7 @@ def check_replaceable(path: Path, own: frozenset = MODEL_FILES) -> None:
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
-        raise CheckpointError(f"{path} exists and is not a folder: choose another path")
+        raise CheckpointError(f"{path} exists and is a file or a link, not a folder: choose another path")
     entries = list(path.iterdir())
     foreign = sorted(e.name for e in entries if e.name not in own or e.is_symlink() or not e.is_file())
     if foreign:
@@ -131,7 +131,8 @@ def read_train_state(folder: Path, mmap: bool = False) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a cut-off zip, a foreign pickle: torch raises many kinds
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is corrupt, cut short or not a train state of tensors and plain values ({detail})") from None
+        raise CheckpointError(f"{path} is corrupt, cut short or not a train state of tensors and plain values "
+                              f"({detail})") from None  # fmt: skip
 
 
 def sync_files(folder: Path) -> None:
@@ -208,7 +209,8 @@ def _contiguous(sd: dict, dtype: torch.dtype | None = None) -> dict:
     sd = {k: cast(v.detach()).contiguous().cpu() for k, v in sd.items()}
     bad = non_finite(sd)
     if bad is not None:
-        raise CheckpointError(f"the weights to save have inf or NaN values in tensor {bad} (did training diverge?): nothing was written")
+        raise CheckpointError(f"the weights to save have inf or NaN values in tensor {bad} (did training diverge?): "
+                              "nothing was written")  # fmt: skip
     return sd
 
 

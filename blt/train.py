@@ -711,7 +711,8 @@ def take_lock(out: Path) -> Path:
             raise CheckpointError(f"{out} is in use by {who}: wait for it to end or choose another --out "
                                   f"(if no run uses it, delete {path})") from None  # fmt: skip
         except OSError as e:
-            raise CheckpointError(f"--out {out} is not writable ({e.strerror}): choose another --out or make it writable") from None
+            raise CheckpointError(f"--out {out} is not writable ({e.strerror}): "
+                                  "choose another --out or make it writable") from None  # fmt: skip
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()} {host}\n")
         return path
