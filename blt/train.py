@@ -1018,7 +1018,7 @@ def train(args, build, export) -> int:
         dt, mark = now - mark, now
         return dt
 
-    with StopOnSignal() as signals:
+    with StopOnSignal() as signals, bar:  # closed on errors too: an error line starts a line of its own
         while step < args.steps:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
@@ -1067,7 +1067,6 @@ def train(args, build, export) -> int:
                 checkpoint()
             if eval_now or save_now:
                 sync_time()  # their time is not training time
-    bar.close()
 
     checkpoint()
     code = 0

@@ -198,18 +198,20 @@ ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 ENOSPC_SAFETENSORS = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-@pytest.mark.parametrize("writer, failure", [("torch.save", "full"), ("save_file", "full"), ("torch.save", "garbage")])
-def test_disk_full_at_the_final_checkpoint(work, tmp_path, reference, monkeypatch, capsys, writer, failure):
-    """The final checkpoint's write fails (ENOSPC as torch.save and safetensors raise it, or a
-    file that does not read back): one error line naming the folder and what to do, exit code 1,
-    the step-2 checkpoint intact, no temp folder; --resume then finishes the run."""
+@pytest.mark.parametrize("writer, failure, steps", [("torch.save", "full", 4), ("save_file", "full", 6), ("torch.save", "garbage", 4)])
+def test_disk_full_at_a_checkpoint(work, tmp_path, reference, monkeypatch, capsys, writer, failure, steps):
+    """The second checkpoint's write (step 4: the last one, or one during the loop) fails, as
+    torch.save and safetensors fail on a full disk or silently write a file that does not read
+    back: one error line (on a line of its own, after the progress bar) naming the folder and
+    what to do, exit code 1, the step-2 checkpoint intact, no temp folder; --resume then
+    finishes the run."""
     out = tmp_path / "full"
     if writer == "torch.save":
         monkeypatch.setattr(torch, "save", fail_on_call(2, torch.save, ENOSPC if failure == "full" else None))
     else:
         monkeypatch.setattr(checkpoint, "save_file", fail_on_call(2, checkpoint.save_file, ENOSPC_SAFETENSORS))
     with pytest.raises(SystemExit) as exit_info:
-        train.main(argv(work, out, 4, "--save-every", "2"))  # saves at step 2 and at the end
+        train.main(argv(work, out, steps, "--save-every", "2"))
     assert exit_info.value.code == 1
     line = error_line(capsys)
     if failure == "full":
