@@ -238,6 +238,8 @@ def run_child(cmd: list[str], args, what: str) -> None:
         raise Fail(f"stopped during {what}; run the same command again to continue") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped by a signal, checkpoint saved
+        raise Fail(f"stopped during {what}; run the same command again to continue")
     if rc != 0:
         raise Fail(f"{what} failed (exit code {rc}); command: {shlex.join(cmd)}")
 
@@ -299,7 +301,7 @@ def start_job(job: Job, args) -> list[str] | None:
     if job.finished:
         print(f"skip {job.name}: {job.out / 'model'} exists", flush=True)
         return None
-    resume = (job.out / "checkpoint" / "train_state.pt").is_file()
+    resume = any((job.out / name).is_dir() for name in ("checkpoint", "checkpoint.prev"))  # blt.train's two
     print(f"\n== {'resume' if resume else 'train'} {job.name}: {job.steps} steps ==", flush=True)
     return job.head + common_train_args(args, job.steps, job.out, resume) + job.tail
 

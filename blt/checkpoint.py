@@ -7,17 +7,23 @@ A model folder holds:
     patcher_threshold.json       optional: how θ was calibrated (written by train_entropy)
 
 An entropy-model folder (train_entropy's output) holds entropy_config.json and
-entropy_model.safetensors. Every load error is a one-line CheckpointError.
+entropy_model.safetensors. A training checkpoint is a model folder plus train_state.pt.
+
+Safety rules: loading reads tensors and JSON only (no pickled code); weights with inf or NaN
+are refused, at load and at save; a folder is replaced only if it holds nothing but these
+files, and only once its replacement is written and reads back. Every load error is a one-line
+CheckpointError, every failed write a WriteError.
 """
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from blt.config import BLTConfig, ConfigError, EntropyModelConfig, entropy_config_from_dict, load_json
 
@@ -26,36 +32,186 @@ WEIGHTS = "model.safetensors"
 ENTROPY_CONFIG = "entropy_config.json"
 ENTROPY_WEIGHTS = "entropy_model.safetensors"
 THRESHOLD = "patcher_threshold.json"
+TRAIN_STATE = "train_state.pt"
+MODEL_FILES = frozenset({CONFIG, WEIGHTS, ENTROPY_CONFIG, ENTROPY_WEIGHTS, THRESHOLD})
+CHECKPOINT_FILES = MODEL_FILES | {TRAIN_STATE}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or does not match its config."""
 
 
-def atomic_dir_write(path: str | Path, write) -> None:
-    """Call write(tmp_dir) then swap tmp_dir into place, so a crash never leaves a half-written
-    folder at `path` (the previous version survives until the new one is complete)."""
+class WriteError(CheckpointError):
+    """A folder that could not be written (disk full, no permission): what was there is kept."""
+
+    def __init__(self, path: Path, error: Exception | str):
+        self.errno = getattr(error, "errno", None) or _os_error_number(str(error))
+        super().__init__(f"could not write {path}: {os.strerror(self.errno) if self.errno else error}")
+
+
+def _os_error_number(text: str) -> int | None:
+    """safetensors reports a failed write as text ("... (os error 28) ..."), not as an OSError."""
+    found = re.search(r"os error (\d+)", text)
+    return int(found[1]) if found else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_replaceable(path: Path, own: frozenset = MODEL_FILES) -> None:
+    """Refuse to replace anything but an empty folder or one of the tool's own folders (a model
+    folder, or with `own` = CHECKPOINT_FILES a checkpoint): nothing the tool did not write is
+    ever deleted."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"{path} exists and is a file or a link, not a folder: choose another path")
+    entries = list(path.iterdir())
+    foreign = sorted(e.name for e in entries if e.name not in own or e.is_symlink() or not e.is_file())
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CheckpointError(f"{path} holds files this tool would not write there ({listed}): "
+                              "nothing was replaced; choose an empty or new folder")  # fmt: skip
+    names = {e.name for e in entries}
+    if entries and not ({CONFIG, WEIGHTS} <= names or {ENTROPY_CONFIG, ENTROPY_WEIGHTS} <= names):
+        raise CheckpointError(f"{path} is not a model folder (no config and weights in it): "
+                              "nothing was replaced; choose an empty or new folder")  # fmt: skip
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temp folders that dead writers of `path` left beside it: atomic_dir_write's
+    .NAME.tmp-PID (being written) and .NAME.old-PID (being replaced), nothing else."""
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)")
+    for entry in path.parent.iterdir():
+        found = pattern.fullmatch(entry.name)
+        if not found or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(found[2])
+        if pid == os.getpid() or not pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def verify_folder(folder: Path) -> None:
+    """Every weight file, JSON file and train state in folder reads back, and there is at least
+    one weight file."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"no weights (*.safetensors) in {folder}")
+    for path in weights:
+        for _ in iter_safetensors(path):  # one tensor in memory at a time
+            pass
+    for path in folder.glob("*.json"):
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if (folder / TRAIN_STATE).exists():
+        read_train_state(folder, mmap=True)  # mapped: no second copy in memory
+
+
+def read_train_state(folder: Path, mmap: bool = False) -> dict:
+    """A training checkpoint's train_state.pt, as tensors and plain values: loaded weights_only,
+    so that no code in a checkpoint ever runs."""
+    path = folder / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a cut-off zip, a foreign pickle: torch raises many kinds
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt, cut short or not a train state of tensors and plain values "
+                              f"({detail})") from None  # fmt: skip
+
+
+def sync_files(folder: Path) -> None:
+    """Flush the folder's files to disk, so that a power cut after the swap cannot leave a
+    checkpoint whose files are empty."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def atomic_dir_write(path: str | Path, write, own: frozenset = MODEL_FILES, keep: Path | None = None) -> None:
+    """Call write(tmp) on a temp folder beside `path`, check that its files read back, then swap
+    it in: a crash or a failed write (a full disk) never leaves a half-written folder at `path`,
+    and what was there survives until the new folder is complete; with `keep`, it survives as
+    `keep` (the previous checkpoint) until the next swap. Only empty folders and folders of the
+    tool's own files (`own`) are replaced. A failed write raises WriteError, its temp folder
+    removed; so are the temp folders of writers that died."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    check_replaceable(path, own)
+    if keep is not None:
+        check_replaceable(keep, own)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        tmp.mkdir()
+        try:
+            write(tmp)
+            sync_files(tmp)
+            try:
+                verify_folder(tmp)
+            except CheckpointError as e:
+                raise WriteError(path, f"what was written does not read back ({e})") from None
+            _swap_in(tmp, path, old, keep)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already if swapped in
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, SafetensorError) as e:
+        raise WriteError(path, e) from None
+
+
+def _swap_in(tmp: Path, path: Path, old: Path, keep: Path | None) -> None:
+    """tmp becomes path; the folder at path becomes keep, or old (to delete). Two renames, as
+    no rename replaces a non-empty folder: if the second fails, the first is undone."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    if keep is not None and keep.exists():
+        keep.rename(old)
+    previous = keep if keep is not None else old
+    path.rename(previous)
+    try:
+        tmp.rename(path)
+    except OSError:
+        previous.rename(path)
+        raise
 
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def non_finite(sd: dict) -> str | None:
+    """The name of the first tensor with inf or NaN values: a diverged run's weights are worth
+    neither saving nor loading."""
+    return next((k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def _contiguous(sd: dict, dtype: torch.dtype | None = None) -> dict:
-    """CPU, contiguous tensors; floating ones cast to dtype if given (e.g. bf16 to ship small)."""
+    """CPU, contiguous, finite tensors; floating ones cast to dtype if given (e.g. bf16 to ship
+    small; fp16 overflows to inf beyond 65504, which is then refused)."""
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
-    return {k: cast(v.detach()).contiguous().cpu() for k, v in sd.items()}
+    sd = {k: cast(v.detach()).contiguous().cpu() for k, v in sd.items()}
+    bad = non_finite(sd)
+    if bad is not None:
+        raise CheckpointError(f"the weights to save have inf or NaN values in tensor {bad} (did training diverge?): "
+                              "nothing was written")  # fmt: skip
+    return sd
 
 
 def model_state_dict(model) -> dict:
@@ -81,13 +237,24 @@ def save_model(model, path: str | Path, extra_json: dict[str, dict] | None = Non
     atomic_dir_write(path, write)
 
 
-def read_safetensors(path: Path) -> dict:
+def iter_safetensors(path: Path):
+    """(name, tensor) of a safetensors file, one at a time, each finite; a file missing, cut
+    short, corrupt or with inf/NaN weights is a one-line CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if non_finite({name: tensor}):
+                    raise CheckpointError(f"checkpoint file {path} has inf or NaN values in tensor {name}")
+                yield name, tensor
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict:
+    return dict(iter_safetensors(path))
 
 
 def load_weights(module: torch.nn.Module, sd: dict, what: str) -> None:

@@ -19,23 +19,33 @@ Output folder (--out):
                     `elapsed` the seconds spent in training steps (all resumes, evals excluded)
     checkpoint/     the latest checkpoint, replaced atomically: a model folder (what
                     blt.checkpoint writes) + train_state.pt (optimizer, step, RNG states,
-                    batcher state, the flags)
+                    batcher state, the flags; tensors and plain values, loaded weights_only)
+    checkpoint.prev/  the checkpoint before it: a new one is written beside them, read back,
+                    then swapped in, so two are on disk and three while one is written
     model/          the final model folder, for BLT.from_pretrained, blt.eval and blt.generate
+    run.lock        "PID host" of the run writing the folder, while it runs: a second run on
+                    the same --out is refused; a dead run's lock is taken over
 
 Resuming: the batch at step k is a pure function of (--seed, k) (blt.data.Batcher) and the
 checkpoint holds everything else that changes, so a resumed CPU fp32 run repeats the losses
 of an uninterrupted one exactly. The learning rate is a function of (step, --steps): resume
-with the same --steps, or extend a run with `--schedule wsd` before its decay starts.
-SIGINT/SIGTERM finish the current step, save a checkpoint and exit (a second signal kills).
+with the same --steps, or extend a run with `--schedule wsd` before its decay starts. A latest
+checkpoint that does not read back whole gives way to checkpoint.prev, with a warning; a
+metrics row cut off by a crash is dropped, with a warning.
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit with code 128 + the
+signal's number (a second signal kills). A write that fails (a full disk) stops the run with
+one error line, exit code 1, the last checkpoint intact and no temp folder left.
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -61,17 +71,24 @@ from tqdm import tqdm
 
 from blt import adamw
 from blt.checkpoint import (
+    CHECKPOINT_FILES,
     CONFIG,
     ENTROPY_CONFIG,
     THRESHOLD,
+    TRAIN_STATE,
     WEIGHTS,
     CheckpointError,
+    WriteError,
     atomic_dir_write,
+    check_replaceable,
     load_entropy_model,
     load_model,
     load_weights,
+    pid_alive,
     read_safetensors,
+    read_train_state,
     save_model,
+    verify_folder,
     write_entropy_model_files,
     write_model_files,
 )
@@ -90,7 +107,7 @@ from blt.tokens import BOE_ID, VOCAB_SIZE
 
 LN2 = math.log(2)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU
-TRAIN_STATE = "train_state.pt"
+CHECKPOINT, PREVIOUS, LOCK = "checkpoint", "checkpoint.prev", "run.lock"  # in --out
 # Flags that must not change on --resume: they decide which bytes each step sees.
 RESUME_FIXED = ("data", "valid_data", "valid_fraction", "seq_len", "grad_accum", "seed")
 
@@ -150,7 +167,7 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         (args.weight_decay >= 0 and args.clip >= 0 and args.eps > 0, "--weight-decay and --clip must be >= 0, --eps > 0"),
         (all(0 <= b < 1 for b in args.betas), "--betas must be in [0, 1)"),
         (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.seed >= 0, "--seed must be >= 0"),
+        (0 <= args.seed < 2**63, "--seed must be >= 0 and < 2**63"),  # torch seeds are 64-bit
         (0 < args.valid_fraction < 1, "--valid-fraction must be in (0, 1)"),
         (args.log_every >= 1, "--log-every must be >= 1"),
         (min(args.eval_every, args.eval_batches, args.save_every) >= 0, "--eval-every, --eval-batches and --save-every must be >= 0"),
@@ -503,10 +520,12 @@ def grad_sync(model: nn.Module, enabled: bool):
 
 
 def rng_state(device: torch.device) -> dict:
+    """Every RNG's state, as tensors and plain values (what torch.load(weights_only=True) reads)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": np.random.get_state(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
 
@@ -515,13 +534,15 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
 def save_checkpoint(path: Path, raw, optimizer, step, batcher, args, elapsed, rank, world, device) -> None:
-    """Model folder + train_state.pt, written together atomically. Collective (FSDP state dicts,
-    every rank's RNG state); rank 0 writes."""
+    """Model folder + train_state.pt, written together atomically; the checkpoint they replace
+    becomes checkpoint.prev, the one before it is deleted. Collective (FSDP state dicts, every
+    rank's RNG state); rank 0 writes."""
     optim_state = get_optimizer_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rngs = [rng_state(device)]
     if world > 1:
@@ -529,14 +550,16 @@ def save_checkpoint(path: Path, raw, optimizer, step, batcher, args, elapsed, ra
         dist.all_gather_object(rngs, rng_state(device))
     plain = full_copy(raw, rank)
     if rank == 0:
+        # the flags through JSON: plain values only, as weights_only loading requires
         state = {"step": step, "optimizer": optim_state, "batcher": batcher.state_dict(), "rng": rngs,
-                 "args": vars(args), "elapsed": elapsed, "world_size": world}  # fmt: skip
+                 "args": json.loads(json.dumps(vars(args))), "elapsed": elapsed, "world_size": world}  # fmt: skip
 
         def write(tmp: Path) -> None:
             write_weights(plain, tmp)
-            torch.save(state, tmp / TRAIN_STATE)
+            with open(tmp / TRAIN_STATE, "wb") as f:  # a file object: a full disk raises OSError, not RuntimeError
+                torch.save(state, f)
 
-        atomic_dir_write(path, write)
+        atomic_dir_write(path, write, own=CHECKPOINT_FILES, keep=path.with_name(PREVIOUS))
     if world > 1:
         dist.barrier()
 
@@ -545,11 +568,33 @@ def write_weights(model, folder: Path) -> None:
     (write_model_files if isinstance(model, BLT) else write_entropy_model_files)(model, folder)
 
 
-def load_train_state(path: Path, args, world: int) -> dict:
-    """train_state.pt of a checkpoint, after checking that this run may continue it."""
-    if not (path / TRAIN_STATE).is_file():
-        raise CheckpointError(f"cannot resume: {path / TRAIN_STATE} not found")
-    state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)
+def has_checkpoint(out: Path) -> bool:
+    return (out / CHECKPOINT).exists() or (out / PREVIOUS).exists()
+
+
+def find_checkpoint(out: Path) -> tuple[Path, dict]:
+    """--resume: the latest checkpoint that reads back whole, and its train state. When the latest
+    is corrupt or cut short (a crash, a full disk, a bad copy), the previous one, with a warning."""
+    folders = [folder for folder in (out / CHECKPOINT, out / PREVIOUS) if folder.exists()]
+    if not folders:
+        raise CheckpointError(f"--resume: no checkpoint in {out / CHECKPOINT}")
+    problems = []
+    for folder in folders:
+        try:
+            verify_folder(folder)
+            state = read_train_state(folder)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(f"warning: {problems[0]}; resuming from the previous checkpoint, {folder} (step {state['step']})",
+                  file=sys.stderr)  # fmt: skip
+        return folder, state
+    raise CheckpointError(f"cannot resume: {'; '.join(problems)}")
+
+
+def check_resumable(state: dict, args, world: int) -> None:
+    """Refuse to continue a checkpoint with flags that change which bytes each step sees."""
     saved = state["args"]
     for key in RESUME_FIXED:
         if saved[key] != getattr(args, key):
@@ -560,7 +605,6 @@ def load_train_state(path: Path, args, world: int) -> dict:
             f"cannot resume: checkpoint's global batch is {saved['batch_size']} x {state['world_size']} processes, "
             f"this run's is {args.batch_size} x {world} (keep --batch-size x processes the same)"
         )
-    return state
 
 
 # ---- metrics -----------------------------------------------------------------------------
@@ -568,24 +612,51 @@ def load_train_state(path: Path, args, world: int) -> dict:
 
 class Metrics:
     """metrics.jsonl, written by rank 0. On resume, rows after the checkpoint's step (logged by
-    the interrupted run after its last save) are dropped, so every step appears once."""
+    the interrupted run after its last save) are dropped, so every step appears once; so is a
+    row cut off by a crash, with a warning."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.file = None
+        self.path, self.file = path, None
         if not enabled:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and path.exists():
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(row + "\n" for row in rows))
-        elif resume_step is None:
-            path.write_text("")
-        self.file = path.open("a")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and path.exists():
+                kept = [line for line, row in self._rows(path) if row["step"] <= resume_step]
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)  # a crash meanwhile leaves the old file whole
+            elif resume_step is None:
+                path.write_text("")
+            self.file = path.open("a")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise WriteError(path, e) from None
+
+    @staticmethod
+    def _rows(path: Path) -> list[tuple[str, dict]]:
+        """(line, row) of every complete row; a line cut off (or not a row) is dropped with a warning."""
+        rows = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and "step" in row:
+                rows.append((line, row))
+            else:
+                print(f"warning: {path} line {number} is cut off or not a metrics row: dropped", file=sys.stderr)
+        return rows
 
     def write(self, **row) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise WriteError(self.path, e) from None
 
     def close(self) -> None:
         if self.file is not None:
@@ -598,17 +669,77 @@ class Metrics:
 def run(args, build, export) -> None:
     """Train, then export. build(checkpoint_dir | None) -> model (CPU, fp32): fresh, or loaded
     from the checkpoint after checking it is the same model; export(model, data, device) writes
-    out/model on rank 0. Known errors become one `error: ...` line and exit code 1."""
+    out/model on rank 0. Known errors become one `error: ...` line and exit code 1; a run
+    stopped by a signal exits with 128 + its number, after saving a checkpoint."""
+    out, lock, code = Path(args.out), None, 0
     try:
-        train(args, build, export)
+        if int(os.environ.get("RANK", 0)) == 0:
+            lock = take_lock(out)
+        code = train(args, build, export)
+    except WriteError as e:
+        fix = "free space" if e.errno == errno.ENOSPC else "fix that"
+        hint = f"the last checkpoint is intact: {fix} and rerun with --resume" if has_checkpoint(out) else f"{fix} and rerun"
+        print(f"error: {e}; {hint}", file=sys.stderr)
+        code = 1
     except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     finally:
+        if lock is not None:
+            release_lock(lock)
         # Only after train() returned: DDP's reducer must be freed while its process group lives
         # (the other order can hang at exit).
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code:
+        sys.exit(code)
+
+
+def take_lock(out: Path) -> Path:
+    """One run per output folder: out/run.lock holds the PID and host of the run writing there.
+    A live holder's lock is refused; a dead one's (on this host) is taken over. -> the lock."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(f"--out {out} is a file, not a folder: choose another --out") from None
+    except OSError as e:
+        raise CheckpointError(f"--out {out} cannot be created ({e.strerror}): choose a writable --out") from None
+    path, host = out / LOCK, socket.gethostname()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is None and not path.exists():
+                continue  # released meanwhile
+            if holder is not None and holder[1] == host and not pid_alive(holder[0]):
+                print(f"note: taking over {path} from PID {holder[0]}, which is no longer running", file=sys.stderr)
+                path.unlink(missing_ok=True)
+                continue
+            who = f"the run of PID {holder[0]} on {holder[1]}" if holder else "another run"
+            raise CheckpointError(f"{out} is in use by {who}: wait for it to end or choose another --out "
+                                  f"(if no run uses it, delete {path})") from None  # fmt: skip
+        except OSError as e:
+            raise CheckpointError(f"--out {out} is not writable ({e.strerror}): "
+                                  "choose another --out or make it writable") from None  # fmt: skip
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        return path
+
+
+def read_lock(path: Path) -> tuple[int, str] | None:
+    """(PID, host) of a lock file; None if it is gone or unreadable."""
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def release_lock(path: Path) -> None:
+    """Remove the lock, if it is still ours."""
+    if read_lock(path) == (os.getpid(), socket.gethostname()):
+        path.unlink()
 
 
 class StopOnSignal:
@@ -616,17 +747,24 @@ class StopOnSignal:
     its step and save; the handler then steps aside, so a second signal acts as usual."""
 
     def __enter__(self):
-        self.caught = []
+        self.caught = []  # signal numbers
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
-        self.caught.append(signal.Signals(signum).name)
+        self.caught.append(signum)
         signal.signal(signum, self.previous[signum])
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def agreed_signal(signum: int, device: torch.device) -> int:
+    """The largest signal number any rank caught (0: none), so that all stop if one does."""
+    flag = torch.tensor([signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 class OneGraph:
@@ -881,17 +1019,19 @@ def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
     return nats / LN2 / targets
 
 
-def train(args, build, export) -> None:
-    out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoint"
-    if args.resume and not (ckpt_dir / TRAIN_STATE).is_file():
-        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
-    if not args.resume and ckpt_dir.exists():
+def train(args, build, export) -> int:
+    """The run; -> its exit code: 0, or 128 + the number of the signal that stopped it."""
+    out, ckpt_dir = Path(args.out), Path(args.out) / CHECKPOINT
+    if not args.resume and has_checkpoint(out):
         raise CheckpointError(f"{ckpt_dir} exists: pass --resume to continue it, or choose another --out")
+    resume_dir, state = find_checkpoint(out) if args.resume else (None, None)
+    check_replaceable(out / "model")  # now, not after the training
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    raw = build(ckpt_dir if args.resume else None)
+    raw = build(resume_dir)
     rank, world, device = init_distributed(args)
     master = rank == 0
-    state = load_train_state(ckpt_dir, args, world) if args.resume else None
+    if state is not None:
+        check_resumable(state, args, world)
     data = prepare(args, rank, world)
     raw.to(device).train()
     entropies = precomputed_entropies(raw, data, args, rank, world) if getattr(args, "precomputed_entropies", False) else None
@@ -930,7 +1070,7 @@ def train(args, build, export) -> None:
     window_steps, window_secs = 0, 0.0
     run_bpp = torch.zeros((), device=device, dtype=torch.float64)
     run_steps, timed_s = 0, 0.0  # this run; timed_s skips its first step (compilation)
-    stop = False
+    stop = 0  # the number of the signal that stops the run
     mark = time.perf_counter()
 
     def sync_time() -> float:
@@ -942,7 +1082,7 @@ def train(args, build, export) -> None:
         dt, mark = now - mark, now
         return dt
 
-    with StopOnSignal() as signals:
+    with StopOnSignal() as signals, bar:  # closed on errors too: an error line starts a line of its own
         while step < args.steps:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
@@ -954,13 +1094,12 @@ def train(args, build, export) -> None:
             run_bpp += bpp
             window_steps += 1
             bar.update()
-            stop = bool(signals.caught)
+            stop = signals.caught[0] if signals.caught else 0
             if world > 1:
                 # Every rank must stop at the same step, or collectives would hang. Agreeing
                 # means waiting for the GPU, so the ranks agree at metrics rows only.
                 row = step % args.log_every == 0 or step == args.steps
-                flag = torch.tensor([float(stop)], device=device)
-                stop = row and all_reduce(flag, world).item() > 0
+                stop = agreed_signal(stop, device) if row else 0
 
             log_now = step % args.log_every == 0 or step == args.steps or stop
             eval_now = bool(args.eval_every) and step % args.eval_every == 0 and step < args.steps and not stop
@@ -992,19 +1131,21 @@ def train(args, build, export) -> None:
                 checkpoint()
             if eval_now or save_now:
                 sync_time()  # their time is not training time
-    bar.close()
 
     checkpoint()
+    code = 0
     if stop and step < args.steps:
+        code = 128 + stop  # the shell's convention for a process ended by a signal
         if master:
-            print(f"stopped by a signal after step {step}; checkpoint in {ckpt_dir}; continue with --resume")
+            print(f"stopped by a signal ({signal.Signals(stop).name}) after step {step}; checkpoint in {ckpt_dir}; continue with --resume")
     else:
         eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype))
-        metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
         plain = full_copy(raw, rank)
         if master:
             export(plain, data, device)
             print(f"done: {step} steps, {step * bytes_per_step} training bytes, held-out bpb {eval_bpb:.4f}; model in {out / 'model'}")
+        # after the export: a run that failed to export and is resumed logs its final row once
+        metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
     metrics.close()
     mean_bpp = all_reduce(run_bpp.clone(), world).item() / (world * run_steps) if run_steps else 1.0  # collective
     if master:
@@ -1012,6 +1153,7 @@ def train(args, build, export) -> None:
         print(summary(raw, args, device, world, bytes_per_s, mean_bpp))
     if world > 1:
         dist.barrier()  # leave together: rank 0 was still writing files
+    return code
 
 
 def describe(model: nn.Module) -> str:
