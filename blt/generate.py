@@ -70,11 +70,13 @@ The sampler never emits the ids BOE, BOS and BPE (they are not text); EOS ends a
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 import os
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,15 +86,25 @@ from torch import nn
 
 from blt import masks as M
 from blt.entropy_model import entropy
+from blt.layers import project
 from blt.patcher import _is_word_byte, lengths_from_starts, patch_starts
 from blt.tokens import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET, VOCAB_SIZE, StreamDecoder, encode
 
 DEFAULT_STOP = ("<|endoftext|>",)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints"
 NEVER_SAMPLED = (BOE_ID, BOS_ID, BPE_ID)
-# Prompts up to this many bytes are prefilled with dense masks on every device (FlexAttention
-# would compile anew for every prompt length); longer ones use the device's default backend.
-PREFILL_DENSE_MAX = 4096
+# Prompts are prefilled in blocks of at most this many bytes (and of the patches these
+# complete), each block attending to what the caches keep of the blocks before it ...
+PREFILL_CHUNK = 2048
+# ... and no attention of the prefill compares more query-key pairs than this at once (a block
+# shrinks where a stack without a window, e.g. the global model's, has many keys behind it).
+PREFILL_PAIRS = 1 << 23
+# CPU threads of the per-byte steps in generate (the prefill keeps torch's setting). A step is
+# hundreds of small products: on idle cores a second thread gains little, and beside another
+# busy process a thread that waits for its descheduled partner at every product loses most
+# of the speed (bench/generate_speed.py --cpu-load).
+DECODE_THREADS = 1
+SEED_MAX = 2**63 - 1  # row seeds (seed + row) are int64
 
 
 @dataclass
@@ -121,6 +133,27 @@ def check_sampling_args(max_new, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_seed(seed, rows: int = 1) -> None:
+    """Raise a one-line ValueError for a seed the rows' int64 seeds (seed + row) cannot hold."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX - (rows - 1):
+        raise ValueError(f"seed must be an integer in [0, 2**63 - {rows}] (None: random), got {seed!r}")
+
+
+@contextmanager
+def cpu_threads(n: int | None):
+    """torch.set_num_threads(n) for the duration (None: leave it)."""
+    old = torch.get_num_threads()
+    if n is not None and n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None and n != old:
+            torch.set_num_threads(old)
 
 
 _M32 = 0xFFFFFFFF
@@ -234,30 +267,94 @@ class KVCache:
             vis &= (pos[:, None] - p) < self.window
         return (rows, slice(None), slot), vis[:, None, None, :], n
 
-    def fill(self, row: int, ks, vs, n: int) -> None:
-        """Prefill row `row` with positions 0..n-1 from per-layer (Hkv, >=n, Dh) tensors; a ring
-        keeps the last `window` of them."""
-        first = max(0, n - self.capacity) if self.window is not None else 0
-        if self.window is None:
+    def contexts(self, row: int) -> list:
+        """One _Context per layer to prefill row `row` through; without a window they write
+        their keys/values straight into this cache's slots (slot = position)."""
+        return [_Context(self.window, kv[row] if self.window is None else None) for kv in self.kv]
+
+    def fill(self, row: int, contexts: list, n: int) -> None:
+        """Take over what `contexts` (one per layer) hold after prefilling positions 0..n-1 of
+        row `row`: a ring keeps the last `window` positions."""
+        if self.window is not None:
+            m = contexts[0].n  # they hold positions n-m..n-1
+            keep = min(m, self.capacity)
+            p = torch.arange(n - keep, n, device=self.pos.device)
+            s = self.slot(p)
+            for kv, c in zip(self.kv, contexts):
+                k, v = c.held()
+                kv[row, : self.n_kv, s] = k[:, m - keep :].to(kv.dtype)
+                kv[row, self.n_kv :, s] = v[:, m - keep :].to(kv.dtype)
+            self.pos[row, s] = p
+        else:
             self.ensure(n)
-        p = torch.arange(first, n, device=self.pos.device)
-        s = self.slot(p)
-        for kv, k, v in zip(self.kv, ks, vs):
-            kv[row, : self.n_kv, s] = k[:, first:n].to(kv.dtype)
-            kv[row, self.n_kv :, s] = v[:, first:n].to(kv.dtype)
-        self.pos[row, s] = p
+            p = torch.arange(n, device=self.pos.device)
+            for kv, c in zip(self.kv, contexts):
+                if c.store is None or c.store.data_ptr() != kv[row].data_ptr():  # not written in place
+                    k, v = c.held()
+                    kv[row, : self.n_kv, :n] = k.to(kv.dtype)
+                    kv[row, self.n_kv :, :n] = v.to(kv.dtype)
+            self.pos[row, :n] = p
 
     def select(self, idx) -> None:
         self.kv = [t.index_select(0, idx) for t in self.kv]
         self.pos = self.pos.index_select(0, idx)
 
 
-class _Recorder:
-    """A SelfAttention cache callable that records the full prompt's keys/values (prefill)."""
+class _Context:
+    """A SelfAttention cache callable for prefilling in blocks: it puts the keys/values of the
+    positions before the block that the block may attend in front of the block's own, and
+    keeps the last `window` positions of both for the next block. Without a window it keeps
+    every position, in `store` (2·Hkv, capacity, Dh), keys first, as a KVCache row lays them
+    out (KVCache.contexts gives its own row: written in place), or in one it allocates for
+    `total` positions."""
+
+    def __init__(self, window: int | None, store: torch.Tensor | None = None, total: int = 0):
+        self.window, self.store, self.total = window, store, total
+        self.k = self.v = None
+        self.n = 0  # positions held
 
     def __call__(self, k, v):
-        self.k, self.v = k, v
+        """k, v (1, Hkv, m, Dh) of the block's m positions -> every key/value they may attend."""
+        m, h = k.shape[2], k.shape[1]
+        if self.window is None:
+            if self.store is None:
+                self.store = k.new_empty(2 * h, self.total, k.shape[3])
+            self.store[:h, self.n : self.n + m] = k[0]
+            self.store[h:, self.n : self.n + m] = v[0]
+            self.n += m
+            return self.store[None, :h, : self.n], self.store[None, h:, : self.n]
+        if self.n:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.n = min(self.window, k.shape[2])
+        self.k, self.v = k[:, :, -self.n :], v[:, :, -self.n :]
         return k, v
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Hkv, n, Dh) keys and values of the last n positions seen."""
+        if self.window is None:
+            h = self.store.shape[0] // 2
+            return self.store[:h, : self.n], self.store[h:, : self.n]
+        return self.k[0], self.v[0]
+
+
+def _block_mask(q0: int, n: int, ctx: int, window: int | None, device) -> torch.Tensor:
+    """(1,1,n,ctx+n) bool: queries at positions q0..q0+n-1 over keys at q0-ctx..q0+n-1 (the
+    `ctx` positions a _Context holds, then the block's own), causal, sliding window."""
+    q = torch.arange(q0, q0 + n, device=device)[:, None]
+    k = torch.arange(q0 - ctx, q0 + n, device=device)[None, :]
+    vis = k <= q
+    if window is not None:
+        vis &= q - k < window
+    return vis[None, None]
+
+
+def _block_len(ctx: int, want: int) -> int:
+    """How many queries a prefill block takes, at most `want`: as many as keep queries x keys
+    (the ctx held ones and the block's own) within PREFILL_PAIRS, at least one."""
+    n = want
+    while n > 1 and n * (ctx + n) > PREFILL_PAIRS:
+        n = (n + 1) // 2
+    return n
 
 
 # ---- one-position building blocks (mirror layers.py with cached keys/values) ---------------
@@ -519,20 +616,31 @@ class _StepModule(nn.Module):
 
 
 @dataclass
-class _RowPrefill:
-    logits: torch.Tensor  # (V,) prediction for the byte after the prompt
-    L: int
-    ent_kv: list | None
-    H_last: torch.Tensor | None
-    enc_kv: list
-    glob_kv: list
-    dec_kv: list
-    cross_h: list  # per encoder pooling layer: (L, D) byte states
-    patch_ids: torch.Tensor  # (L,)
-    dec_keys: torch.Tensor  # (P·k, D) decoder cross-attention inputs (patch_keys)
-    P_complete: int
-    cur_len: int  # bytes of the open patch before position L
-    recent_starts: list  # start positions of the last w_enc patches (the open one included)
+class _Patched:
+    """A prompt after the prefill's first pass (entropy model, patcher): everything the engine
+    needs to size its caches, linear in the prompt's length."""
+
+    ids: torch.Tensor  # (L,) long
+    H: torch.Tensor | None  # (L,) entropies (entropy-based patching only)
+    ent_ctx: list | None  # the entropy model's _Context per layer, after the whole prompt
+    patch_ids: torch.Tensor  # (L,) patch of each byte
+    dec_ids: torch.Tensor  # (L,) masks.decoder_patch_ids
+    bounds: list  # patch j holds bytes bounds[j]..bounds[j+1]-1 (P+1 entries)
+    P_complete: int  # complete patches (the last one is complete iff byte L would open a patch)
+
+    @property
+    def L(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def cur_len(self) -> int:
+        """Bytes of the open patch before position L."""
+        return self.L - self.bounds[self.P_complete]
+
+    def recent_starts(self, ew: int) -> list:
+        """Start positions of the last ew patches, the open one (starting at L if the last is
+        complete) included."""
+        return self.bounds[max(0, self.P_complete - ew + 1) : self.P_complete + 1]
 
 
 class Engine:
@@ -540,7 +648,7 @@ class Engine:
     byte; `step(ids)` feeds one byte per row and returns the logits for the byte after it."""
 
     def __init__(self, model, prompts: list[list[int]], max_new: int, compile: bool = False,
-                 fuse: bool | None = None):  # fmt: skip
+                 fuse: bool | None = None, threads: int | None = None):  # fmt: skip
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token id")
         if model.training:
@@ -551,6 +659,9 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.B = len(prompts)
         self.prompts = [list(p) for p in prompts]
+        # CPU threads the steps run on (their products are split for that many; the caller
+        # sets them, see step_threads); None: torch's count when prefill() runs
+        self.threads = threads
         self.max_new = max_new
         pc = self.pc = cfg.patcher
         if pc.needs_entropy and model.entropy_model is None:
@@ -586,66 +697,141 @@ class Engine:
     # ---- prefill ------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
-        rows = [self._prefill_row(p) for p in self.prompts]
+        """Run every row's prompt into the caches -> (B,V) logits for each row's next byte.
+
+        Time and memory grow linearly with the prompt (the global model's attention aside,
+        which holds every patch): a row is patched first (_patch: the entropy model in blocks),
+        the caches are sized from the patch counts, then its bytes run through the encoder,
+        global model and decoder in blocks (_prefill_row), written straight into the caches."""
+        rows = [self._patch(p) for p in self.prompts]
         self._allocate(rows)
-        return torch.stack([r.logits for r in rows])
+        return torch.stack([self._prefill_row(b, r) for b, r in enumerate(rows)])
 
-    def _prefill_row(self, ids: list[int]) -> _RowPrefill:
-        """One row through the model's own full-forward pieces (exactly BLT.forward), recording
-        every self-attention key/value and the encoder's byte states."""
-        m, cfg = self.model, self.cfg
+    def _patch(self, ids: list[int]) -> _Patched:
+        """The entropy model over the prompt in blocks of at most PREFILL_CHUNK bytes (each
+        block attends to the window the _Context keeps of the blocks before), then
+        patcher.patch_starts over the whole prompt (linear in its length)."""
         dev = self.device
-        t = torch.tensor([ids], dtype=torch.long, device=dev)
+        t = torch.tensor(ids, dtype=torch.long, device=dev)
         L = len(ids)
-        ent_kv, H = None, None
+        ent_ctx, H = None, None
         if self.pc.needs_entropy:
-            recs = [_Recorder() for _ in m.entropy_model.layers]
-            w, backend = cfg.entropy_model.window, "dense" if L <= PREFILL_DENSE_MAX else M.default_backend(dev)
-            H = entropy(m.entropy_model(t, mask=M.causal_mask(L, w, backend, dev), caches=recs))
-            ent_kv = [(r.k[0], r.v[0]) for r in recs]
-        starts = patch_starts(t, self.pc, H)
+            em = self.model.entropy_model
+            ent_ctx = [_Context(em.cfg.window, total=L) for _ in em.layers]
+            Hs, s = [], 0
+            while s < L:
+                e = min(L, s + _block_len(ent_ctx[0].n, PREFILL_CHUNK))
+                mask = _block_mask(s, e - s, ent_ctx[0].n, em.cfg.window, dev)
+                pos = torch.arange(s, e, device=dev)
+                Hs.append(entropy(em(t[None, s:e], positions=pos, mask=mask, caches=ent_ctx))[0])
+                s = e
+            H = torch.cat(Hs)
+        starts = patch_starts(t[None], self.pc, None if H is None else H[None])
         lengths = lengths_from_starts(starts[:, :L])
-        nsp = starts[:, L]
         patch_ids = M.patch_ids_from_lengths(lengths, L)
-        dec_ids = M.decoder_patch_ids(patch_ids, nsp)
+        dec_ids = M.decoder_patch_ids(patch_ids, starts[:, L])
         P = lengths.shape[1]
-        masks = M.build_masks(
-            patch_ids, dec_ids, P, self.k,
-            enc_window=cfg.encoder.window, dec_window=cfg.decoder.window, patch_window=cfg.global_model.window,
-            enc_cross_window=cfg.encoder.cross_attn_window, dec_cross_window=cfg.decoder.cross_attn_window,
-            backend="dense" if L <= PREFILL_DENSE_MAX else M.default_backend(dev),
-        )  # fmt: skip
-        # encoder (LocalEncoder.forward, keeping each pooling layer's byte states)
-        enc = m.encoder
-        rope = enc.rope(torch.arange(L, device=dev))
-        h = enc.embed(t)
-        enc_recs = [_Recorder() for _ in enc.layers]
-        queries, cross_h = None, []
-        for i, layer in enumerate(enc.layers):
-            h = layer(h, rope, masks.enc_self, enc_recs[i])
-            if enc.has_cross_attn(i):
-                cross_h.append(h[0])
-                if queries is None:
-                    queries = enc.init_queries(h, patch_ids, P)
-                queries = enc.cross_attend(i, queries, h, masks.enc_cross)
-        g_recs = [_Recorder() for _ in m.global_model.layers]
-        patch_out = m.global_model(queries.view(1, P, -1), masks.patch_self, caches=g_recs)
-        d_recs = [_Recorder() for _ in m.decoder.layers]
-        logits = m.decoder(h, patch_out, masks.dec_self, masks.dec_cross, caches=d_recs)
-        complete = bool(nsp[0])
-        P_complete = P if complete else P - 1
-        starts_pos = (lengths[0].cumsum(0) - lengths[0]).tolist() + ([L] if complete else [])
-        return _RowPrefill(
-            logits=logits[0, -1], L=L, ent_kv=ent_kv, H_last=None if H is None else H[0, -1],
-            enc_kv=[(r.k[0], r.v[0]) for r in enc_recs],
-            glob_kv=[(r.k[0], r.v[0]) for r in g_recs],
-            dec_kv=[(r.k[0], r.v[0]) for r in d_recs],
-            cross_h=cross_h, patch_ids=patch_ids[0], dec_keys=m.decoder.patch_keys(patch_out)[0],
-            P_complete=P_complete, cur_len=0 if complete else int(lengths[0, P - 1]),
-            recent_starts=starts_pos[-self.ew :],
-        )  # fmt: skip
+        return _Patched(t, H, ent_ctx, patch_ids[0], dec_ids[0], [0] + lengths[0].cumsum(0).tolist(),
+                        P if bool(starts[0, L]) else P - 1)  # fmt: skip
 
-    def _allocate(self, rows: list[_RowPrefill]) -> None:
+    def _prefill_row(self, b: int, r: _Patched) -> torch.Tensor:
+        """Row b's prompt through the model's own modules (BLT.forward's computation) in blocks
+        of at most PREFILL_CHUNK bytes, into the caches -> (V,) logits for the next byte.
+
+        Per block: the encoder; for the patches the block completes, pooling (over the encoder
+        states kept from the first byte of the next patch's pooling window on), the global
+        model (in blocks of patches) and the decoder's patch keys; then the decoder. Every
+        attention sees the keys it sees in one forward over the whole prompt: the byte stacks
+        have sliding windows (their _Context keeps them), the global model's holds every
+        complete patch (or its window), and a patch is pooled once all its bytes have run. The
+        decoder runs only over the last n_layers·(window-1)+1 bytes: nothing the engine keeps
+        depends on its states before those."""
+        m, cfg, dev = self.model, self.cfg, self.device
+        t, L, patch_ids, dec_ids, bounds, P_complete = r.ids, r.L, r.patch_ids, r.dec_ids, r.bounds, r.P_complete
+        enc, gm, dec = m.encoder, m.global_model, m.decoder
+        k, ew, dw = self.k, self.ew, self.dw
+        ec, gc, dc = cfg.encoder, cfg.global_model, cfg.decoder
+        enc_ctx, glob_ctx, dec_ctx = (c.contexts(b) for c in (self.enc, self.glob, self.dec))
+        d0 = 0 if dc.window is None else max(0, L - 1 - len(dec.layers) * (dc.window - 1))
+        held, held_from = [None] * len(self.enc_cross), 0  # encoder states of bytes held_from.. per pooling layer
+        keys, keys_from = None, 0  # decoder patch keys of patches keys_from.., k rows each
+        done, logits, s = 0, None, 0  # done: complete patches through the global model
+        while s < L:
+            e = min(L, s + _block_len(max(enc_ctx[0].n, dec_ctx[0].n), PREFILL_CHUNK))
+            pos = torch.arange(s, e, device=dev)
+            lo = max(0, s - self.nmax + 1)  # the hash n-grams read the ids before the block
+            h = enc.embed(t[None, lo:e])[:, s - lo :]
+            rope = enc.rope(pos)
+            mask = _block_mask(s, e - s, enc_ctx[0].n, ec.window, dev)
+            j = 0
+            for i, layer in enumerate(enc.layers):
+                h = layer(h, rope, mask, enc_ctx[i])
+                if enc.has_cross_attn(i):
+                    held[j] = h[0] if held[j] is None else torch.cat((held[j], h[0]))
+                    j += 1
+            now = min(bisect.bisect_right(bounds, e) - 1, P_complete)  # patches complete by byte e
+            while done < now:
+                g = _block_len(glob_ctx[0].n, now - done)
+                a, b0, b1 = bounds[max(0, done - ew + 1)], bounds[done], bounds[done + g]
+                queries = enc.init_queries(held[0][None, b0 - held_from : b1 - held_from],
+                                           patch_ids[None, b0:b1] - done, g)  # fmt: skip
+                d = (done + torch.arange(g * k, device=dev) // k)[:, None] - patch_ids[None, a:b1]
+                cmask = ((d >= 0) & (d < ew))[None, None]
+                for j, i in enumerate(self.enc_cross):
+                    queries = enc.cross_attend(i, queries, held[j][None, a - held_from : b1 - held_from], cmask)
+                gmask = _block_mask(done, g, glob_ctx[0].n, gc.window, dev)
+                out = gm(queries.view(1, g, -1), gmask, positions=torch.arange(done, done + g, device=dev),
+                         caches=glob_ctx)  # fmt: skip
+                new = dec.patch_keys(out)[0]
+                keys = new if keys is None else torch.cat((keys, new))
+                done += g
+            if e > d0:
+                s1 = max(s, d0)
+                first = max(0, int(dec_ids[s1]) - dw + 1)
+                kv = keys[(first - keys_from) * k :]
+                d = dec_ids[s1:e, None] - (first + torch.arange(kv.shape[0], device=dev) // k)[None, :]
+                cmask = ((d >= 0) & (d < dw))[None, None]
+                mask = _block_mask(s1, e - s1, dec_ctx[0].n, dc.window, dev)
+                rope = dec.rope(pos[s1 - s :])
+                hd, kv = h[:, s1 - s :], kv[None]
+                for i, layer in enumerate(dec.layers):
+                    if dec.has_cross_attn(i):
+                        hd = dec.cross_attend(i, hd, kv, cmask)
+                    hd = layer(hd, rope, mask, dec_ctx[i])
+                if e == L:
+                    logits = project(hd[:, -1:], dec.norm, dec.output)[0][0, 0]
+            # keep only what later blocks read: the pooling window of the next patch to
+            # complete, the decoder keys of the last dw complete patches
+            cut = bounds[max(0, done - ew + 1)]
+            held = [x[cut - held_from :] for x in held]
+            held_from = cut
+            cut = max(0, done - dw)
+            keys = keys[(cut - keys_from) * k :]
+            keys_from = cut
+            s = e
+        if r.ent_ctx is not None:
+            self.ent.fill(b, r.ent_ctx, L)
+        self.enc.fill(b, enc_ctx, L)
+        self.dec.fill(b, dec_ctx, L)
+        self.glob.fill(b, glob_ctx, P_complete)
+        # encoder patch buffer: the bytes of the open patch's pooling window
+        C = self.buf_pos.shape[1]
+        p = torch.arange(held_from, L, device=dev)
+        for j, hs in enumerate(held):
+            self.buf[j][b, p % C] = hs
+        self.buf_pos[b, p % C] = p
+        self.buf_patch[b, p % C] = patch_ids[held_from:]
+        # decoder patch store: the last dw complete patches (keys holds patches keys_from..)
+        for c in range(keys_from, P_complete):
+            sl = slice((c % dw) * k, (c % dw + 1) * k)
+            for j, ca in enumerate(self.dec_mods):
+                kk, vv = _cross_kv(ca, keys[None, (c - keys_from) * k : (c - keys_from + 1) * k])
+                self.store_k[j][b, :, sl] = kk[0]
+                self.store_v[j][b, :, sl] = vv[0]
+            self.store_valid[b, sl] = True
+        return logits
+
+    def _allocate(self, rows: list[_Patched]) -> None:
         m, cfg, B, dev, dt = self.model, self.cfg, self.B, self.device, self.dtype
         Lmax = max(r.L for r in rows)
         full_cap = Lmax + self.max_new + 1  # local stacks without a window: one slot per position
@@ -662,18 +848,12 @@ class Engine:
         # a patch completes at most once per byte: compiled graphs get that bound up front
         extra = self.max_new + 1 if self.fuse else min(self.max_new, 256) + 1
         self.glob = KVCache(g.n_layers, B, g.kv_heads, g.head_dim, g.window, pmax + extra, dev, dt)
-        for b, r in enumerate(rows):
-            if self.ent is not None:
-                self.ent.fill(b, *zip(*r.ent_kv), r.L)
-            self.enc.fill(b, *zip(*r.enc_kv), r.L)
-            self.dec.fill(b, *zip(*r.dec_kv), r.L)
-            self.glob.fill(b, *zip(*r.glob_kv), r.P_complete)
 
         # per-row scalars, updated in place by the step functions
         self.pos = torch.tensor([r.L for r in rows], dtype=torch.long, device=dev)
         self.cur_patch = torch.tensor([r.P_complete for r in rows], dtype=torch.long, device=dev)
         self.cur_len = torch.tensor([r.cur_len for r in rows], dtype=torch.long, device=dev)
-        self.H_prev = torch.stack([r.H_last for r in rows]).float() if self.ent is not None else None
+        self.H_prev = torch.stack([r.H[-1] for r in rows]).float() if self.ent is not None else None
         win = torch.zeros(B, self.nmax, dtype=torch.long, device=dev)
         prev = torch.zeros(B, dtype=torch.long, device=dev)
         for b, p in enumerate(self.prompts):
@@ -684,25 +864,27 @@ class Engine:
         self.win, self.prev_tok = win, prev  # win[:, -1] is the last byte seen
         # host bookkeeping (what the buffer must keep; no device reads needed)
         self.h_pos = [r.L for r in rows]
-        self.h_starts = [deque(r.recent_starts, maxlen=self.ew) for r in rows]
+        self.h_starts = [deque(r.recent_starts(self.ew), maxlen=self.ew) for r in rows]
         self.h_patches = [r.P_complete for r in rows]
 
-        # encoder patch buffer: ring over byte positions
+        # encoder patch buffer: ring over byte positions (filled by _prefill_row)
         D = cfg.encoder.dim
-        need = max(r.L - r.recent_starts[0] + 1 for r in rows)
+        need = max(r.L - r.recent_starts(self.ew)[0] + 1 for r in rows)
         base = self.ew * (self.pc.max_patch_length or (64 if self.fuse else 16))  # fused: graphs keep it
         C = max(base, 1 << (need - 1).bit_length())
         self.buf = [torch.zeros(B, C, D, device=dev, dtype=dt) for _ in self.enc_cross]
         self.buf_pos = torch.full((B, C), -1, dtype=torch.long, device=dev)
         self.buf_patch = torch.full((B, C), -1, dtype=torch.long, device=dev)
-        for b, r in enumerate(rows):
-            p = torch.arange(r.recent_starts[0], r.L, device=dev)
-            s = p % C
-            for j, hs in enumerate(r.cross_h):
-                self.buf[j][b, s] = hs[p]
-            self.buf_pos[b, s] = p
-            self.buf_patch[b, s] = r.patch_ids[p]
 
+        with cpu_threads(self.threads):  # the step helpers split their products for the steps' threads
+            self._step_helpers()
+        self._bounds()
+        self._tensors_changed()
+
+    def _step_helpers(self) -> None:
+        """The model's weights arranged for one-position steps (_Block, _Cross, _Proj, _Norm),
+        and the decoder's patch store."""
+        m, cfg, B, dev, dt = self.model, self.cfg, self.B, self.device, self.dtype
         # decoder patch store: the last dw complete patches, k keys each, per cross layer
         dec = m.decoder
         self.dec_mods = [_Cross(dec.cross_attn[i if cfg.decoder.cross_attn_all_layers else 0]) for i in self.dec_cross]
@@ -712,15 +894,6 @@ class Engine:
         self.store_v = [torch.zeros_like(t) for t in self.store_k]
         self.store_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
         self.store_ring = torch.arange(S, device=dev) // self.k  # ring index of each slot
-        for b, r in enumerate(rows):
-            for c in range(max(0, r.P_complete - self.dw), r.P_complete):
-                keys = r.dec_keys[c * self.k : (c + 1) * self.k][None]
-                sl = slice((c % self.dw) * self.k, (c % self.dw + 1) * self.k)
-                for j, ca in enumerate(self.dec_mods):
-                    kk, vv = _cross_kv(ca, keys)
-                    self.store_k[j][b, :, sl] = kk[0]
-                    self.store_v[j][b, :, sl] = vv[0]
-                self.store_valid[b, sl] = True
         self.ent_blocks = [_Block(b) for b in m.entropy_model.layers] if self.ent is not None else []
         self.enc_blocks = [_Block(b) for b in m.encoder.layers]
         self.glob_blocks = [_Block(b) for b in m.global_model.layers]
@@ -735,8 +908,6 @@ class Engine:
         self.dec_patch_proj = _Proj(dec.patch_proj.weight)
         self.dec_out = _Proj(dec.output.weight)
         self.dec_norm = _Norm(dec.norm)
-        self._bounds()
-        self._tensors_changed()
 
     # ---- one byte per row -----------------------------------------------------------------
     @torch.no_grad()
@@ -1069,9 +1240,15 @@ def generate_ids(
     stream=None,
     return_logits: bool = False,
     compile: bool = False,
+    threads: int | None = None,
 ) -> GenerationResult:
-    """The cached generation loop over token-id prompts (see `generate` for the arguments)."""
+    """The cached generation loop over token-id prompts (see `generate` for the arguments).
+    On KeyboardInterrupt the rows are finished first (`stream` gets every byte sampled so
+    far, a held-back tail included), then it propagates."""
     check_sampling_args(max_new, temperature, top_k, top_p)
+    check_seed(seed, len(prompts))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 (None: {DECODE_THREADS} for the steps), got {threads!r}")
     stop_bytes = _stop_bytes(stop)
     was_training = model.training
     model.eval()
@@ -1081,14 +1258,16 @@ def generate_ids(
         B = len(prompts)
         rows = [_Row(stop_bytes, stream if b == 0 else None) for b in range(B)]
         seeds = _row_seeds(B, seed, device) if temperature > 0 else None
-        eng = Engine(model, prompts, max_new, compile=compile)
-        if eng.compiled and not return_logits:
-            n_bytes = _decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
-        else:
-            n_bytes = _decode(eng, rows, max_new, (temperature, top_k, top_p), seeds, return_logits)
-        for r in rows:
-            if not r.done:
-                r.finish()
+        eng = Engine(model, prompts, max_new, compile=compile, threads=threads or DECODE_THREADS)
+        try:
+            if eng.compiled and not return_logits:
+                n_bytes = _decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
+            else:
+                n_bytes = _decode(eng, rows, max_new, (temperature, top_k, top_p), seeds, return_logits)
+        finally:  # also on KeyboardInterrupt: a stream gets what was held back
+            for r in rows:
+                if not r.done:
+                    r.finish()
         seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)
@@ -1110,9 +1289,21 @@ def _push(rows, live, toks) -> int:
 
 def _decode(eng, rows, max_new, sampling, seeds, return_logits) -> int:
     """The step-by-step loop: sample on the host's request, feed, drop finished rows."""
-    temperature, top_k, top_p = sampling
     live = list(range(len(rows)))  # engine row -> original row
     logits = eng.prefill() if max_new > 0 else None
+    with step_threads(eng):
+        return _decode_steps(eng, rows, live, logits, max_new, sampling, seeds, return_logits)
+
+
+def step_threads(eng):
+    """The engine's steps on CPU run with eng.threads torch threads (the prefill keeps the
+    caller's setting): cpu_threads(eng.threads) there, nothing elsewhere."""
+    return cpu_threads(eng.threads if eng.device.type == "cpu" else None)
+
+
+def _decode_steps(eng, rows, live, logits, max_new, sampling, seeds, return_logits) -> int:
+    """_decode's loop after the prefill."""
+    temperature, top_k, top_p = sampling
     n_bytes = 0
     for s in range(max_new):
         tok = sample_next(logits, temperature, top_k, top_p, None if seeds is None else seeds[live], s)
@@ -1231,6 +1422,7 @@ def generate(
     stream=None,
     return_stats: bool = False,
     compile: bool = False,
+    threads: int | None = None,
 ):
     """Continue each prompt by up to `max_new` bytes; returns the continuations (prompt not
     included), one string per prompt, or (texts, GenerationStats) with return_stats.
@@ -1238,17 +1430,22 @@ def generate(
     prompts: a string, a list of strings (each encoded as BOS + UTF-8 bytes; "" = BOS alone)
         or a list of token-id lists (used as given).
     temperature: 0 = greedy; top_k: keep the k most likely bytes (0/None: off); top_p:
-        nucleus sampling (None/1: off); seed: row i samples with seed + i (reproducible,
-        and the same bytes as that row alone; see sample_next).
+        nucleus sampling (None/1: off); seed: an integer in [0, 2**63 - rows]: row i samples
+        with seed + i (reproducible, and the same bytes as that row alone; see sample_next).
     stop: strings that end a row (not returned); EOS ends a row too.
     stream: callback receiving row 0's text as it is generated, in valid UTF-8 pieces (a
         split multi-byte character, or a tail that may become a stop string, is held back).
     compile: torch.compile(mode="reduce-overhead") the per-byte step functions; CUDA only
         (ignored on other devices).
+    threads: CPU threads of the per-byte steps (None: DECODE_THREADS); the prompt's prefill
+        runs on torch's setting (torch.set_num_threads).
+
+    Prompts of any length: the prefill's time and memory grow linearly with the prompt
+    (Engine.prefill), the global model's attention over every patch aside.
     """
     check_sampling_args(max_new, temperature, top_k, top_p)
     res = generate_ids(model, _prompt_ids(prompts), max_new, temperature, top_k, top_p, seed, stop, stream,
-                       compile=compile)  # fmt: skip
+                       compile=compile, threads=threads)  # fmt: skip
     return (res.texts, res.stats) if return_stats else res.texts
 
 
@@ -1272,6 +1469,7 @@ def generate_uncached(
     forward's mask backend (None: the device's default; "dense" avoids FlexAttention compiling
     anew for every length on CUDA)."""
     check_sampling_args(max_new, temperature, top_k, top_p)
+    check_seed(seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -1313,27 +1511,72 @@ def _patch(model, t, backend):
 # ---- CLI --------------------------------------------------------------------------------------
 
 
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use an integer in [0, 2**63 - 1]")
+    return value
+
+
+def _threads_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use an integer >= 1")
+    return value
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad argument: one line (argparse's own message, no usage block), status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="python -m blt.generate",
         description="Generate text with a BLT checkpoint. Prints prompt + continuation (UTF-8). "
-        "An empty prompt generates from BOS alone.",
+        "An empty prompt generates from BOS alone. Ctrl-C prints what was generated so far "
+        "and exits with status 130.",
     )
     ap.add_argument("--prompt", default="", help="text to continue (default: empty = from BOS alone)")
     ap.add_argument("--max-new", type=int, default=300, help="bytes to generate at most (default 300)")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely bytes")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    ap.add_argument("--seed", type=int, default=None, help="random seed")
+    ap.add_argument("--seed", type=_seed_arg, default=None, help="random seed, in [0, 2**63 - 1]")
     ap.add_argument("--stop", action="append", default=None,
                     help=f"stop string (repeatable; default {DEFAULT_STOP[0]!r}); not printed")  # fmt: skip
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                    help="model folder (default: checkpoints/ beside the blt package)")  # fmt: skip
+                    help="model folder, ours or a transformers BltForCausalLM one "
+                         "(default: checkpoints/ beside the blt package)")  # fmt: skip
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                    help="the model's dtype (default float32; bfloat16 halves the memory)")  # fmt: skip
+    ap.add_argument("--threads", type=_threads_arg, default=None,
+                    help=f"CPU threads, prefill and per-byte steps (default: torch's for the prefill, "
+                         f"{DECODE_THREADS} for the steps, which holds up best beside other jobs)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="torch.compile the per-byte steps (CUDA only)")
     ap.add_argument("--stream", action="store_true", help="print bytes as they are generated")
     ap.add_argument("--stats", action="store_true", help="print speed statistics as the last line on stderr")
     return ap
+
+
+def _stdout_gone() -> int:
+    """stdout's reader went away (`generate ... | head`): point stdout at devnull, so that the
+    interpreter's own flush at exit raises nothing (Python's docs, "Note on SIGPIPE"), and end
+    with the status of a process that SIGPIPE ended, 128 + 13, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 def main(argv=None) -> int:
@@ -1344,15 +1587,23 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available")
+        ap.error("--device cuda: CUDA is not available (use --device cpu)")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
+    try:
+        return _run(args, device)
+    except KeyboardInterrupt:  # before anything was generated
+        return 130
 
+
+def _run(args, device) -> int:
     from blt.checkpoint import CheckpointError
     from blt.model import BLT
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
-        model = BLT.from_pretrained(args.checkpoint, device=device)
+        model = BLT.from_pretrained(args.checkpoint, device=device, dtype=DTYPES.get(args.dtype))
     except CheckpointError as e:
         default = args.checkpoint == str(DEFAULT_CHECKPOINT)
         hint = " (no model there yet: train one, or pass --checkpoint DIR)" if default else ""
@@ -1362,25 +1613,34 @@ def main(argv=None) -> int:
     if hasattr(out, "reconfigure"):
         out.reconfigure(encoding="utf-8", errors="replace")
     prompt_bytes = os.fsencode(args.prompt)  # the exact argv bytes
-    out.write(prompt_bytes.decode("utf-8", errors="replace"))
-    out.flush()
+    pieces = []  # without --stream, printed at the end (or on Ctrl-C)
 
     def emit(piece):
-        out.write(piece)
-        out.flush()
+        if args.stream:
+            out.write(piece)
+            out.flush()
+        else:
+            pieces.append(piece)
 
-    res = generate_ids(
-        model, [encode(prompt_bytes)], args.max_new, args.temperature, args.top_k, args.top_p, args.seed,
-        stop=DEFAULT_STOP if args.stop is None else tuple(args.stop), stream=emit if args.stream else None,
-        compile=args.compile,
-    )  # fmt: skip
-    if not args.stream:
-        out.write(res.texts[0])
-    out.write("\n")
-    out.flush()
-    if args.stats:
+    status, res = 0, None
+    try:
+        out.write(prompt_bytes.decode("utf-8", errors="replace"))
+        out.flush()
+        try:
+            res = generate_ids(
+                model, [encode(prompt_bytes)], args.max_new, args.temperature, args.top_k, args.top_p, args.seed,
+                stop=DEFAULT_STOP if args.stop is None else tuple(args.stop), stream=emit, compile=args.compile,
+                threads=args.threads,
+            )  # fmt: skip
+        except KeyboardInterrupt:  # generate_ids has streamed every byte so far
+            status = 130
+        out.write("".join(pieces) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        return _stdout_gone()
+    if args.stats and res is not None:
         print(res.stats.line(), file=sys.stderr)
-    return 0
+    return status
 
 
 if __name__ == "__main__":
