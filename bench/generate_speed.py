@@ -14,14 +14,14 @@ the official code does). transformers' port is run with its cache off (with it o
 whether its step really ran as CUDA graphs, from inductor's counters (a skip is only a warning).
 
 --cpu-load: bytes/s of `generate` as the CLI runs it (the prompt above, 300 bytes, temperature
-0.7, seed 0, prefill included, as `--stats` reports) with its steps on 1 and 2 CPU threads, on
-idle cores and with one busy-looping process per core beside it (another job on the machine).
+0.7, prefill included, as `--stats` reports) on 1 CPU thread, 2, and its default (1 or 2,
+chosen while running), on idle cores and with one busy-looping process per core beside it
+(another job on the machine).
 """
 
 import argparse
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
-from blt.generate import DECODE_THREADS, NEVER_SAMPLED, Engine, generate, generate_uncached, pipelined, sample_next  # noqa: E402
+from blt.generate import MAX_AUTO_THREADS, NEVER_SAMPLED, Engine, generate, generate_uncached, pipelined, sample_next  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
 from blt.tokens import encode  # noqa: E402
@@ -192,13 +192,13 @@ def _busy():
 
 
 def cpu_load_table(model, repeats: int, max_new: int) -> None:
-    """bytes/s of generate() (steps on 1 and 2 threads) on idle cores, then beside one
-    busy-looping process per core; the median of `repeats` runs each."""
+    """bytes/s of generate() on 1 and 2 threads and on its default (1 or 2, chosen while it
+    runs) on idle cores, then beside one busy-looping process per core; the best of `repeats`
+    runs each (on a shared machine, the run least disturbed by other jobs)."""
     cores = os.cpu_count()
-    threads = [1, 2]
-    print(f"CPU: {cores} cores; torch {torch.__version__}; generate's default: steps on {DECODE_THREADS} thread(s), "
-          f"prefill on torch's {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'load':28s} " + " ".join(f"{f'{n} thread' + 's' * (n > 1):>14s}" for n in threads))
+    threads = [1, 2, None]
+    print(f"CPU: {cores} cores; torch {torch.__version__}; generate's default chooses 1..{MAX_AUTO_THREADS} threads")
+    print(f"{'load':20s} " + " ".join(f"{f'{n} thread' + 's' * (n > 1) if n else 'default':>12s}" for n in threads))
     for load in (0, cores):
         procs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(load)]
         for p in procs:
@@ -212,13 +212,13 @@ def cpu_load_table(model, repeats: int, max_new: int) -> None:
                     _, stats = generate(model, "Once upon a time", max_new=max_new, temperature=0.7, seed=r,
                                         threads=n, return_stats=True)  # fmt: skip
                     runs.append(stats.bytes_per_s)
-                row.append(statistics.median(runs))
+                row.append(max(runs))
         finally:
             for p in procs:
                 p.terminate()
                 p.join()
         label = "idle" if not load else f"{load} busy process{'es' * (load > 1)}"
-        print(f"{label:28s} " + " ".join(f"{v:14.1f}" for v in row), flush=True)
+        print(f"{label:20s} " + " ".join(f"{v:12.1f}" for v in row), flush=True)
 
 
 def main():
@@ -233,7 +233,7 @@ def main():
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--profile", action="store_true", help="profile 50 steps of each cached run")
     ap.add_argument("--cpu-load", action="store_true", help="only the CPU table: threads x idle / busy cores")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per cell of the --cpu-load table (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per cell of the --cpu-load table (best)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -73,6 +73,7 @@ import argparse
 import bisect
 import math
 import os
+import statistics
 import sys
 import time
 from collections import deque
@@ -99,11 +100,9 @@ PREFILL_CHUNK = 2048
 # ... and no attention of the prefill compares more query-key pairs than this at once (a block
 # shrinks where a stack without a window, e.g. the global model's, has many keys behind it).
 PREFILL_PAIRS = 1 << 23
-# CPU threads of the per-byte steps in generate (the prefill keeps torch's setting). A step is
-# hundreds of small products: on idle cores a second thread gains little, and beside another
-# busy process a thread that waits for its descheduled partner at every product loses most
-# of the speed (bench/generate_speed.py --cpu-load).
-DECODE_THREADS = 1
+# The most CPU threads the engine gives its work on its own (ThreadChooser picks 1 or this
+# many, capped by the cores; Engine(threads=N) fixes N).
+MAX_AUTO_THREADS = 2
 SEED_MAX = 2**63 - 1  # row seeds (seed + row) are int64
 
 
@@ -144,16 +143,87 @@ def check_seed(seed, rows: int = 1) -> None:
 
 
 @contextmanager
-def cpu_threads(n: int | None):
-    """torch.set_num_threads(n) for the duration (None: leave it)."""
+def restored_threads():
+    """torch's thread count, whatever the body sets, restored after it."""
     old = torch.get_num_threads()
-    if n is not None and n != old:
-        torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n is not None and n != old:
+        if torch.get_num_threads() != old:
             torch.set_num_threads(old)
+
+
+@contextmanager
+def cpu_threads(n: int | None):
+    """torch.set_num_threads(n) for the duration (None: leave it)."""
+    with restored_threads():
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        yield
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ThreadChooser:
+    """Picks the CPU threads of a repeated piece of work (a byte step, a prefill block) by
+    timing it while it runs, as the machine's load comes and goes. The per-byte step is
+    hundreds of small products: on 2 idle cores a second thread makes it ~15% faster, beside
+    one busy process 5-60x slower (each product waits for the thread the OS has descheduled;
+    bench/generate_speed.py --cpu-load); the prefill's large products gain more on idle cores
+    and lose as much beside a busy process.
+
+    It starts on the fewest threads (never the slow choice). Every `every` units of work it
+    tries the other choice for `trial` of them, and keeps it if their median time beats the
+    current choice's (its last `trial` timings) by 5%. A trial stops at once on a unit over
+    1.5x the current median; a lost trial makes `every` 4x longer (up to 64x), a won one
+    resets it: beside a busy process, trials of more threads soon become rare.
+    On more than the fewest threads, a unit over 2x the median (load came) starts a trial of
+    the fewest at once. Timings: seconds per unit of work, given by the caller to record()."""
+
+    def __init__(self, choices, every: int = 32, trial: int = 8):
+        self.choices = sorted(set(choices))
+        self.cur = self.choices[0]
+        self.base_every = self.every = self.countdown = every
+        self.trial_len = trial
+        self.times = {n: deque(maxlen=trial) for n in self.choices}
+        self.trying, self.trial_times = None, []
+
+    @property
+    def threads(self) -> int:
+        return self.trying or self.cur
+
+    def record(self, seconds: float, comparable: bool = True) -> None:
+        """One unit of work took `seconds` on self.threads threads; comparable=False: a unit
+        unlike the others (e.g. a step that also ran the global model), not timed."""
+        if self.trying is None:
+            if not comparable:
+                return
+            cur = self.times[self.cur]
+            load_came = self.cur != self.choices[0] and len(cur) > 0 and seconds > 2 * statistics.median(cur)
+            cur.append(seconds)
+            self.countdown -= 1
+            if len(self.choices) > 1 and (self.countdown <= 0 or load_came):
+                self.trying = self.choices[0] if self.cur != self.choices[0] else self.choices[-1]
+                self.trial_times = []
+            return
+        if not comparable:
+            return
+        base = statistics.median(self.times[self.cur])
+        self.trial_times.append(seconds)
+        if seconds > 1.5 * base:
+            won = False
+        elif len(self.trial_times) >= self.trial_len:
+            won = statistics.median(self.trial_times) < 0.95 * base
+        else:
+            return
+        if won:
+            self.times[self.trying].extend(self.trial_times)
+            self.cur, self.every = self.trying, self.base_every
+        else:
+            self.every = min(4 * self.every, 64 * self.base_every)
+        self.trying, self.countdown = None, self.every
 
 
 _M32 = 0xFFFFFFFF
@@ -659,9 +729,14 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.B = len(prompts)
         self.prompts = [list(p) for p in prompts]
-        # CPU threads the steps run on (their products are split for that many; the caller
-        # sets them, see step_threads); None: torch's count when prefill() runs
-        self.threads = threads
+        # CPU threads: `threads`, or None: 1 or up to MAX_AUTO_THREADS, chosen while running by
+        # timing the work (ThreadChooser), separately for the prefill's entropy-model blocks, its
+        # byte blocks and the steps (the caller's loop applies the steps' choice: step_loop).
+        # The step helpers split their products for the most threads.
+        self.threads = threads or min(_cores(), MAX_AUTO_THREADS)
+        choices = (threads,) if threads else (1, self.threads)
+        self.choosers = {"entropy": ThreadChooser(choices, every=2, trial=1),
+                         "block": ThreadChooser(choices, every=2, trial=1), "step": ThreadChooser(choices)}  # fmt: skip
         self.max_new = max_new
         pc = self.pc = cfg.patcher
         if pc.needs_entropy and model.entropy_model is None:
@@ -707,6 +782,19 @@ class Engine:
         self._allocate(rows)
         return torch.stack([self._prefill_row(b, r) for b, r in enumerate(rows)])
 
+    @contextmanager
+    def _timed(self, kind: str, work: int):
+        """A prefill block of `work` bytes on CPU runs on the threads its ThreadChooser picks, and
+        is timed for it."""
+        if self.device.type != "cpu":
+            yield
+            return
+        chooser = self.choosers[kind]
+        with cpu_threads(chooser.threads):
+            t0 = time.perf_counter()
+            yield
+            chooser.record((time.perf_counter() - t0) / work)
+
     def _patch(self, ids: list[int]) -> _Patched:
         """The entropy model over the prompt in blocks of at most PREFILL_CHUNK bytes (each
         block attends to the window the _Context keeps of the blocks before), then
@@ -721,9 +809,10 @@ class Engine:
             Hs, s = [], 0
             while s < L:
                 e = min(L, s + _block_len(ent_ctx[0].n, PREFILL_CHUNK))
-                mask = _block_mask(s, e - s, ent_ctx[0].n, em.cfg.window, dev)
-                pos = torch.arange(s, e, device=dev)
-                Hs.append(entropy(em(t[None, s:e], positions=pos, mask=mask, caches=ent_ctx))[0])
+                with self._timed("entropy", e - s):
+                    mask = _block_mask(s, e - s, ent_ctx[0].n, em.cfg.window, dev)
+                    pos = torch.arange(s, e, device=dev)
+                    Hs.append(entropy(em(t[None, s:e], positions=pos, mask=mask, caches=ent_ctx))[0])
                 s = e
             H = torch.cat(Hs)
         starts = patch_starts(t[None], self.pc, None if H is None else H[None])
@@ -758,56 +847,57 @@ class Engine:
         done, logits, s = 0, None, 0  # done: complete patches through the global model
         while s < L:
             e = min(L, s + _block_len(max(enc_ctx[0].n, dec_ctx[0].n), PREFILL_CHUNK))
-            pos = torch.arange(s, e, device=dev)
-            lo = max(0, s - self.nmax + 1)  # the hash n-grams read the ids before the block
-            h = enc.embed(t[None, lo:e])[:, s - lo :]
-            rope = enc.rope(pos)
-            mask = _block_mask(s, e - s, enc_ctx[0].n, ec.window, dev)
-            j = 0
-            for i, layer in enumerate(enc.layers):
-                h = layer(h, rope, mask, enc_ctx[i])
-                if enc.has_cross_attn(i):
-                    held[j] = h[0] if held[j] is None else torch.cat((held[j], h[0]))
-                    j += 1
-            now = min(bisect.bisect_right(bounds, e) - 1, P_complete)  # patches complete by byte e
-            while done < now:
-                g = _block_len(glob_ctx[0].n, now - done)
-                a, b0, b1 = bounds[max(0, done - ew + 1)], bounds[done], bounds[done + g]
-                queries = enc.init_queries(held[0][None, b0 - held_from : b1 - held_from],
-                                           patch_ids[None, b0:b1] - done, g)  # fmt: skip
-                d = (done + torch.arange(g * k, device=dev) // k)[:, None] - patch_ids[None, a:b1]
-                cmask = ((d >= 0) & (d < ew))[None, None]
-                for j, i in enumerate(self.enc_cross):
-                    queries = enc.cross_attend(i, queries, held[j][None, a - held_from : b1 - held_from], cmask)
-                gmask = _block_mask(done, g, glob_ctx[0].n, gc.window, dev)
-                out = gm(queries.view(1, g, -1), gmask, positions=torch.arange(done, done + g, device=dev),
-                         caches=glob_ctx)  # fmt: skip
-                new = dec.patch_keys(out)[0]
-                keys = new if keys is None else torch.cat((keys, new))
-                done += g
-            if e > d0:
-                s1 = max(s, d0)
-                first = max(0, int(dec_ids[s1]) - dw + 1)
-                kv = keys[(first - keys_from) * k :]
-                d = dec_ids[s1:e, None] - (first + torch.arange(kv.shape[0], device=dev) // k)[None, :]
-                cmask = ((d >= 0) & (d < dw))[None, None]
-                mask = _block_mask(s1, e - s1, dec_ctx[0].n, dc.window, dev)
-                rope = dec.rope(pos[s1 - s :])
-                hd, kv = h[:, s1 - s :], kv[None]
-                for i, layer in enumerate(dec.layers):
-                    if dec.has_cross_attn(i):
-                        hd = dec.cross_attend(i, hd, kv, cmask)
-                    hd = layer(hd, rope, mask, dec_ctx[i])
-                if e == L:
-                    logits = project(hd[:, -1:], dec.norm, dec.output)[0][0, 0]
-            # keep only what later blocks read: the pooling window of the next patch to
-            # complete, the decoder keys of the last dw complete patches
-            cut = bounds[max(0, done - ew + 1)]
-            held = [x[cut - held_from :] for x in held]
-            held_from = cut
-            cut = max(0, done - dw)
-            keys = keys[(cut - keys_from) * k :]
-            keys_from = cut
+            with self._timed("block", e - s):
+                pos = torch.arange(s, e, device=dev)
+                lo = max(0, s - self.nmax + 1)  # the hash n-grams read the ids before the block
+                h = enc.embed(t[None, lo:e])[:, s - lo :]
+                rope = enc.rope(pos)
+                mask = _block_mask(s, e - s, enc_ctx[0].n, ec.window, dev)
+                j = 0
+                for i, layer in enumerate(enc.layers):
+                    h = layer(h, rope, mask, enc_ctx[i])
+                    if enc.has_cross_attn(i):
+                        held[j] = h[0] if held[j] is None else torch.cat((held[j], h[0]))
+                        j += 1
+                now = min(bisect.bisect_right(bounds, e) - 1, P_complete)  # patches complete by byte e
+                while done < now:
+                    g = _block_len(glob_ctx[0].n, now - done)
+                    a, b0, b1 = bounds[max(0, done - ew + 1)], bounds[done], bounds[done + g]
+                    queries = enc.init_queries(held[0][None, b0 - held_from : b1 - held_from],
+                                               patch_ids[None, b0:b1] - done, g)  # fmt: skip
+                    d = (done + torch.arange(g * k, device=dev) // k)[:, None] - patch_ids[None, a:b1]
+                    cmask = ((d >= 0) & (d < ew))[None, None]
+                    for j, i in enumerate(self.enc_cross):
+                        queries = enc.cross_attend(i, queries, held[j][None, a - held_from : b1 - held_from], cmask)
+                    gmask = _block_mask(done, g, glob_ctx[0].n, gc.window, dev)
+                    out = gm(queries.view(1, g, -1), gmask, positions=torch.arange(done, done + g, device=dev),
+                             caches=glob_ctx)  # fmt: skip
+                    new = dec.patch_keys(out)[0]
+                    keys = new if keys is None else torch.cat((keys, new))
+                    done += g
+                if e > d0:
+                    s1 = max(s, d0)
+                    first = max(0, int(dec_ids[s1]) - dw + 1)
+                    kv = keys[(first - keys_from) * k :]
+                    d = dec_ids[s1:e, None] - (first + torch.arange(kv.shape[0], device=dev) // k)[None, :]
+                    cmask = ((d >= 0) & (d < dw))[None, None]
+                    mask = _block_mask(s1, e - s1, dec_ctx[0].n, dc.window, dev)
+                    rope = dec.rope(pos[s1 - s :])
+                    hd, kv = h[:, s1 - s :], kv[None]
+                    for i, layer in enumerate(dec.layers):
+                        if dec.has_cross_attn(i):
+                            hd = dec.cross_attend(i, hd, kv, cmask)
+                        hd = layer(hd, rope, mask, dec_ctx[i])
+                    if e == L:
+                        logits = project(hd[:, -1:], dec.norm, dec.output)[0][0, 0]
+                # keep only what later blocks read: the pooling window of the next patch to
+                # complete, the decoder keys of the last dw complete patches
+                cut = bounds[max(0, done - ew + 1)]
+                held = [x[cut - held_from :] for x in held]
+                held_from = cut
+                cut = max(0, done - dw)
+                keys = keys[(cut - keys_from) * k :]
+                keys_from = cut
             s = e
         if r.ent_ctx is not None:
             self.ent.fill(b, r.ent_ctx, L)
@@ -1248,7 +1338,7 @@ def generate_ids(
     check_sampling_args(max_new, temperature, top_k, top_p)
     check_seed(seed, len(prompts))
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be an integer >= 1 (None: {DECODE_THREADS} for the steps), got {threads!r}")
+        raise ValueError(f"threads must be an integer >= 1 (None: chosen while running), got {threads!r}")
     stop_bytes = _stop_bytes(stop)
     was_training = model.training
     model.eval()
@@ -1258,12 +1348,13 @@ def generate_ids(
         B = len(prompts)
         rows = [_Row(stop_bytes, stream if b == 0 else None) for b in range(B)]
         seeds = _row_seeds(B, seed, device) if temperature > 0 else None
-        eng = Engine(model, prompts, max_new, compile=compile, threads=threads or DECODE_THREADS)
+        eng = Engine(model, prompts, max_new, compile=compile, threads=threads)
         try:
-            if eng.compiled and not return_logits:
-                n_bytes = _decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
-            else:
-                n_bytes = _decode(eng, rows, max_new, (temperature, top_k, top_p), seeds, return_logits)
+            with restored_threads():  # the engine picks its own (ThreadChooser)
+                if eng.compiled and not return_logits:
+                    n_bytes = _decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
+                else:
+                    n_bytes = _decode(eng, rows, max_new, (temperature, top_k, top_p), seeds, return_logits)
         finally:  # also on KeyboardInterrupt: a stream gets what was held back
             for r in rows:
                 if not r.done:
@@ -1291,18 +1382,6 @@ def _decode(eng, rows, max_new, sampling, seeds, return_logits) -> int:
     """The step-by-step loop: sample on the host's request, feed, drop finished rows."""
     live = list(range(len(rows)))  # engine row -> original row
     logits = eng.prefill() if max_new > 0 else None
-    with step_threads(eng):
-        return _decode_steps(eng, rows, live, logits, max_new, sampling, seeds, return_logits)
-
-
-def step_threads(eng):
-    """The engine's steps on CPU run with eng.threads torch threads (the prefill keeps the
-    caller's setting): cpu_threads(eng.threads) there, nothing elsewhere."""
-    return cpu_threads(eng.threads if eng.device.type == "cpu" else None)
-
-
-def _decode_steps(eng, rows, live, logits, max_new, sampling, seeds, return_logits) -> int:
-    """_decode's loop after the prefill."""
     temperature, top_k, top_p = sampling
     n_bytes = 0
     for s in range(max_new):
@@ -1322,8 +1401,23 @@ def _decode_steps(eng, rows, live, logits, max_new, sampling, seeds, return_logi
             live = [live[e] for e in still]
             tok = tok[still]
         eng.active = [not rows[r].done for r in live]
-        logits = eng.step(tok)
+        logits = timed_step(eng, tok)
     return n_bytes
+
+
+def timed_step(eng, ids) -> torch.Tensor:
+    """eng.step(ids); on CPU on the threads eng.choosers["step"] picks (torch.set_num_threads:
+    run the loop inside restored_threads()), timing the step for it unless it completed a
+    patch (those run the global model too: not comparable)."""
+    if eng.device.type != "cpu":
+        return eng.step(ids)
+    chooser = eng.choosers["step"]
+    if chooser.threads != torch.get_num_threads():
+        torch.set_num_threads(chooser.threads)
+    before, t0 = eng.global_steps, time.perf_counter()
+    logits = eng.step(ids)
+    chooser.record(time.perf_counter() - t0, comparable=eng.global_steps == before)
+    return logits
 
 
 class _HostCopy:
@@ -1437,8 +1531,8 @@ def generate(
         split multi-byte character, or a tail that may become a stop string, is held back).
     compile: torch.compile(mode="reduce-overhead") the per-byte step functions; CUDA only
         (ignored on other devices).
-    threads: CPU threads of the per-byte steps (None: DECODE_THREADS); the prompt's prefill
-        runs on torch's setting (torch.set_num_threads).
+    threads: CPU threads of the prefill and the per-byte steps (None: 1 or 2, chosen while
+        running by timing them: see ThreadChooser); torch's own setting is restored after.
 
     Prompts of any length: the prefill's time and memory grow linearly with the prompt
     (Engine.prefill), the global model's attention over every patch aside.
@@ -1562,8 +1656,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                     help="the model's dtype (default float32; bfloat16 halves the memory)")  # fmt: skip
     ap.add_argument("--threads", type=_threads_arg, default=None,
-                    help=f"CPU threads, prefill and per-byte steps (default: torch's for the prefill, "
-                         f"{DECODE_THREADS} for the steps, which holds up best beside other jobs)")  # fmt: skip
+                    help="CPU threads (default: 1 or 2, chosen while running by timing the work: "
+                         "a second thread helps on idle cores and is much slower beside a busy process)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="torch.compile the per-byte steps (CUDA only)")
     ap.add_argument("--stream", action="store_true", help="print bytes as they are generated")
     ap.add_argument("--stats", action="store_true", help="print speed statistics as the last line on stderr")
