@@ -7,9 +7,10 @@ linearly with the prompt.
 
 Each size runs in a fresh child process (peak memory is per process): it loads the model,
 then prefills a prompt of that many bytes and generates --max-new bytes greedily. Reported:
-the peak memory the prefill and generation added on top of the loaded model (CPU: peak RSS,
-from getrusage; CUDA: torch.cuda.max_memory_allocated), the prefill's time, and the bytes
-generated after it. The prompt is this project's own documentation, repeated to the length.
+the process's peak memory (CPU: peak RSS, from getrusage, torch and the model included;
+CUDA: torch.cuda.max_memory_allocated) and what the prefill and generation added on top of
+the loaded model, the prefill's time, the prompt's patches, and the bytes/s generated after
+it. The prompt is this project's own documentation, repeated to the length.
 "--one-block-max N" adds, for sizes up to N, a row with the prompt prefilled as one block
 (PREFILL_CHUNK and PREFILL_PAIRS set past the prompt: one dense mask over the whole prompt,
 as the engine did before it prefilled in blocks).
@@ -59,6 +60,7 @@ def child(args) -> dict:
     eng = G.Engine(model, [ids], args.max_new)
     with torch.no_grad():
         logits = eng.prefill()
+        patches = eng.h_patches[0]  # the prompt's complete patches
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -71,7 +73,7 @@ def child(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t2 = time.perf_counter()
     return dict(prefill_s=t1 - t0, step_bytes_per_s=(args.max_new - 1) / (t2 - t1), added_bytes=peak - base,
-                patches=eng.h_patches[0])  # fmt: skip
+                peak_bytes=peak, patches=patches)  # fmt: skip
 
 
 def main():
@@ -91,9 +93,10 @@ def main():
     if args.child:
         print(json.dumps(child(args)))
         return
-    unit = "peak CUDA memory added" if args.device.startswith("cuda") else "peak RSS added"
+    what = "CUDA memory allocated" if args.device.startswith("cuda") else "RSS"
     print(f"model: {args.checkpoint}; device: {args.device}; {args.max_new} bytes generated after the prefill")
-    print(f"{'prompt bytes':>12s}  {'prefill':10s} {unit + ' (MB)':>26s} {'prefill s':>10s} {'patches':>8s} {'bytes/s after':>14s}")
+    print(f"{'prompt bytes':>12s}  {'prefill':10s} {'peak ' + what + ' MB':>17s} {'added by it MB':>15s} {'prefill s':>10s} "
+          f"{'patches':>8s} {'bytes/s after':>14s}")  # fmt: skip
     for size in args.sizes:
         for one_block in [False, True] if size <= args.one_block_max else [False]:
             cmd = [sys.executable, __file__, "--child", "--size", str(size), "--checkpoint", args.checkpoint,
@@ -111,8 +114,8 @@ def main():
                 print(f"{size:12d}  {label:10s} failed: {last}", flush=True)
                 continue
             res = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"{size:12d}  {label:10s} {res['added_bytes'] / 2**20:26.1f} {res['prefill_s']:10.2f} "
-                  f"{res['patches']:8d} {res['step_bytes_per_s']:14.1f}", flush=True)  # fmt: skip
+            print(f"{size:12d}  {label:10s} {res['peak_bytes'] / 2**20:17.0f} {res['added_bytes'] / 2**20:15.0f} "
+                  f"{res['prefill_s']:10.2f} {res['patches']:8d} {res['step_bytes_per_s']:14.1f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ counters lag a step, which the capacity checks allow for; a row's stop is seen a
 On CPU a step is bound by memory bandwidth (every per-byte weight is read from memory for
 each byte) and by per-call overhead (hundreds of small ops), so the step helpers keep each
 weight in the layout whose product streams fastest, split every product across the threads,
-and skip what the host already knows (empty cache slots, masks of a single row).
+and skip what the host already knows (empty cache slots, masks of a single row). How many
+threads: 1 or 2, chosen while running by timing the work (ThreadChooser): a second thread
+is faster on idle cores and many times slower beside another busy process.
 
 Batching: every row has its own position counter and its own patching, and each cache
 slot records the position it holds, so the masks are built per row from those positions
@@ -59,10 +61,13 @@ batched Gumbel-max draw per byte whose noise is a hash of (row seed, byte index,
 
 Prompts: text is encoded as BOS + UTF-8 bytes; an empty prompt generates from BOS alone.
 Id lists are used as given (an empty one becomes [BOS]). There is no length limit: the
-prompt is prefilled with one forward pass (dense masks up to PREFILL_DENSE_MAX bytes, O(L^2)
-in memory; FlexAttention beyond that on CUDA), after which the entropy model and the local
-models see only their sliding windows (bounded memory) and the global model sees every
-patch so far (its cache grows by one slot per patch, as BLT.forward's global context would).
+prompt is prefilled in blocks of PREFILL_CHUNK bytes (Engine.prefill, _RowPrefill), each
+attending to what the caches keep of the blocks before it, so memory grows linearly with the
+prompt (no attention compares more than PREFILL_PAIRS query-key pairs at once) and so does
+time, but for the global model's attention over every patch. After it the entropy model and
+the local models see only their sliding windows (bounded memory) and the global model sees
+every patch so far (its cache grows by one slot per patch, as BLT.forward's global context
+would).
 
 The sampler never emits the ids BOE, BOS and BPE (they are not text); EOS ends a row.
 """
@@ -307,7 +312,9 @@ class KVCache:
         """Room for slot index needed-1 (full caches only; rings never grow). True if it grew."""
         if self.window is not None or needed <= self.capacity:
             return False
-        extra = max(needed, 2 * self.capacity) - self.capacity
+        # grow by a quarter (at least 256 slots): old and new together hold 2.25x while copying,
+        # where doubling would hold 3x (a long prompt's global cache is large)
+        extra = max(needed, self.capacity + max(self.capacity // 4, 256)) - self.capacity
         self.kv = [F.pad(t, (0, 0, 0, extra)) for t in self.kv]
         self.pos = F.pad(self.pos, (0, extra), value=-1)
         return True
@@ -713,6 +720,133 @@ class _Patched:
         return self.bounds[max(0, self.P_complete - ew + 1) : self.P_complete + 1]
 
 
+class _RowPrefill:
+    """One row's prompt through the model's own modules (BLT.forward's computation) in blocks
+    of at most PREFILL_CHUNK bytes, into the engine's caches.
+
+    Per block of bytes: the encoder; for the patches the block completes, pooling (over the
+    encoder states kept from the first byte of the next patch's pooling window on), the global
+    model (in blocks of patches) and the decoder's patch keys; then the decoder. Every
+    attention sees the keys it sees in one forward over the whole prompt: the byte stacks have
+    sliding windows (their _Context keeps them), the global model's context holds every
+    complete patch (or its window), and a patch is pooled once all its bytes have run. The
+    decoder runs only over the last n_layers·(window-1)+1 bytes: nothing the engine keeps
+    depends on its states before those."""
+
+    def __init__(self, eng: "Engine", b: int, r: _Patched):
+        self.eng, self.b, self.r = eng, b, r
+        m, cfg = eng.model, eng.cfg
+        self.enc, self.gm, self.dec = m.encoder, m.global_model, m.decoder
+        self.enc_ctx, self.glob_ctx, self.dec_ctx = (c.contexts(b) for c in (eng.enc, eng.glob, eng.dec))
+        dw = cfg.decoder.window
+        self.d0 = 0 if dw is None else max(0, r.L - 1 - len(self.dec.layers) * (dw - 1))  # decoder's first byte
+        self.held, self.held_from = [None] * len(eng.enc_cross), 0  # per pooling layer: states of bytes held_from..
+        self.keys, self.keys_from = None, 0  # decoder patch keys of patches keys_from.., k rows each
+        self.done = 0  # complete patches through the global model
+
+    def run(self) -> torch.Tensor:
+        eng, r = self.eng, self.r
+        L, s, logits = r.L, 0, None
+        while s < L:
+            e = min(L, s + _block_len(max(self.enc_ctx[0].n, self.dec_ctx[0].n), PREFILL_CHUNK))
+            with eng._timed("block", e - s):
+                h = self._encoder(s, e)
+                self._patches(min(bisect.bisect_right(r.bounds, e) - 1, r.P_complete))  # complete by byte e
+                if e > self.d0:
+                    logits = self._decoder(h[:, max(s, self.d0) - s :], max(s, self.d0), e)
+                self._drop_unread()
+            s = e
+        self._fill_caches()
+        return logits
+
+    def _encoder(self, s: int, e: int) -> torch.Tensor:
+        """Bytes s..e-1 through the encoder -> (1, e-s, D); the pooling layers' states held."""
+        enc, dev, t = self.enc, self.eng.device, self.r.ids
+        lo = max(0, s - self.eng.nmax + 1)  # the hash n-grams read the ids before the block
+        h = enc.embed(t[None, lo:e])[:, s - lo :]
+        rope = enc.rope(torch.arange(s, e, device=dev))
+        mask = _block_mask(s, e - s, self.enc_ctx[0].n, enc.cfg.window, dev)
+        j = 0
+        for i, layer in enumerate(enc.layers):
+            h = layer(h, rope, mask, self.enc_ctx[i])
+            if enc.has_cross_attn(i):
+                self.held[j] = h[0] if self.held[j] is None else torch.cat((self.held[j], h[0]))
+                j += 1
+        return h
+
+    def _patches(self, now: int) -> None:
+        """Patches done..now-1 (all their bytes encoded): pooling, the global model, the
+        decoder's patch keys; in blocks of patches as many as PREFILL_PAIRS allows."""
+        eng, r, dev = self.eng, self.r, self.eng.device
+        k, ew, bounds, patch_ids = eng.k, eng.ew, r.bounds, r.patch_ids
+        while self.done < now:
+            done, g = self.done, _block_len(self.glob_ctx[0].n, now - self.done)
+            a, b0, b1 = bounds[max(0, done - ew + 1)], bounds[done], bounds[done + g]
+            own = self.held[0][None, b0 - self.held_from : b1 - self.held_from]
+            queries = self.enc.init_queries(own, patch_ids[None, b0:b1] - done, g)
+            d = (done + torch.arange(g * k, device=dev) // k)[:, None] - patch_ids[None, a:b1]
+            mask = ((d >= 0) & (d < ew))[None, None]  # query of patch p: bytes of patches p-ew+1..p
+            for j, i in enumerate(eng.enc_cross):
+                window = self.held[j][None, a - self.held_from : b1 - self.held_from]
+                queries = self.enc.cross_attend(i, queries, window, mask)
+            gmask = _block_mask(done, g, self.glob_ctx[0].n, self.gm.cfg.window, dev)
+            pos = torch.arange(done, done + g, device=dev)
+            new = self.dec.patch_keys(self.gm(queries.view(1, g, -1), gmask, positions=pos, caches=self.glob_ctx))[0]
+            self.keys = new if self.keys is None else torch.cat((self.keys, new))
+            self.done += g
+
+    def _decoder(self, h: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Bytes s..e-1 (encoder states h) through the decoder -> (V,) logits of byte e-1."""
+        eng, dec, dev, dec_ids = self.eng, self.dec, self.eng.device, self.r.dec_ids
+        k, dw = eng.k, eng.dw
+        first = max(0, int(dec_ids[s]) - dw + 1)  # the first patch a byte of the block reads
+        kv = self.keys[(first - self.keys_from) * k :]
+        d = dec_ids[s:e, None] - (first + torch.arange(kv.shape[0], device=dev) // k)[None, :]
+        cmask = ((d >= 0) & (d < dw))[None, None]  # byte t: patches dec_ids[t]-dw+1..dec_ids[t]
+        mask = _block_mask(s, e - s, self.dec_ctx[0].n, dec.cfg.window, dev)
+        rope = dec.rope(torch.arange(s, e, device=dev))
+        for i, layer in enumerate(dec.layers):
+            if dec.has_cross_attn(i):
+                h = dec.cross_attend(i, h, kv[None], cmask)
+            h = layer(h, rope, mask, self.dec_ctx[i])
+        return project(h[:, -1:], dec.norm, dec.output)[0][0, 0]
+
+    def _drop_unread(self) -> None:
+        """Keep only what later blocks read: the pooling window of the next patch to complete,
+        the decoder keys of the last dw complete patches."""
+        cut = self.r.bounds[max(0, self.done - self.eng.ew + 1)]
+        self.held = [x[cut - self.held_from :] for x in self.held]
+        self.held_from = cut
+        cut = max(0, self.done - self.eng.dw)
+        self.keys = self.keys[(cut - self.keys_from) * self.eng.k :]
+        self.keys_from = cut
+
+    def _fill_caches(self) -> None:
+        """Hand the engine's caches what the prefill leaves: the self-attention contexts, the
+        encoder patch buffer (the open patch's pooling window), the decoder patch store."""
+        eng, b, r, dev = self.eng, self.b, self.r, self.eng.device
+        k, dw, L = eng.k, eng.dw, r.L
+        if r.ent_ctx is not None:
+            eng.ent.fill(b, r.ent_ctx, L)
+        eng.enc.fill(b, self.enc_ctx, L)
+        eng.dec.fill(b, self.dec_ctx, L)
+        eng.glob.fill(b, self.glob_ctx, r.P_complete)
+        C = eng.buf_pos.shape[1]
+        p = torch.arange(self.held_from, L, device=dev)
+        for j, hs in enumerate(self.held):
+            eng.buf[j][b, p % C] = hs
+        eng.buf_pos[b, p % C] = p
+        eng.buf_patch[b, p % C] = r.patch_ids[self.held_from :]
+        for c in range(self.keys_from, r.P_complete):  # the last dw complete patches
+            sl = slice((c % dw) * k, (c % dw + 1) * k)
+            keys = self.keys[None, (c - self.keys_from) * k : (c - self.keys_from + 1) * k]
+            for j, ca in enumerate(eng.dec_mods):
+                kk, vv = _cross_kv(ca, keys)
+                eng.store_k[j][b, :, sl] = kk[0]
+                eng.store_v[j][b, :, sl] = vv[0]
+            eng.store_valid[b, sl] = True
+
+
 class Engine:
     """Incremental BLT inference for B rows. `prefill()` -> (B,V) logits for each row's next
     byte; `step(ids)` feeds one byte per row and returns the logits for the byte after it."""
@@ -731,7 +865,7 @@ class Engine:
         self.prompts = [list(p) for p in prompts]
         # CPU threads: `threads`, or None: 1 or up to MAX_AUTO_THREADS, chosen while running by
         # timing the work (ThreadChooser), separately for the prefill's entropy-model blocks, its
-        # byte blocks and the steps (the caller's loop applies the steps' choice: step_loop).
+        # byte blocks and the steps (the caller applies the steps' choice: timed_step).
         # The step helpers split their products for the most threads.
         self.threads = threads or min(_cores(), MAX_AUTO_THREADS)
         choices = (threads,) if threads else (1, self.threads)
@@ -824,102 +958,8 @@ class Engine:
                         P if bool(starts[0, L]) else P - 1)  # fmt: skip
 
     def _prefill_row(self, b: int, r: _Patched) -> torch.Tensor:
-        """Row b's prompt through the model's own modules (BLT.forward's computation) in blocks
-        of at most PREFILL_CHUNK bytes, into the caches -> (V,) logits for the next byte.
-
-        Per block: the encoder; for the patches the block completes, pooling (over the encoder
-        states kept from the first byte of the next patch's pooling window on), the global
-        model (in blocks of patches) and the decoder's patch keys; then the decoder. Every
-        attention sees the keys it sees in one forward over the whole prompt: the byte stacks
-        have sliding windows (their _Context keeps them), the global model's holds every
-        complete patch (or its window), and a patch is pooled once all its bytes have run. The
-        decoder runs only over the last n_layers·(window-1)+1 bytes: nothing the engine keeps
-        depends on its states before those."""
-        m, cfg, dev = self.model, self.cfg, self.device
-        t, L, patch_ids, dec_ids, bounds, P_complete = r.ids, r.L, r.patch_ids, r.dec_ids, r.bounds, r.P_complete
-        enc, gm, dec = m.encoder, m.global_model, m.decoder
-        k, ew, dw = self.k, self.ew, self.dw
-        ec, gc, dc = cfg.encoder, cfg.global_model, cfg.decoder
-        enc_ctx, glob_ctx, dec_ctx = (c.contexts(b) for c in (self.enc, self.glob, self.dec))
-        d0 = 0 if dc.window is None else max(0, L - 1 - len(dec.layers) * (dc.window - 1))
-        held, held_from = [None] * len(self.enc_cross), 0  # encoder states of bytes held_from.. per pooling layer
-        keys, keys_from = None, 0  # decoder patch keys of patches keys_from.., k rows each
-        done, logits, s = 0, None, 0  # done: complete patches through the global model
-        while s < L:
-            e = min(L, s + _block_len(max(enc_ctx[0].n, dec_ctx[0].n), PREFILL_CHUNK))
-            with self._timed("block", e - s):
-                pos = torch.arange(s, e, device=dev)
-                lo = max(0, s - self.nmax + 1)  # the hash n-grams read the ids before the block
-                h = enc.embed(t[None, lo:e])[:, s - lo :]
-                rope = enc.rope(pos)
-                mask = _block_mask(s, e - s, enc_ctx[0].n, ec.window, dev)
-                j = 0
-                for i, layer in enumerate(enc.layers):
-                    h = layer(h, rope, mask, enc_ctx[i])
-                    if enc.has_cross_attn(i):
-                        held[j] = h[0] if held[j] is None else torch.cat((held[j], h[0]))
-                        j += 1
-                now = min(bisect.bisect_right(bounds, e) - 1, P_complete)  # patches complete by byte e
-                while done < now:
-                    g = _block_len(glob_ctx[0].n, now - done)
-                    a, b0, b1 = bounds[max(0, done - ew + 1)], bounds[done], bounds[done + g]
-                    queries = enc.init_queries(held[0][None, b0 - held_from : b1 - held_from],
-                                               patch_ids[None, b0:b1] - done, g)  # fmt: skip
-                    d = (done + torch.arange(g * k, device=dev) // k)[:, None] - patch_ids[None, a:b1]
-                    cmask = ((d >= 0) & (d < ew))[None, None]
-                    for j, i in enumerate(self.enc_cross):
-                        queries = enc.cross_attend(i, queries, held[j][None, a - held_from : b1 - held_from], cmask)
-                    gmask = _block_mask(done, g, glob_ctx[0].n, gc.window, dev)
-                    out = gm(queries.view(1, g, -1), gmask, positions=torch.arange(done, done + g, device=dev),
-                             caches=glob_ctx)  # fmt: skip
-                    new = dec.patch_keys(out)[0]
-                    keys = new if keys is None else torch.cat((keys, new))
-                    done += g
-                if e > d0:
-                    s1 = max(s, d0)
-                    first = max(0, int(dec_ids[s1]) - dw + 1)
-                    kv = keys[(first - keys_from) * k :]
-                    d = dec_ids[s1:e, None] - (first + torch.arange(kv.shape[0], device=dev) // k)[None, :]
-                    cmask = ((d >= 0) & (d < dw))[None, None]
-                    mask = _block_mask(s1, e - s1, dec_ctx[0].n, dc.window, dev)
-                    rope = dec.rope(pos[s1 - s :])
-                    hd, kv = h[:, s1 - s :], kv[None]
-                    for i, layer in enumerate(dec.layers):
-                        if dec.has_cross_attn(i):
-                            hd = dec.cross_attend(i, hd, kv, cmask)
-                        hd = layer(hd, rope, mask, dec_ctx[i])
-                    if e == L:
-                        logits = project(hd[:, -1:], dec.norm, dec.output)[0][0, 0]
-                # keep only what later blocks read: the pooling window of the next patch to
-                # complete, the decoder keys of the last dw complete patches
-                cut = bounds[max(0, done - ew + 1)]
-                held = [x[cut - held_from :] for x in held]
-                held_from = cut
-                cut = max(0, done - dw)
-                keys = keys[(cut - keys_from) * k :]
-                keys_from = cut
-            s = e
-        if r.ent_ctx is not None:
-            self.ent.fill(b, r.ent_ctx, L)
-        self.enc.fill(b, enc_ctx, L)
-        self.dec.fill(b, dec_ctx, L)
-        self.glob.fill(b, glob_ctx, P_complete)
-        # encoder patch buffer: the bytes of the open patch's pooling window
-        C = self.buf_pos.shape[1]
-        p = torch.arange(held_from, L, device=dev)
-        for j, hs in enumerate(held):
-            self.buf[j][b, p % C] = hs
-        self.buf_pos[b, p % C] = p
-        self.buf_patch[b, p % C] = patch_ids[held_from:]
-        # decoder patch store: the last dw complete patches (keys holds patches keys_from..)
-        for c in range(keys_from, P_complete):
-            sl = slice((c % dw) * k, (c % dw + 1) * k)
-            for j, ca in enumerate(self.dec_mods):
-                kk, vv = _cross_kv(ca, keys[None, (c - keys_from) * k : (c - keys_from + 1) * k])
-                self.store_k[j][b, :, sl] = kk[0]
-                self.store_v[j][b, :, sl] = vv[0]
-            self.store_valid[b, sl] = True
-        return logits
+        """Row b's prompt into the caches (_RowPrefill) -> (V,) logits for its next byte."""
+        return _RowPrefill(self, b, r).run()
 
     def _allocate(self, rows: list[_Patched]) -> None:
         m, cfg, B, dev, dt = self.model, self.cfg, self.B, self.device, self.dtype
@@ -935,8 +975,10 @@ class Engine:
         self.dec = stack(cfg.decoder, cfg.decoder.n_layers)
         g = cfg.global_model
         pmax = max(r.P_complete for r in rows)
-        # a patch completes at most once per byte: compiled graphs get that bound up front
-        extra = self.max_new + 1 if self.fuse else min(self.max_new, 256) + 1
+        # a patch completes at most once per byte: compiled graphs get that bound up front; else
+        # as many as growing the cache (a copy beside the old one: a long prompt's is large)
+        # would cost anyway, an eighth of the prompt's, or 256
+        extra = self.max_new + 1 if self.fuse else min(self.max_new, max(256, pmax // 8)) + 1
         self.glob = KVCache(g.n_layers, B, g.kv_heads, g.head_dim, g.window, pmax + extra, dev, dt)
 
         # per-row scalars, updated in place by the step functions
