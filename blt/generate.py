@@ -179,18 +179,19 @@ class ThreadChooser:
     bench/generate_speed.py --cpu-load); the prefill's large products gain more on idle cores
     and lose as much beside a busy process.
 
-    It starts on the fewest threads (never the slow choice). Every `every` units of work it
-    tries the other choice for `trial` of them, and keeps it if their median time beats the
+    It starts on the fewest threads (never the slow choice) and tries the other after `first`
+    units of work, then every `every` units: for `trial` of them, and keeps it if their median time beats the
     current choice's (its last `trial` timings) by 5%. A trial stops at once on a unit over
     1.5x the current median; a lost trial makes `every` 4x longer (up to 64x), a won one
     resets it: beside a busy process, trials of more threads soon become rare.
     On more than the fewest threads, a unit over 2x the median (load came) starts a trial of
     the fewest at once. Timings: seconds per unit of work, given by the caller to record()."""
 
-    def __init__(self, choices, every: int = 32, trial: int = 8):
+    def __init__(self, choices, every: int = 32, trial: int = 8, first: int = 8):
         self.choices = sorted(set(choices))
         self.cur = self.choices[0]
-        self.base_every = self.every = self.countdown = every
+        self.base_every = self.every = every
+        self.countdown = first
         self.trial_len = trial
         self.times = {n: deque(maxlen=trial) for n in self.choices}
         self.trying, self.trial_times = None, []
@@ -869,8 +870,9 @@ class Engine:
         # The step helpers split their products for the most threads.
         self.threads = threads or min(_cores(), MAX_AUTO_THREADS)
         choices = (threads,) if threads else (1, self.threads)
-        self.choosers = {"entropy": ThreadChooser(choices, every=2, trial=1),
-                         "block": ThreadChooser(choices, every=2, trial=1), "step": ThreadChooser(choices)}  # fmt: skip
+        blocks = dict(every=2, trial=1, first=1)
+        self.choosers = {"entropy": ThreadChooser(choices, **blocks), "block": ThreadChooser(choices, **blocks),
+                         "step": ThreadChooser(choices)}  # fmt: skip
         self.max_new = max_new
         pc = self.pc = cfg.patcher
         if pc.needs_entropy and model.entropy_model is None:

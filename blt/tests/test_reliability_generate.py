@@ -203,7 +203,7 @@ def test_thread_chooser_follows_the_load():
     """Idle (2 threads faster): it moves to 2 threads after one trial. Load comes (2 threads
     slow): one slow step starts a trial of 1 thread, which wins. Busy: trials of 2 threads stop
     after their first slow step, and become rarer."""
-    ch = G.ThreadChooser((1, 2), every=4, trial=3)
+    ch = G.ThreadChooser((1, 2), every=4, trial=3, first=4)
     cost = {1: 1.0, 2: 0.8}
     log = []
     for _ in range(20):
@@ -243,7 +243,7 @@ def test_generate_runs_on_the_chosen_threads_and_restores(monkeypatch):
     monkeypatch.setattr(G, "_cores", lambda: 2)
     torch.set_num_threads(2)
     G.generate(model, "Once", max_new=40, temperature=0)
-    assert seen["step"][:30] == [1] * 30  # the fewest first, until the first trial
+    assert seen["step"][:8] == [1] * 8  # the fewest first, until the first trial
     assert torch.get_num_threads() == 2
     seen = {"step": [], "block": []}
     torch.set_num_threads(1)
