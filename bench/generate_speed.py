@@ -3,6 +3,7 @@
     python bench/generate_speed.py --device cuda            # bench preset, 1 and 64 streams
     python bench/generate_speed.py --device cpu --streams 1 --max-new 100
     python bench/generate_speed.py --checkpoint checkpoints --device cpu   # the shipped model
+    python bench/generate_speed.py --checkpoint checkpoints --cpu-load     # CPU threads, idle and busy
 
 Greedy decoding from "Once upon a time" (stop strings off, so every stream makes max-new
 bytes). The random-init `bench` model gets θ calibrated to ~4.5 bytes/patch on random text
@@ -11,9 +12,16 @@ Full recomputation re-patches and re-runs the whole BLT over the prefix for ever
 the official code does). transformers' port is run with its cache off (with it on, its
 `generate` raises); it gets our weights, converted. A compiled row (--compile, CUDA) also says
 whether its step really ran as CUDA graphs, from inductor's counters (a skip is only a warning).
+
+--cpu-load: bytes/s of `generate` as the CLI runs it (the prompt above, 300 bytes, temperature
+0.7, prefill included, as `--stats` reports) on 1 CPU thread, 2, and its default (1 or 2,
+chosen while running), on idle cores and with one busy-looping process per core beside it
+(another job on the machine).
 """
 
 import argparse
+import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blt.config import bench  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
-from blt.generate import NEVER_SAMPLED, Engine, generate_uncached, pipelined, sample_next  # noqa: E402
+from blt.generate import MAX_AUTO_THREADS, NEVER_SAMPLED, Engine, generate, generate_uncached, pipelined, sample_next  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
 from blt.tokens import encode  # noqa: E402
@@ -178,6 +186,41 @@ def run_hf(model, prompt, max_new, device):
     return (out.shape[1] - x.shape[1]) / (time.perf_counter() - t0)
 
 
+def _busy():
+    while True:
+        pass
+
+
+def cpu_load_table(model, repeats: int, max_new: int) -> None:
+    """bytes/s of generate() on 1 and 2 threads and on its default (1 or 2, chosen while it
+    runs) on idle cores, then beside one busy-looping process per core; the best of `repeats`
+    runs each (on a shared machine, the run least disturbed by other jobs)."""
+    cores = os.cpu_count()
+    threads = [1, 2, None]
+    print(f"CPU: {cores} cores; torch {torch.__version__}; generate's default chooses 1..{MAX_AUTO_THREADS} threads")
+    print(f"{'load':20s} " + " ".join(f"{f'{n} thread' + 's' * (n > 1) if n else 'default':>12s}" for n in threads))
+    for load in (0, cores):
+        procs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(load)]
+        for p in procs:
+            p.start()
+        try:
+            time.sleep(0.5 if load else 0)
+            row = []
+            for n in threads:
+                runs = []
+                for r in range(repeats):
+                    _, stats = generate(model, "Once upon a time", max_new=max_new, temperature=0.7, seed=r,
+                                        threads=n, return_stats=True)  # fmt: skip
+                    runs.append(stats.bytes_per_s)
+                row.append(max(runs))
+        finally:
+            for p in procs:
+                p.terminate()
+                p.join()
+        label = "idle" if not load else f"{load} busy process{'es' * (load > 1)}"
+        print(f"{label:20s} " + " ".join(f"{v:12.1f}" for v in row), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -189,11 +232,16 @@ def main():
     ap.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile for the byte step")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--profile", action="store_true", help="profile 50 steps of each cached run")
+    ap.add_argument("--cpu-load", action="store_true", help="only the CPU table: threads x idle / busy cores")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per cell of the --cpu-load table (best)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = BLT.from_pretrained(args.checkpoint, device) if args.checkpoint else bench_model(device)
+    if args.cpu_load:
+        cpu_load_table(model, args.repeats, args.max_new)
+        return
     prompt = encode("Once upon a time")
     name = args.checkpoint or "bench preset (random init)"
     hw = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -466,18 +466,28 @@ def load_hf_checkpoint(path: str | Path, device: str | torch.device = "cpu", dty
     """Our BLT from an HF BltForCausalLM folder (config.json with model_type "blt" and
     model.safetensors, or shards with model.safetensors.index.json). transformers is not needed.
 
-    dtype: None keeps the checkpoint's dtype; otherwise floating tensors are cast to it.
+    dtype: None keeps the checkpoint's dtypes (the published ones mix float32 and bf16:
+    BLT.from_pretrained brings them to one); otherwise floating tensors are cast to it.
+    Raises blt.checkpoint.CheckpointError (one line) for a folder it cannot load.
     """
+    from safetensors import SafetensorError
+
+    from blt.checkpoint import CheckpointError
+
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    hf_cfg = json.loads(config_file.read_text())
-    if hf_cfg.get("model_type") != "blt":
-        raise ValueError(f"{config_file}: model_type is {hf_cfg.get('model_type')!r}, expected 'blt'")
-    cfg = our_config_from_hf(hf_cfg)
-    hf_sd = _read_hf_weights(path)
-    hf_sd = {key: value for key, value in hf_sd.items() if not key.endswith(("inv_freq", "original_inv_freq"))}
-    if not hf_cfg.get("patch_in_forward", True):
-        hf_sd = {key: value for key, value in hf_sd.items() if not key.startswith(_HF_PATCHER)}
-    return _build_model(cfg, state_dict_from_hf(hf_sd, cfg), device=device, dtype=dtype)
+    try:
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        hf_cfg = json.loads(config_file.read_text())
+        if hf_cfg.get("model_type") != "blt":
+            raise ValueError(f"{config_file}: model_type is {hf_cfg.get('model_type')!r}, expected 'blt'")
+        cfg = our_config_from_hf(hf_cfg)
+        hf_sd = _read_hf_weights(path)
+        hf_sd = {key: value for key, value in hf_sd.items() if not key.endswith(("inv_freq", "original_inv_freq"))}
+        if not hf_cfg.get("patch_in_forward", True):
+            hf_sd = {key: value for key, value in hf_sd.items() if not key.startswith(_HF_PATCHER)}
+        return _build_model(cfg, state_dict_from_hf(hf_sd, cfg), device=device, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        msg = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())  # one line
+        raise CheckpointError(f"cannot load the transformers checkpoint in {path}: {msg}") from None

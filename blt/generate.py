@@ -43,7 +43,9 @@ counters lag a step, which the capacity checks allow for; a row's stop is seen a
 On CPU a step is bound by memory bandwidth (every per-byte weight is read from memory for
 each byte) and by per-call overhead (hundreds of small ops), so the step helpers keep each
 weight in the layout whose product streams fastest, split every product across the threads,
-and skip what the host already knows (empty cache slots, masks of a single row).
+and skip what the host already knows (empty cache slots, masks of a single row). How many
+threads: 1 or 2, chosen while running by timing the work (ThreadChooser): a second thread
+is faster on idle cores and many times slower beside another busy process.
 
 Batching: every row has its own position counter and its own patching, and each cache
 slot records the position it holds, so the masks are built per row from those positions
@@ -59,10 +61,13 @@ batched Gumbel-max draw per byte whose noise is a hash of (row seed, byte index,
 
 Prompts: text is encoded as BOS + UTF-8 bytes; an empty prompt generates from BOS alone.
 Id lists are used as given (an empty one becomes [BOS]). There is no length limit: the
-prompt is prefilled with one forward pass (dense masks up to PREFILL_DENSE_MAX bytes, O(L^2)
-in memory; FlexAttention beyond that on CUDA), after which the entropy model and the local
-models see only their sliding windows (bounded memory) and the global model sees every
-patch so far (its cache grows by one slot per patch, as BLT.forward's global context would).
+prompt is prefilled in blocks of PREFILL_CHUNK bytes (Engine.prefill, _RowPrefill), each
+attending to what the caches keep of the blocks before it, so memory grows linearly with the
+prompt (no attention compares more than PREFILL_PAIRS query-key pairs at once) and so does
+time, but for the global model's attention over every patch. After it the entropy model and
+the local models see only their sliding windows (bounded memory) and the global model sees
+every patch so far (its cache grows by one slot per patch, as BLT.forward's global context
+would).
 
 The sampler never emits the ids BOE, BOS and BPE (they are not text); EOS ends a row.
 """
@@ -70,11 +75,14 @@ The sampler never emits the ids BOE, BOS and BPE (they are not text); EOS ends a
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 import os
+import statistics
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,15 +92,23 @@ from torch import nn
 
 from blt import masks as M
 from blt.entropy_model import entropy
+from blt.layers import project
 from blt.patcher import _is_word_byte, lengths_from_starts, patch_starts
 from blt.tokens import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET, VOCAB_SIZE, StreamDecoder, encode
 
 DEFAULT_STOP = ("<|endoftext|>",)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints"
 NEVER_SAMPLED = (BOE_ID, BOS_ID, BPE_ID)
-# Prompts up to this many bytes are prefilled with dense masks on every device (FlexAttention
-# would compile anew for every prompt length); longer ones use the device's default backend.
-PREFILL_DENSE_MAX = 4096
+# Prompts are prefilled in blocks of at most this many bytes (and of the patches these
+# complete), each block attending to what the caches keep of the blocks before it ...
+PREFILL_CHUNK = 2048
+# ... and no attention of the prefill compares more query-key pairs than this at once (a block
+# shrinks where a stack without a window, e.g. the global model's, has many keys behind it).
+PREFILL_PAIRS = 1 << 23
+# The most CPU threads the engine gives its work on its own (ThreadChooser picks 1 or this
+# many, capped by the cores; Engine(threads=N) fixes N).
+MAX_AUTO_THREADS = 2
+SEED_MAX = 2**63 - 1  # row seeds (seed + row) are int64
 
 
 @dataclass
@@ -121,6 +137,99 @@ def check_sampling_args(max_new, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_seed(seed, rows: int = 1) -> None:
+    """Raise a one-line ValueError for a seed the rows' int64 seeds (seed + row) cannot hold."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX - (rows - 1):
+        raise ValueError(f"seed must be an integer in [0, 2**63 - {rows}] (None: random), got {seed!r}")
+
+
+@contextmanager
+def restored_threads():
+    """torch's thread count, whatever the body sets, restored after it."""
+    old = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
+
+
+@contextmanager
+def cpu_threads(n: int | None):
+    """torch.set_num_threads(n) for the duration (None: leave it)."""
+    with restored_threads():
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        yield
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ThreadChooser:
+    """Picks the CPU threads of a repeated piece of work (a byte step, a prefill block) by
+    timing it while it runs, as the machine's load comes and goes. The per-byte step is
+    hundreds of small products: on 2 idle cores a second thread makes it ~15% faster, beside
+    one busy process 5-60x slower (each product waits for the thread the OS has descheduled;
+    bench/generate_speed.py --cpu-load); the prefill's large products gain more on idle cores
+    and lose as much beside a busy process.
+
+    It starts on the fewest threads (never the slow choice) and tries the other after `first`
+    units of work, then every `every` units: for `trial` of them, and keeps it if their median time beats the
+    current choice's (its last `trial` timings) by 5%. A trial stops at once on a unit over
+    1.5x the current median; a lost trial makes `every` 4x longer (up to 64x), a won one
+    resets it: beside a busy process, trials of more threads soon become rare.
+    On more than the fewest threads, a unit over 2x the median (load came) starts a trial of
+    the fewest at once. Timings: seconds per unit of work, given by the caller to record()."""
+
+    def __init__(self, choices, every: int = 32, trial: int = 8, first: int = 8):
+        self.choices = sorted(set(choices))
+        self.cur = self.choices[0]
+        self.base_every = self.every = every
+        self.countdown = first
+        self.trial_len = trial
+        self.times = {n: deque(maxlen=trial) for n in self.choices}
+        self.trying, self.trial_times = None, []
+
+    @property
+    def threads(self) -> int:
+        return self.trying or self.cur
+
+    def record(self, seconds: float, comparable: bool = True) -> None:
+        """One unit of work took `seconds` on self.threads threads; comparable=False: a unit
+        unlike the others (e.g. a step that also ran the global model), not timed."""
+        if self.trying is None:
+            if not comparable:
+                return
+            cur = self.times[self.cur]
+            load_came = self.cur != self.choices[0] and len(cur) > 0 and seconds > 2 * statistics.median(cur)
+            cur.append(seconds)
+            self.countdown -= 1
+            if len(self.choices) > 1 and (self.countdown <= 0 or load_came):
+                self.trying = self.choices[0] if self.cur != self.choices[0] else self.choices[-1]
+                self.trial_times = []
+            return
+        if not comparable:
+            return
+        base = statistics.median(self.times[self.cur])
+        self.trial_times.append(seconds)
+        if seconds > 1.5 * base:
+            won = False
+        elif len(self.trial_times) >= self.trial_len:
+            won = statistics.median(self.trial_times) < 0.95 * base
+        else:
+            return
+        if won:
+            self.times[self.trying].extend(self.trial_times)
+            self.cur, self.every = self.trying, self.base_every
+        else:
+            self.every = min(4 * self.every, 64 * self.base_every)
+        self.trying, self.countdown = None, self.every
 
 
 _M32 = 0xFFFFFFFF
@@ -204,7 +313,9 @@ class KVCache:
         """Room for slot index needed-1 (full caches only; rings never grow). True if it grew."""
         if self.window is not None or needed <= self.capacity:
             return False
-        extra = max(needed, 2 * self.capacity) - self.capacity
+        # grow by a quarter (at least 256 slots): old and new together hold 2.25x while copying,
+        # where doubling would hold 3x (a long prompt's global cache is large)
+        extra = max(needed, self.capacity + max(self.capacity // 4, 256)) - self.capacity
         self.kv = [F.pad(t, (0, 0, 0, extra)) for t in self.kv]
         self.pos = F.pad(self.pos, (0, extra), value=-1)
         return True
@@ -234,30 +345,94 @@ class KVCache:
             vis &= (pos[:, None] - p) < self.window
         return (rows, slice(None), slot), vis[:, None, None, :], n
 
-    def fill(self, row: int, ks, vs, n: int) -> None:
-        """Prefill row `row` with positions 0..n-1 from per-layer (Hkv, >=n, Dh) tensors; a ring
-        keeps the last `window` of them."""
-        first = max(0, n - self.capacity) if self.window is not None else 0
-        if self.window is None:
+    def contexts(self, row: int) -> list:
+        """One _Context per layer to prefill row `row` through; without a window they write
+        their keys/values straight into this cache's slots (slot = position)."""
+        return [_Context(self.window, kv[row] if self.window is None else None) for kv in self.kv]
+
+    def fill(self, row: int, contexts: list, n: int) -> None:
+        """Take over what `contexts` (one per layer) hold after prefilling positions 0..n-1 of
+        row `row`: a ring keeps the last `window` positions."""
+        if self.window is not None:
+            m = contexts[0].n  # they hold positions n-m..n-1
+            keep = min(m, self.capacity)
+            p = torch.arange(n - keep, n, device=self.pos.device)
+            s = self.slot(p)
+            for kv, c in zip(self.kv, contexts):
+                k, v = c.held()
+                kv[row, : self.n_kv, s] = k[:, m - keep :].to(kv.dtype)
+                kv[row, self.n_kv :, s] = v[:, m - keep :].to(kv.dtype)
+            self.pos[row, s] = p
+        else:
             self.ensure(n)
-        p = torch.arange(first, n, device=self.pos.device)
-        s = self.slot(p)
-        for kv, k, v in zip(self.kv, ks, vs):
-            kv[row, : self.n_kv, s] = k[:, first:n].to(kv.dtype)
-            kv[row, self.n_kv :, s] = v[:, first:n].to(kv.dtype)
-        self.pos[row, s] = p
+            p = torch.arange(n, device=self.pos.device)
+            for kv, c in zip(self.kv, contexts):
+                if c.store is None or c.store.data_ptr() != kv[row].data_ptr():  # not written in place
+                    k, v = c.held()
+                    kv[row, : self.n_kv, :n] = k.to(kv.dtype)
+                    kv[row, self.n_kv :, :n] = v.to(kv.dtype)
+            self.pos[row, :n] = p
 
     def select(self, idx) -> None:
         self.kv = [t.index_select(0, idx) for t in self.kv]
         self.pos = self.pos.index_select(0, idx)
 
 
-class _Recorder:
-    """A SelfAttention cache callable that records the full prompt's keys/values (prefill)."""
+class _Context:
+    """A SelfAttention cache callable for prefilling in blocks: it puts the keys/values of the
+    positions before the block that the block may attend in front of the block's own, and
+    keeps the last `window` positions of both for the next block. Without a window it keeps
+    every position, in `store` (2·Hkv, capacity, Dh), keys first, as a KVCache row lays them
+    out (KVCache.contexts gives its own row: written in place), or in one it allocates for
+    `total` positions."""
+
+    def __init__(self, window: int | None, store: torch.Tensor | None = None, total: int = 0):
+        self.window, self.store, self.total = window, store, total
+        self.k = self.v = None
+        self.n = 0  # positions held
 
     def __call__(self, k, v):
-        self.k, self.v = k, v
+        """k, v (1, Hkv, m, Dh) of the block's m positions -> every key/value they may attend."""
+        m, h = k.shape[2], k.shape[1]
+        if self.window is None:
+            if self.store is None:
+                self.store = k.new_empty(2 * h, self.total, k.shape[3])
+            self.store[:h, self.n : self.n + m] = k[0]
+            self.store[h:, self.n : self.n + m] = v[0]
+            self.n += m
+            return self.store[None, :h, : self.n], self.store[None, h:, : self.n]
+        if self.n:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.n = min(self.window, k.shape[2])
+        self.k, self.v = k[:, :, -self.n :], v[:, :, -self.n :]
         return k, v
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Hkv, n, Dh) keys and values of the last n positions seen."""
+        if self.window is None:
+            h = self.store.shape[0] // 2
+            return self.store[:h, : self.n], self.store[h:, : self.n]
+        return self.k[0], self.v[0]
+
+
+def _block_mask(q0: int, n: int, ctx: int, window: int | None, device) -> torch.Tensor:
+    """(1,1,n,ctx+n) bool: queries at positions q0..q0+n-1 over keys at q0-ctx..q0+n-1 (the
+    `ctx` positions a _Context holds, then the block's own), causal, sliding window."""
+    q = torch.arange(q0, q0 + n, device=device)[:, None]
+    k = torch.arange(q0 - ctx, q0 + n, device=device)[None, :]
+    vis = k <= q
+    if window is not None:
+        vis &= q - k < window
+    return vis[None, None]
+
+
+def _block_len(ctx: int, want: int) -> int:
+    """How many queries a prefill block takes, at most `want`: as many as keep queries x keys
+    (the ctx held ones and the block's own) within PREFILL_PAIRS, at least one."""
+    n = want
+    while n > 1 and n * (ctx + n) > PREFILL_PAIRS:
+        n = (n + 1) // 2
+    return n
 
 
 # ---- one-position building blocks (mirror layers.py with cached keys/values) ---------------
@@ -519,20 +694,158 @@ class _StepModule(nn.Module):
 
 
 @dataclass
+class _Patched:
+    """A prompt after the prefill's first pass (entropy model, patcher): everything the engine
+    needs to size its caches, linear in the prompt's length."""
+
+    ids: torch.Tensor  # (L,) long
+    H: torch.Tensor | None  # (L,) entropies (entropy-based patching only)
+    ent_ctx: list | None  # the entropy model's _Context per layer, after the whole prompt
+    patch_ids: torch.Tensor  # (L,) patch of each byte
+    dec_ids: torch.Tensor  # (L,) masks.decoder_patch_ids
+    bounds: list  # patch j holds bytes bounds[j]..bounds[j+1]-1 (P+1 entries)
+    P_complete: int  # complete patches (the last one is complete iff byte L would open a patch)
+
+    @property
+    def L(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def cur_len(self) -> int:
+        """Bytes of the open patch before position L."""
+        return self.L - self.bounds[self.P_complete]
+
+    def recent_starts(self, ew: int) -> list:
+        """Start positions of the last ew patches, the open one (starting at L if the last is
+        complete) included."""
+        return self.bounds[max(0, self.P_complete - ew + 1) : self.P_complete + 1]
+
+
 class _RowPrefill:
-    logits: torch.Tensor  # (V,) prediction for the byte after the prompt
-    L: int
-    ent_kv: list | None
-    H_last: torch.Tensor | None
-    enc_kv: list
-    glob_kv: list
-    dec_kv: list
-    cross_h: list  # per encoder pooling layer: (L, D) byte states
-    patch_ids: torch.Tensor  # (L,)
-    dec_keys: torch.Tensor  # (P·k, D) decoder cross-attention inputs (patch_keys)
-    P_complete: int
-    cur_len: int  # bytes of the open patch before position L
-    recent_starts: list  # start positions of the last w_enc patches (the open one included)
+    """One row's prompt through the model's own modules (BLT.forward's computation) in blocks
+    of at most PREFILL_CHUNK bytes, into the engine's caches.
+
+    Per block of bytes: the encoder; for the patches the block completes, pooling (over the
+    encoder states kept from the first byte of the next patch's pooling window on), the global
+    model (in blocks of patches) and the decoder's patch keys; then the decoder. Every
+    attention sees the keys it sees in one forward over the whole prompt: the byte stacks have
+    sliding windows (their _Context keeps them), the global model's context holds every
+    complete patch (or its window), and a patch is pooled once all its bytes have run. The
+    decoder runs only over the last n_layers·(window-1)+1 bytes: nothing the engine keeps
+    depends on its states before those."""
+
+    def __init__(self, eng: "Engine", b: int, r: _Patched):
+        self.eng, self.b, self.r = eng, b, r
+        m, cfg = eng.model, eng.cfg
+        self.enc, self.gm, self.dec = m.encoder, m.global_model, m.decoder
+        self.enc_ctx, self.glob_ctx, self.dec_ctx = (c.contexts(b) for c in (eng.enc, eng.glob, eng.dec))
+        dw = cfg.decoder.window
+        self.d0 = 0 if dw is None else max(0, r.L - 1 - len(self.dec.layers) * (dw - 1))  # decoder's first byte
+        self.held, self.held_from = [None] * len(eng.enc_cross), 0  # per pooling layer: states of bytes held_from..
+        self.keys, self.keys_from = None, 0  # decoder patch keys of patches keys_from.., k rows each
+        self.done = 0  # complete patches through the global model
+
+    def run(self) -> torch.Tensor:
+        eng, r = self.eng, self.r
+        L, s, logits = r.L, 0, None
+        while s < L:
+            e = min(L, s + _block_len(max(self.enc_ctx[0].n, self.dec_ctx[0].n), PREFILL_CHUNK))
+            with eng._timed("block", e - s):
+                h = self._encoder(s, e)
+                self._patches(min(bisect.bisect_right(r.bounds, e) - 1, r.P_complete))  # complete by byte e
+                if e > self.d0:
+                    logits = self._decoder(h[:, max(s, self.d0) - s :], max(s, self.d0), e)
+                self._drop_unread()
+            s = e
+        self._fill_caches()
+        return logits
+
+    def _encoder(self, s: int, e: int) -> torch.Tensor:
+        """Bytes s..e-1 through the encoder -> (1, e-s, D); the pooling layers' states held."""
+        enc, dev, t = self.enc, self.eng.device, self.r.ids
+        lo = max(0, s - self.eng.nmax + 1)  # the hash n-grams read the ids before the block
+        h = enc.embed(t[None, lo:e])[:, s - lo :]
+        rope = enc.rope(torch.arange(s, e, device=dev))
+        mask = _block_mask(s, e - s, self.enc_ctx[0].n, enc.cfg.window, dev)
+        j = 0
+        for i, layer in enumerate(enc.layers):
+            h = layer(h, rope, mask, self.enc_ctx[i])
+            if enc.has_cross_attn(i):
+                self.held[j] = h[0] if self.held[j] is None else torch.cat((self.held[j], h[0]))
+                j += 1
+        return h
+
+    def _patches(self, now: int) -> None:
+        """Patches done..now-1 (all their bytes encoded): pooling, the global model, the
+        decoder's patch keys; in blocks of patches as many as PREFILL_PAIRS allows."""
+        eng, r, dev = self.eng, self.r, self.eng.device
+        k, ew, bounds, patch_ids = eng.k, eng.ew, r.bounds, r.patch_ids
+        while self.done < now:
+            done, g = self.done, _block_len(self.glob_ctx[0].n, now - self.done)
+            a, b0, b1 = bounds[max(0, done - ew + 1)], bounds[done], bounds[done + g]
+            own = self.held[0][None, b0 - self.held_from : b1 - self.held_from]
+            queries = self.enc.init_queries(own, patch_ids[None, b0:b1] - done, g)
+            d = (done + torch.arange(g * k, device=dev) // k)[:, None] - patch_ids[None, a:b1]
+            mask = ((d >= 0) & (d < ew))[None, None]  # query of patch p: bytes of patches p-ew+1..p
+            for j, i in enumerate(eng.enc_cross):
+                window = self.held[j][None, a - self.held_from : b1 - self.held_from]
+                queries = self.enc.cross_attend(i, queries, window, mask)
+            gmask = _block_mask(done, g, self.glob_ctx[0].n, self.gm.cfg.window, dev)
+            pos = torch.arange(done, done + g, device=dev)
+            new = self.dec.patch_keys(self.gm(queries.view(1, g, -1), gmask, positions=pos, caches=self.glob_ctx))[0]
+            self.keys = new if self.keys is None else torch.cat((self.keys, new))
+            self.done += g
+
+    def _decoder(self, h: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Bytes s..e-1 (encoder states h) through the decoder -> (V,) logits of byte e-1."""
+        eng, dec, dev, dec_ids = self.eng, self.dec, self.eng.device, self.r.dec_ids
+        k, dw = eng.k, eng.dw
+        first = max(0, int(dec_ids[s]) - dw + 1)  # the first patch a byte of the block reads
+        kv = self.keys[(first - self.keys_from) * k :]
+        d = dec_ids[s:e, None] - (first + torch.arange(kv.shape[0], device=dev) // k)[None, :]
+        cmask = ((d >= 0) & (d < dw))[None, None]  # byte t: patches dec_ids[t]-dw+1..dec_ids[t]
+        mask = _block_mask(s, e - s, self.dec_ctx[0].n, dec.cfg.window, dev)
+        rope = dec.rope(torch.arange(s, e, device=dev))
+        for i, layer in enumerate(dec.layers):
+            if dec.has_cross_attn(i):
+                h = dec.cross_attend(i, h, kv[None], cmask)
+            h = layer(h, rope, mask, self.dec_ctx[i])
+        return project(h[:, -1:], dec.norm, dec.output)[0][0, 0]
+
+    def _drop_unread(self) -> None:
+        """Keep only what later blocks read: the pooling window of the next patch to complete,
+        the decoder keys of the last dw complete patches."""
+        cut = self.r.bounds[max(0, self.done - self.eng.ew + 1)]
+        self.held = [x[cut - self.held_from :] for x in self.held]
+        self.held_from = cut
+        cut = max(0, self.done - self.eng.dw)
+        self.keys = self.keys[(cut - self.keys_from) * self.eng.k :]
+        self.keys_from = cut
+
+    def _fill_caches(self) -> None:
+        """Hand the engine's caches what the prefill leaves: the self-attention contexts, the
+        encoder patch buffer (the open patch's pooling window), the decoder patch store."""
+        eng, b, r, dev = self.eng, self.b, self.r, self.eng.device
+        k, dw, L = eng.k, eng.dw, r.L
+        if r.ent_ctx is not None:
+            eng.ent.fill(b, r.ent_ctx, L)
+        eng.enc.fill(b, self.enc_ctx, L)
+        eng.dec.fill(b, self.dec_ctx, L)
+        eng.glob.fill(b, self.glob_ctx, r.P_complete)
+        C = eng.buf_pos.shape[1]
+        p = torch.arange(self.held_from, L, device=dev)
+        for j, hs in enumerate(self.held):
+            eng.buf[j][b, p % C] = hs
+        eng.buf_pos[b, p % C] = p
+        eng.buf_patch[b, p % C] = r.patch_ids[self.held_from :]
+        for c in range(self.keys_from, r.P_complete):  # the last dw complete patches
+            sl = slice((c % dw) * k, (c % dw + 1) * k)
+            keys = self.keys[None, (c - self.keys_from) * k : (c - self.keys_from + 1) * k]
+            for j, ca in enumerate(eng.dec_mods):
+                kk, vv = _cross_kv(ca, keys)
+                eng.store_k[j][b, :, sl] = kk[0]
+                eng.store_v[j][b, :, sl] = vv[0]
+            eng.store_valid[b, sl] = True
 
 
 class Engine:
@@ -540,7 +853,7 @@ class Engine:
     byte; `step(ids)` feeds one byte per row and returns the logits for the byte after it."""
 
     def __init__(self, model, prompts: list[list[int]], max_new: int, compile: bool = False,
-                 fuse: bool | None = None):  # fmt: skip
+                 fuse: bool | None = None, threads: int | None = None):  # fmt: skip
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token id")
         if model.training:
@@ -551,6 +864,15 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.B = len(prompts)
         self.prompts = [list(p) for p in prompts]
+        # CPU threads: `threads`, or None: 1 or up to MAX_AUTO_THREADS, chosen while running by
+        # timing the work (ThreadChooser), separately for the prefill's entropy-model blocks, its
+        # byte blocks and the steps (the caller applies the steps' choice: timed_step).
+        # The step helpers split their products for the most threads.
+        self.threads = threads or min(_cores(), MAX_AUTO_THREADS)
+        choices = (threads,) if threads else (1, self.threads)
+        blocks = dict(every=2, trial=1, first=1)
+        self.choosers = {"entropy": ThreadChooser(choices, **blocks), "block": ThreadChooser(choices, **blocks),
+                         "step": ThreadChooser(choices)}  # fmt: skip
         self.max_new = max_new
         pc = self.pc = cfg.patcher
         if pc.needs_entropy and model.entropy_model is None:
@@ -586,66 +908,62 @@ class Engine:
     # ---- prefill ------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
-        rows = [self._prefill_row(p) for p in self.prompts]
+        """Run every row's prompt into the caches -> (B,V) logits for each row's next byte.
+
+        Time and memory grow linearly with the prompt (the global model's attention aside,
+        which holds every patch): a row is patched first (_patch: the entropy model in blocks),
+        the caches are sized from the patch counts, then its bytes run through the encoder,
+        global model and decoder in blocks (_prefill_row), written straight into the caches."""
+        rows = [self._patch(p) for p in self.prompts]
         self._allocate(rows)
-        return torch.stack([r.logits for r in rows])
+        return torch.stack([self._prefill_row(b, r) for b, r in enumerate(rows)])
 
-    def _prefill_row(self, ids: list[int]) -> _RowPrefill:
-        """One row through the model's own full-forward pieces (exactly BLT.forward), recording
-        every self-attention key/value and the encoder's byte states."""
-        m, cfg = self.model, self.cfg
+    @contextmanager
+    def _timed(self, kind: str, work: int):
+        """A prefill block of `work` bytes on CPU runs on the threads its ThreadChooser picks, and
+        is timed for it."""
+        if self.device.type != "cpu":
+            yield
+            return
+        chooser = self.choosers[kind]
+        with cpu_threads(chooser.threads):
+            t0 = time.perf_counter()
+            yield
+            chooser.record((time.perf_counter() - t0) / work)
+
+    def _patch(self, ids: list[int]) -> _Patched:
+        """The entropy model over the prompt in blocks of at most PREFILL_CHUNK bytes (each
+        block attends to the window the _Context keeps of the blocks before), then
+        patcher.patch_starts over the whole prompt (linear in its length)."""
         dev = self.device
-        t = torch.tensor([ids], dtype=torch.long, device=dev)
+        t = torch.tensor(ids, dtype=torch.long, device=dev)
         L = len(ids)
-        ent_kv, H = None, None
+        ent_ctx, H = None, None
         if self.pc.needs_entropy:
-            recs = [_Recorder() for _ in m.entropy_model.layers]
-            w, backend = cfg.entropy_model.window, "dense" if L <= PREFILL_DENSE_MAX else M.default_backend(dev)
-            H = entropy(m.entropy_model(t, mask=M.causal_mask(L, w, backend, dev), caches=recs))
-            ent_kv = [(r.k[0], r.v[0]) for r in recs]
-        starts = patch_starts(t, self.pc, H)
+            em = self.model.entropy_model
+            ent_ctx = [_Context(em.cfg.window, total=L) for _ in em.layers]
+            Hs, s = [], 0
+            while s < L:
+                e = min(L, s + _block_len(ent_ctx[0].n, PREFILL_CHUNK))
+                with self._timed("entropy", e - s):
+                    mask = _block_mask(s, e - s, ent_ctx[0].n, em.cfg.window, dev)
+                    pos = torch.arange(s, e, device=dev)
+                    Hs.append(entropy(em(t[None, s:e], positions=pos, mask=mask, caches=ent_ctx))[0])
+                s = e
+            H = torch.cat(Hs)
+        starts = patch_starts(t[None], self.pc, None if H is None else H[None])
         lengths = lengths_from_starts(starts[:, :L])
-        nsp = starts[:, L]
         patch_ids = M.patch_ids_from_lengths(lengths, L)
-        dec_ids = M.decoder_patch_ids(patch_ids, nsp)
+        dec_ids = M.decoder_patch_ids(patch_ids, starts[:, L])
         P = lengths.shape[1]
-        masks = M.build_masks(
-            patch_ids, dec_ids, P, self.k,
-            enc_window=cfg.encoder.window, dec_window=cfg.decoder.window, patch_window=cfg.global_model.window,
-            enc_cross_window=cfg.encoder.cross_attn_window, dec_cross_window=cfg.decoder.cross_attn_window,
-            backend="dense" if L <= PREFILL_DENSE_MAX else M.default_backend(dev),
-        )  # fmt: skip
-        # encoder (LocalEncoder.forward, keeping each pooling layer's byte states)
-        enc = m.encoder
-        rope = enc.rope(torch.arange(L, device=dev))
-        h = enc.embed(t)
-        enc_recs = [_Recorder() for _ in enc.layers]
-        queries, cross_h = None, []
-        for i, layer in enumerate(enc.layers):
-            h = layer(h, rope, masks.enc_self, enc_recs[i])
-            if enc.has_cross_attn(i):
-                cross_h.append(h[0])
-                if queries is None:
-                    queries = enc.init_queries(h, patch_ids, P)
-                queries = enc.cross_attend(i, queries, h, masks.enc_cross)
-        g_recs = [_Recorder() for _ in m.global_model.layers]
-        patch_out = m.global_model(queries.view(1, P, -1), masks.patch_self, caches=g_recs)
-        d_recs = [_Recorder() for _ in m.decoder.layers]
-        logits = m.decoder(h, patch_out, masks.dec_self, masks.dec_cross, caches=d_recs)
-        complete = bool(nsp[0])
-        P_complete = P if complete else P - 1
-        starts_pos = (lengths[0].cumsum(0) - lengths[0]).tolist() + ([L] if complete else [])
-        return _RowPrefill(
-            logits=logits[0, -1], L=L, ent_kv=ent_kv, H_last=None if H is None else H[0, -1],
-            enc_kv=[(r.k[0], r.v[0]) for r in enc_recs],
-            glob_kv=[(r.k[0], r.v[0]) for r in g_recs],
-            dec_kv=[(r.k[0], r.v[0]) for r in d_recs],
-            cross_h=cross_h, patch_ids=patch_ids[0], dec_keys=m.decoder.patch_keys(patch_out)[0],
-            P_complete=P_complete, cur_len=0 if complete else int(lengths[0, P - 1]),
-            recent_starts=starts_pos[-self.ew :],
-        )  # fmt: skip
+        return _Patched(t, H, ent_ctx, patch_ids[0], dec_ids[0], [0] + lengths[0].cumsum(0).tolist(),
+                        P if bool(starts[0, L]) else P - 1)  # fmt: skip
 
-    def _allocate(self, rows: list[_RowPrefill]) -> None:
+    def _prefill_row(self, b: int, r: _Patched) -> torch.Tensor:
+        """Row b's prompt into the caches (_RowPrefill) -> (V,) logits for its next byte."""
+        return _RowPrefill(self, b, r).run()
+
+    def _allocate(self, rows: list[_Patched]) -> None:
         m, cfg, B, dev, dt = self.model, self.cfg, self.B, self.device, self.dtype
         Lmax = max(r.L for r in rows)
         full_cap = Lmax + self.max_new + 1  # local stacks without a window: one slot per position
@@ -659,21 +977,17 @@ class Engine:
         self.dec = stack(cfg.decoder, cfg.decoder.n_layers)
         g = cfg.global_model
         pmax = max(r.P_complete for r in rows)
-        # a patch completes at most once per byte: compiled graphs get that bound up front
-        extra = self.max_new + 1 if self.fuse else min(self.max_new, 256) + 1
+        # a patch completes at most once per byte: compiled graphs get that bound up front; else
+        # as many as growing the cache (a copy beside the old one: a long prompt's is large)
+        # would cost anyway, an eighth of the prompt's, or 256
+        extra = self.max_new + 1 if self.fuse else min(self.max_new, max(256, pmax // 8)) + 1
         self.glob = KVCache(g.n_layers, B, g.kv_heads, g.head_dim, g.window, pmax + extra, dev, dt)
-        for b, r in enumerate(rows):
-            if self.ent is not None:
-                self.ent.fill(b, *zip(*r.ent_kv), r.L)
-            self.enc.fill(b, *zip(*r.enc_kv), r.L)
-            self.dec.fill(b, *zip(*r.dec_kv), r.L)
-            self.glob.fill(b, *zip(*r.glob_kv), r.P_complete)
 
         # per-row scalars, updated in place by the step functions
         self.pos = torch.tensor([r.L for r in rows], dtype=torch.long, device=dev)
         self.cur_patch = torch.tensor([r.P_complete for r in rows], dtype=torch.long, device=dev)
         self.cur_len = torch.tensor([r.cur_len for r in rows], dtype=torch.long, device=dev)
-        self.H_prev = torch.stack([r.H_last for r in rows]).float() if self.ent is not None else None
+        self.H_prev = torch.stack([r.H[-1] for r in rows]).float() if self.ent is not None else None
         win = torch.zeros(B, self.nmax, dtype=torch.long, device=dev)
         prev = torch.zeros(B, dtype=torch.long, device=dev)
         for b, p in enumerate(self.prompts):
@@ -684,25 +998,27 @@ class Engine:
         self.win, self.prev_tok = win, prev  # win[:, -1] is the last byte seen
         # host bookkeeping (what the buffer must keep; no device reads needed)
         self.h_pos = [r.L for r in rows]
-        self.h_starts = [deque(r.recent_starts, maxlen=self.ew) for r in rows]
+        self.h_starts = [deque(r.recent_starts(self.ew), maxlen=self.ew) for r in rows]
         self.h_patches = [r.P_complete for r in rows]
 
-        # encoder patch buffer: ring over byte positions
+        # encoder patch buffer: ring over byte positions (filled by _prefill_row)
         D = cfg.encoder.dim
-        need = max(r.L - r.recent_starts[0] + 1 for r in rows)
+        need = max(r.L - r.recent_starts(self.ew)[0] + 1 for r in rows)
         base = self.ew * (self.pc.max_patch_length or (64 if self.fuse else 16))  # fused: graphs keep it
         C = max(base, 1 << (need - 1).bit_length())
         self.buf = [torch.zeros(B, C, D, device=dev, dtype=dt) for _ in self.enc_cross]
         self.buf_pos = torch.full((B, C), -1, dtype=torch.long, device=dev)
         self.buf_patch = torch.full((B, C), -1, dtype=torch.long, device=dev)
-        for b, r in enumerate(rows):
-            p = torch.arange(r.recent_starts[0], r.L, device=dev)
-            s = p % C
-            for j, hs in enumerate(r.cross_h):
-                self.buf[j][b, s] = hs[p]
-            self.buf_pos[b, s] = p
-            self.buf_patch[b, s] = r.patch_ids[p]
 
+        with cpu_threads(self.threads):  # the step helpers split their products for the steps' threads
+            self._step_helpers()
+        self._bounds()
+        self._tensors_changed()
+
+    def _step_helpers(self) -> None:
+        """The model's weights arranged for one-position steps (_Block, _Cross, _Proj, _Norm),
+        and the decoder's patch store."""
+        m, cfg, B, dev, dt = self.model, self.cfg, self.B, self.device, self.dtype
         # decoder patch store: the last dw complete patches, k keys each, per cross layer
         dec = m.decoder
         self.dec_mods = [_Cross(dec.cross_attn[i if cfg.decoder.cross_attn_all_layers else 0]) for i in self.dec_cross]
@@ -712,15 +1028,6 @@ class Engine:
         self.store_v = [torch.zeros_like(t) for t in self.store_k]
         self.store_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
         self.store_ring = torch.arange(S, device=dev) // self.k  # ring index of each slot
-        for b, r in enumerate(rows):
-            for c in range(max(0, r.P_complete - self.dw), r.P_complete):
-                keys = r.dec_keys[c * self.k : (c + 1) * self.k][None]
-                sl = slice((c % self.dw) * self.k, (c % self.dw + 1) * self.k)
-                for j, ca in enumerate(self.dec_mods):
-                    kk, vv = _cross_kv(ca, keys)
-                    self.store_k[j][b, :, sl] = kk[0]
-                    self.store_v[j][b, :, sl] = vv[0]
-                self.store_valid[b, sl] = True
         self.ent_blocks = [_Block(b) for b in m.entropy_model.layers] if self.ent is not None else []
         self.enc_blocks = [_Block(b) for b in m.encoder.layers]
         self.glob_blocks = [_Block(b) for b in m.global_model.layers]
@@ -735,8 +1042,6 @@ class Engine:
         self.dec_patch_proj = _Proj(dec.patch_proj.weight)
         self.dec_out = _Proj(dec.output.weight)
         self.dec_norm = _Norm(dec.norm)
-        self._bounds()
-        self._tensors_changed()
 
     # ---- one byte per row -----------------------------------------------------------------
     @torch.no_grad()
@@ -1069,9 +1374,15 @@ def generate_ids(
     stream=None,
     return_logits: bool = False,
     compile: bool = False,
+    threads: int | None = None,
 ) -> GenerationResult:
-    """The cached generation loop over token-id prompts (see `generate` for the arguments)."""
+    """The cached generation loop over token-id prompts (see `generate` for the arguments).
+    On KeyboardInterrupt the rows are finished first (`stream` gets every byte sampled so
+    far, a held-back tail included), then it propagates."""
     check_sampling_args(max_new, temperature, top_k, top_p)
+    check_seed(seed, len(prompts))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 (None: chosen while running), got {threads!r}")
     stop_bytes = _stop_bytes(stop)
     was_training = model.training
     model.eval()
@@ -1081,14 +1392,17 @@ def generate_ids(
         B = len(prompts)
         rows = [_Row(stop_bytes, stream if b == 0 else None) for b in range(B)]
         seeds = _row_seeds(B, seed, device) if temperature > 0 else None
-        eng = Engine(model, prompts, max_new, compile=compile)
-        if eng.compiled and not return_logits:
-            n_bytes = _decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
-        else:
-            n_bytes = _decode(eng, rows, max_new, (temperature, top_k, top_p), seeds, return_logits)
-        for r in rows:
-            if not r.done:
-                r.finish()
+        eng = Engine(model, prompts, max_new, compile=compile, threads=threads)
+        try:
+            with restored_threads():  # the engine picks its own (ThreadChooser)
+                if eng.compiled and not return_logits:
+                    n_bytes = _decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
+                else:
+                    n_bytes = _decode(eng, rows, max_new, (temperature, top_k, top_p), seeds, return_logits)
+        finally:  # also on KeyboardInterrupt: a stream gets what was held back
+            for r in rows:
+                if not r.done:
+                    r.finish()
         seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)
@@ -1110,9 +1424,9 @@ def _push(rows, live, toks) -> int:
 
 def _decode(eng, rows, max_new, sampling, seeds, return_logits) -> int:
     """The step-by-step loop: sample on the host's request, feed, drop finished rows."""
-    temperature, top_k, top_p = sampling
     live = list(range(len(rows)))  # engine row -> original row
     logits = eng.prefill() if max_new > 0 else None
+    temperature, top_k, top_p = sampling
     n_bytes = 0
     for s in range(max_new):
         tok = sample_next(logits, temperature, top_k, top_p, None if seeds is None else seeds[live], s)
@@ -1131,8 +1445,23 @@ def _decode(eng, rows, max_new, sampling, seeds, return_logits) -> int:
             live = [live[e] for e in still]
             tok = tok[still]
         eng.active = [not rows[r].done for r in live]
-        logits = eng.step(tok)
+        logits = timed_step(eng, tok)
     return n_bytes
+
+
+def timed_step(eng, ids) -> torch.Tensor:
+    """eng.step(ids); on CPU on the threads eng.choosers["step"] picks (torch.set_num_threads:
+    run the loop inside restored_threads()), timing the step for it unless it completed a
+    patch (those run the global model too: not comparable)."""
+    if eng.device.type != "cpu":
+        return eng.step(ids)
+    chooser = eng.choosers["step"]
+    if chooser.threads != torch.get_num_threads():
+        torch.set_num_threads(chooser.threads)
+    before, t0 = eng.global_steps, time.perf_counter()
+    logits = eng.step(ids)
+    chooser.record(time.perf_counter() - t0, comparable=eng.global_steps == before)
+    return logits
 
 
 class _HostCopy:
@@ -1231,6 +1560,7 @@ def generate(
     stream=None,
     return_stats: bool = False,
     compile: bool = False,
+    threads: int | None = None,
 ):
     """Continue each prompt by up to `max_new` bytes; returns the continuations (prompt not
     included), one string per prompt, or (texts, GenerationStats) with return_stats.
@@ -1238,17 +1568,22 @@ def generate(
     prompts: a string, a list of strings (each encoded as BOS + UTF-8 bytes; "" = BOS alone)
         or a list of token-id lists (used as given).
     temperature: 0 = greedy; top_k: keep the k most likely bytes (0/None: off); top_p:
-        nucleus sampling (None/1: off); seed: row i samples with seed + i (reproducible,
-        and the same bytes as that row alone; see sample_next).
+        nucleus sampling (None/1: off); seed: an integer in [0, 2**63 - rows]: row i samples
+        with seed + i (reproducible, and the same bytes as that row alone; see sample_next).
     stop: strings that end a row (not returned); EOS ends a row too.
     stream: callback receiving row 0's text as it is generated, in valid UTF-8 pieces (a
         split multi-byte character, or a tail that may become a stop string, is held back).
     compile: torch.compile(mode="reduce-overhead") the per-byte step functions; CUDA only
         (ignored on other devices).
+    threads: CPU threads of the prefill and the per-byte steps (None: 1 or 2, chosen while
+        running by timing them: see ThreadChooser); torch's own setting is restored after.
+
+    Prompts of any length: the prefill's time and memory grow linearly with the prompt
+    (Engine.prefill), the global model's attention over every patch aside.
     """
     check_sampling_args(max_new, temperature, top_k, top_p)
     res = generate_ids(model, _prompt_ids(prompts), max_new, temperature, top_k, top_p, seed, stop, stream,
-                       compile=compile)  # fmt: skip
+                       compile=compile, threads=threads)  # fmt: skip
     return (res.texts, res.stats) if return_stats else res.texts
 
 
@@ -1272,6 +1607,7 @@ def generate_uncached(
     forward's mask backend (None: the device's default; "dense" avoids FlexAttention compiling
     anew for every length on CUDA)."""
     check_sampling_args(max_new, temperature, top_k, top_p)
+    check_seed(seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -1313,27 +1649,72 @@ def _patch(model, t, backend):
 # ---- CLI --------------------------------------------------------------------------------------
 
 
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use an integer in [0, 2**63 - 1]")
+    return value
+
+
+def _threads_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use an integer >= 1")
+    return value
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad argument: one line (argparse's own message, no usage block), status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="python -m blt.generate",
         description="Generate text with a BLT checkpoint. Prints prompt + continuation (UTF-8). "
-        "An empty prompt generates from BOS alone.",
+        "An empty prompt generates from BOS alone. Ctrl-C prints what was generated so far "
+        "and exits with status 130.",
     )
     ap.add_argument("--prompt", default="", help="text to continue (default: empty = from BOS alone)")
     ap.add_argument("--max-new", type=int, default=300, help="bytes to generate at most (default 300)")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely bytes")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    ap.add_argument("--seed", type=int, default=None, help="random seed")
+    ap.add_argument("--seed", type=_seed_arg, default=None, help="random seed, in [0, 2**63 - 1]")
     ap.add_argument("--stop", action="append", default=None,
                     help=f"stop string (repeatable; default {DEFAULT_STOP[0]!r}); not printed")  # fmt: skip
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                    help="model folder (default: checkpoints/ beside the blt package)")  # fmt: skip
+                    help="model folder, ours or a transformers BltForCausalLM one "
+                         "(default: checkpoints/ beside the blt package)")  # fmt: skip
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                    help="the model's dtype (default float32; bfloat16 halves the memory)")  # fmt: skip
+    ap.add_argument("--threads", type=_threads_arg, default=None,
+                    help="CPU threads (default: 1 or 2, chosen while running by timing the work: "
+                         "a second thread helps on idle cores and is much slower beside a busy process)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="torch.compile the per-byte steps (CUDA only)")
     ap.add_argument("--stream", action="store_true", help="print bytes as they are generated")
     ap.add_argument("--stats", action="store_true", help="print speed statistics as the last line on stderr")
     return ap
+
+
+def _stdout_gone() -> int:
+    """stdout's reader went away (`generate ... | head`): point stdout at devnull, so that the
+    interpreter's own flush at exit raises nothing (Python's docs, "Note on SIGPIPE"), and end
+    with the status of a process that SIGPIPE ended, 128 + 13, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 def main(argv=None) -> int:
@@ -1344,15 +1725,23 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available")
+        ap.error("--device cuda: CUDA is not available (use --device cpu)")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
+    try:
+        return _run(args, device)
+    except KeyboardInterrupt:  # before anything was generated
+        return 130
 
+
+def _run(args, device) -> int:
     from blt.checkpoint import CheckpointError
     from blt.model import BLT
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
-        model = BLT.from_pretrained(args.checkpoint, device=device)
+        model = BLT.from_pretrained(args.checkpoint, device=device, dtype=DTYPES.get(args.dtype))
     except CheckpointError as e:
         default = args.checkpoint == str(DEFAULT_CHECKPOINT)
         hint = " (no model there yet: train one, or pass --checkpoint DIR)" if default else ""
@@ -1362,25 +1751,34 @@ def main(argv=None) -> int:
     if hasattr(out, "reconfigure"):
         out.reconfigure(encoding="utf-8", errors="replace")
     prompt_bytes = os.fsencode(args.prompt)  # the exact argv bytes
-    out.write(prompt_bytes.decode("utf-8", errors="replace"))
-    out.flush()
+    pieces = []  # without --stream, printed at the end (or on Ctrl-C)
 
     def emit(piece):
-        out.write(piece)
-        out.flush()
+        if args.stream:
+            out.write(piece)
+            out.flush()
+        else:
+            pieces.append(piece)
 
-    res = generate_ids(
-        model, [encode(prompt_bytes)], args.max_new, args.temperature, args.top_k, args.top_p, args.seed,
-        stop=DEFAULT_STOP if args.stop is None else tuple(args.stop), stream=emit if args.stream else None,
-        compile=args.compile,
-    )  # fmt: skip
-    if not args.stream:
-        out.write(res.texts[0])
-    out.write("\n")
-    out.flush()
-    if args.stats:
+    status, res = 0, None
+    try:
+        out.write(prompt_bytes.decode("utf-8", errors="replace"))
+        out.flush()
+        try:
+            res = generate_ids(
+                model, [encode(prompt_bytes)], args.max_new, args.temperature, args.top_k, args.top_p, args.seed,
+                stop=DEFAULT_STOP if args.stop is None else tuple(args.stop), stream=emit, compile=args.compile,
+                threads=args.threads,
+            )  # fmt: skip
+        except KeyboardInterrupt:  # generate_ids has streamed every byte so far
+            status = 130
+        out.write("".join(pieces) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        return _stdout_gone()
+    if args.stats and res is not None:
         print(res.stats.line(), file=sys.stderr)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -165,11 +165,26 @@ class BLT(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "BLT":
-        """Load one of our checkpoint folders, or a Hugging Face `BltForCausalLM` folder."""
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "BLT":
+        """Load one of our checkpoint folders, or a transformers `BltForCausalLM` folder, onto
+        `device` with every parameter in ONE dtype, whatever the files hold (ours may be
+        stored in bf16; the published BLT checkpoints keep the hash embedding tables in
+        float32 and the rest in bf16, which no matrix product takes as it is).
+
+        dtype: None = float32 on every device: the engine's exactness against the full
+        forward and the speeds reported for it are float32 (on CUDA too, where our checkpoints
+        have always loaded as float32); torch.bfloat16 halves the memory (CUDA: faster)."""
         from blt.checkpoint import load_model
 
-        return load_model(path, device)
+        model = load_model(path, "cpu")
+        dtype = torch.float32 if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        with torch.no_grad():
+            for p in model.parameters():  # parameters only: the rotary tables stay float32
+                if p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+        return model.to(device).eval()
 
     def save_pretrained(self, path: str | Path) -> None:
         from blt.checkpoint import save_model
