@@ -58,14 +58,22 @@ def _flex(q, k, v, block_mask, cross: bool = False):
     with every batch's patch count, so the kernel is compiled for dynamic shapes: a static one
     would hit the recompile limit and fall back to the slow unfused path. Inside a graph being
     compiled, this call is traced into it, with the kernel options of the chosen backend."""
-    global _compiled_flex
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=True)
-        fn, options = _compiled_flex, flex_kernel_options(q.dtype, cross, torch.compiler.is_compiling())
-    else:
-        fn, options = flex_attention, None
+    options = flex_kernel_options(q.dtype, cross, torch.compiler.is_compiling()) if q.is_cuda else None
+    fn = compiled_flex() if q.is_cuda else flex_attention
     return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
+
+
+def compiled_flex():
+    """torch.compile(flex_attention), made once and outside any graph being traced (inside one,
+    plain flex_attention, which the graph compiles). Made while --one-graph traced its loss, the
+    wrapper ran uncompiled when called eagerly afterwards (the held-out evaluation), so every
+    score was materialised: 32 GiB for 16 rows of 2048 one-byte patches."""
+    global _compiled_flex
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, cross: bool = False) -> torch.Tensor:

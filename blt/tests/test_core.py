@@ -1167,3 +1167,23 @@ def test_stream_entropies_match_one_forward():
     stream_entropies(model, tokens, short, context=5, chunk=37, batch=3)
     assert np.abs(short - want).max() > 0.05
     assert np.abs(short[:37] - want[:37]).max() < 1e-2  # piece 0 starts the stream: nothing is cut off
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_compiled_flex_is_never_made_inside_a_trace(monkeypatch):
+    """Attention traced into a compiled graph (train --one-graph) calls plain FlexAttention,
+    which the graph compiles, and leaves the eager path's compiled FlexAttention unmade: made
+    inside the trace, it later ran uncompiled in the eager held-out evaluation and materialised
+    every score."""
+    monkeypatch.setattr(layers, "_compiled_flex", None)
+    picked = []
+
+    def traced(x):
+        picked.append(layers.compiled_flex())
+        return x + 1
+
+    torch._dynamo.reset()
+    torch.compile(traced, backend="eager", fullgraph=True)(torch.zeros(2))
+    torch._dynamo.reset()
+    assert picked and layers._compiled_flex is None
+    assert layers.compiled_flex() is layers.compiled_flex() is not None  # made once, eagerly
