@@ -314,7 +314,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="TinyStories training text (local file)")
     p.add_argument("--valid", required=True, help="held-out text (local file)")
     p.add_argument("--work", default="runs/journeys", help="scratch folder (replaced journey by journey)")
-    p.add_argument("--entropy-steps", type=int, default=200)
+    p.add_argument("--entropy-steps", type=int, default=150)
     p.add_argument("--blt-steps", type=int, default=40, help="recipe BLT steps (the resume journey stops half way)")
     p.add_argument("--shape-steps", type=int, default=3, help="steps of each patch-count journey")
     p.add_argument("--max-gib", type=float, default=5.5, help="peak GPU memory allowed on the recipe's shapes")
