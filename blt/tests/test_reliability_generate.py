@@ -15,7 +15,7 @@ from blt import generate as G
 from blt import layers
 from blt import masks as M
 from blt.model import BLT
-from blt.tests.test_generate import REPO, TOL, make_model
+from blt.tests.test_generate import REPO, TOL, ckpt, make_model  # noqa: F401 (ckpt: a fixture)
 from blt.tokens import encode
 
 
@@ -101,13 +101,6 @@ def test_prefill_never_builds_a_prompt_sized_mask(monkeypatch):
 
 
 # ---- 2. the CLI's manners ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    make_model("tiny", "entropy").save_pretrained(path)
-    return path
 
 
 def cli(*args):
