@@ -132,7 +132,8 @@ def parse_noise(value: str) -> list[str]:
     by_lower = {n.lower(): n for n in NOISES}
     bad = [n for n in names if n.lower() not in by_lower]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown noise {', '.join(bad) or repr(value)}; choose from {', '.join(NOISES)}")
+        given = ", ".join(bad) or repr(value)
+        raise argparse.ArgumentTypeError(f"unknown noise {given}; choose from {', '.join(NOISES)}")
     return [by_lower[n.lower()] for n in names]
 
 
@@ -147,12 +148,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m blt.robustness", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="model folder (BLT or byte LM)")
     p.add_argument("--data", required=True, help="file, directory, glob or source name (see blt.data)")
-    p.add_argument("--noise", type=parse_noise, default=list(NOISES), help=f"comma-separated subset of {','.join(NOISES)}")
+    p.add_argument("--noise", type=parse_noise, default=list(NOISES),
+                   help=f"comma-separated subset of {','.join(NOISES)} (any case)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--max-bytes", type=int, default=200_000, help="evaluate the first N document bytes")
     p.add_argument("--drop-fraction", type=fraction, default=DROP_FRACTION, help="Drop: share of characters removed")
     p.add_argument("--upper-fraction", type=fraction, default=UPPER_FRACTION, help="RandomCase: share upper-cased")
-    p.add_argument("--repeat-fraction", type=fraction, default=REPEAT_FRACTION, help="Repeat: share of characters repeated")
+    p.add_argument("--repeat-fraction", type=fraction, default=REPEAT_FRACTION, help="Repeat: share of characters")
     p.add_argument("--max-repeats", type=int, default=MAX_REPEATS, help="Repeat: most extra copies of a character")
     p.add_argument("--seq-len", type=int, default=2048, help="bytes per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -177,8 +179,10 @@ def main(argv=None):
         sys.exit(1)
 
     clean, clean_bytes = bpb(model, docs, args.batch_size, args.seq_len, device)
-    print(f"model {args.checkpoint}, data {args.data}: {len(docs)} documents, {sum(map(len, docs))} bytes, seed {args.seed}")
-    print("bits per byte (fp32); a noised BPB is over the noised text's own bytes: how well the model predicts the noised bytes")
+    n_bytes = sum(map(len, docs))
+    print(f"model {args.checkpoint}, data {args.data}: {len(docs)} documents, {n_bytes} bytes, seed {args.seed}")
+    print("bits per byte (fp32); a noised BPB is over the noised text's own bytes:")
+    print("it measures how well the model predicts the noised bytes, not the clean text")
     print("bytes: predicted bytes as blt.eval counts them (each document's EOS and the next BOS included)")
     print(f"{'noise':<12}{'bpb_clean':>10}{'bpb_noised':>12}{'difference':>12}{'bytes_clean':>13}{'bytes_noised':>14}")
     for name in args.noise:
