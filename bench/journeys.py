@@ -100,7 +100,7 @@ class Journeys:
 
     def recipe_env(self, runs: Path, out: Path, **extra) -> dict:
         a = self.args
-        return {"DATA": a.data, "VALID": a.valid, "RUNS": str(runs), "OUT": str(out),
+        return {"DATA": a.data, "VALID": a.valid, "RUNS": str(runs), "OUT": str(out), "LOG_EVERY": "5",
                 "ENT_STEPS": str(a.entropy_steps), "BLT_STEPS": str(a.blt_steps), **extra}  # fmt: skip
 
     def blt_cmd(self, out: Path, *flags: str) -> list[str]:
@@ -315,7 +315,8 @@ def main(argv=None) -> None:
     p.add_argument("--valid", required=True, help="held-out text (local file)")
     p.add_argument("--work", default="runs/journeys", help="scratch folder (replaced journey by journey)")
     p.add_argument("--entropy-steps", type=int, default=150)
-    p.add_argument("--blt-steps", type=int, default=40, help="recipe BLT steps (the resume journey stops half way)")
+    p.add_argument("--blt-steps", type=int, default=25,
+                   help="recipe BLT steps, a metrics row every 5 (the resume journey stops at the first row)")
     p.add_argument("--shape-steps", type=int, default=3, help="steps of each patch-count journey")
     p.add_argument("--max-gib", type=float, default=5.5, help="peak GPU memory allowed on the recipe's shapes")
     p.add_argument("--loss-tol", type=float, default=1e-4,

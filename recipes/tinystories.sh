@@ -11,7 +11,8 @@
 # PRETRAIN (optional): a file, folder or glob of general text. The BLT first trains on it for
 # PRE_STEPS steps (default 3000), then fine-tunes on DATA from those weights (--init-from) for
 # BLT_STEPS steps (default 2600). The shipped model used a folder holding the general English
-# mix and a copy of the TinyStories training file.
+# mix and a copy of the TinyStories training file. Also: RUNS (runs), OUT (checkpoints),
+# BATCH (16), ACCUM (2), ENT_STEPS (1500), LOG_EVERY (a metrics row every 10 steps).
 # The BLT runs train with --one-graph (BLT_COMPILE): on an H200, 1.7M bytes/s against 0.76M
 # with --compile. Peak GPU memory of the training steps at BATCH=16 ACCUM=2 on an H100:
 # 3.1 GiB with --one-graph, 3.2 GiB with --compile (BATCH=32 ACCUM=1, the same global batch:
@@ -52,7 +53,7 @@ blt() {  # blt OUT FLAGS...
   shift
   stage "$out" python -m blt.train --valid-data "$VALID" --config tinystories --entropy-model "$RUNS/entropy" \
     --batch-size "$BATCH" --grad-accum "$ACCUM" --seq-len 2048 --min-lr 1e-4 \
-    --eval-every 250 --eval-batches 0 --save-every 500 $BLT_COMPILE "$@" --out "$out"
+    --eval-every 250 --eval-batches 0 --save-every 500 --log-every "${LOG_EVERY:-10}" $BLT_COMPILE "$@" --out "$out"
 }
 if [ -n "$PRETRAIN" ]; then
   blt "$RUNS/pretrain" --data "$PRETRAIN" --steps "${PRE_STEPS:-3000}" --lr 1.5e-3 --warmup 200 --dropout 0.1
