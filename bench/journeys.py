@@ -5,8 +5,8 @@
 1. recipe       recipes/tinystories.sh with short steps: entropy model, BLT with the default fast
                 path (--one-graph), bf16 export, held-out evaluation
 2. resume       the same recipe in a fresh folder (the entropy model reused), stopped by SIGTERM
-                half way through the BLT, then run again: it resumes, and every logged loss
-                equals the uninterrupted run's
+                at the BLT's first metrics row, then run again: it resumes, and the logged
+                losses equal the uninterrupted run's (within --loss-tol)
 3. compile      the recipe's BLT with --compile instead of --one-graph
 4. patch counts --one-graph on the recipe's shapes with every byte a patch (θ = 0: 16 rows of
                 2048 patches, 256 blocks of packed patches) and with one long patch a row (θ
