@@ -72,21 +72,31 @@ def load_any(path: Path, device):
     return load_model(path, device)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m blt.eval", description=__doc__.split("\n\n")[0])
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The flags of an evaluation (blt.eval, blt.robustness): model, data, windows, device."""
     p.add_argument("--checkpoint", required=True, help="model folder (BLT or byte LM)")
     p.add_argument("--data", required=True, help="file, directory, glob or source name (see blt.data)")
     p.add_argument("--seq-len", type=int, default=2048, help="bytes per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = p.parse_args(argv)
+
+
+def eval_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """Check add_eval_args's values (one-line parser errors) -> the device to run on."""
     if args.seq_len < 2 or args.batch_size < 1:
         p.error("--seq-len must be >= 2 and --batch-size >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    return torch.device(args.device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m blt.eval", description=__doc__.split("\n\n")[0])
+    add_eval_args(p)
+    args = p.parse_args(argv)
+    device = eval_device(p, args)
     try:
         model = load_any(Path(args.checkpoint), device)
         tokens = encode_documents(list(load_documents(args.data)))

@@ -41,11 +41,10 @@ import random
 import sys
 from pathlib import Path
 
-import torch
 
 from blt.checkpoint import CheckpointError
 from blt.data import DataError, encode_documents, iter_eval_batches, load_documents
-from blt.eval import eval_sums, load_any
+from blt.eval import add_eval_args, eval_device, eval_sums, load_any
 
 DROP_FRACTION = 0.1
 UPPER_FRACTION = 0.5
@@ -146,8 +145,7 @@ def fraction(value: str) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m blt.robustness", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="model folder (BLT or byte LM)")
-    p.add_argument("--data", required=True, help="file, directory, glob or source name (see blt.data)")
+    add_eval_args(p)
     p.add_argument("--noise", type=parse_noise, default=list(NOISES),
                    help=f"comma-separated subset of {','.join(NOISES)} (any case)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -156,19 +154,10 @@ def main(argv=None):
     p.add_argument("--upper-fraction", type=fraction, default=UPPER_FRACTION, help="RandomCase: share upper-cased")
     p.add_argument("--repeat-fraction", type=fraction, default=REPEAT_FRACTION, help="Repeat: share of characters")
     p.add_argument("--max-repeats", type=int, default=MAX_REPEATS, help="Repeat: most extra copies of a character")
-    p.add_argument("--seq-len", type=int, default=2048, help="bytes per window")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
-    if args.seq_len < 2 or args.batch_size < 1:
-        p.error("--seq-len must be >= 2 and --batch-size >= 1")
+    device = eval_device(p, args)
     if args.max_bytes < 1 or args.max_repeats < 1:
         p.error("--max-bytes and --max-repeats must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
     try:
         model = load_any(Path(args.checkpoint), device)
         docs = take_bytes(load_documents(args.data), args.max_bytes)

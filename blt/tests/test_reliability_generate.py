@@ -15,16 +15,8 @@ from blt import generate as G
 from blt import layers
 from blt import masks as M
 from blt.model import BLT
-from blt.tests.test_generate import REPO, TOL, ckpt, make_model  # noqa: F401 (ckpt: a fixture)
+from blt.tests.test_generate import REPO, TOL, _one_thread, ckpt, make_model  # noqa: F401 (fixtures)
 from blt.tokens import encode
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_blocks(monkeypatch, chunk=7, pairs=300):
