@@ -41,7 +41,6 @@ import random
 import sys
 from pathlib import Path
 
-
 from blt.checkpoint import CheckpointError
 from blt.data import DataError, encode_documents, iter_eval_batches, load_documents
 from blt.eval import add_eval_args, eval_device, eval_sums, load_any
