@@ -11,12 +11,15 @@ import torch.nn.functional as F
 
 pytest.importorskip("tokenizers")
 
-from blt.bpe import ALPHABET, OFFSET, BPETokenizer, TokenLM, bpe_bits_per_byte, eval_byte_count  # noqa: E402
+from blt.bpe import (  # noqa: E402
+    ALPHABET, OFFSET, BPETokenizer, TokenLM, bpe_bits_per_byte, eval_byte_count, token_lm_flops_per_byte,
+)
 from blt.config import EntropyModelConfig  # noqa: E402
 from blt.data import encode_documents, iter_eval_batches  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.eval import eval_sums  # noqa: E402
-from blt.tokens import BOS_ID, EOS_ID  # noqa: E402
+from blt.flops import transformer_flops_per_byte  # noqa: E402
+from blt.tokens import BOS_ID, EOS_ID, VOCAB_SIZE  # noqa: E402
 
 
 def tiny_documents() -> list[bytes]:
@@ -120,3 +123,18 @@ def test_bits_per_byte_direct(tokenizer, seq_len):
     assert math.isclose(result.bpb, nats / math.log(2) / n_bytes, rel_tol=1e-5)
     # A random model's tokens cost about ln(vocab) each: a sanity check on the scale.
     assert math.isclose(result.nats / result.tokens, math.log(tokenizer.vocab_size), rel_tol=0.2)
+
+
+def test_flops_per_byte():
+    """With the byte vocabulary and one byte per token, a TokenLM is the byte baseline; its
+    FLOPs per byte fall as tokens hold more bytes."""
+    cfg = EntropyModelConfig(dim=64, n_layers=2, n_heads=4, window=None)
+    assert math.isclose(token_lm_flops_per_byte(cfg, VOCAB_SIZE, 128, 1.0), transformer_flops_per_byte(cfg, 128))
+    assert math.isclose(token_lm_flops_per_byte(cfg, 4096, 128, 4.0), token_lm_flops_per_byte(cfg, 4096, 128, 1.0) / 4)
+
+
+def test_token_lm_parameters_follow_the_vocabulary():
+    cfg = EntropyModelConfig(dim=16, n_layers=1, n_heads=2, window=None)
+    model = TokenLM(cfg, 1000)
+    assert model.tok_embeddings.weight.shape == (1000, 16) and model.output.weight.shape == (1000, 16)
+    assert EntropyModel(cfg).output.weight.shape == (VOCAB_SIZE, 16)  # the byte model is unchanged
