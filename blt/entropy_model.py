@@ -20,14 +20,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class EntropyModel(nn.Module):
-    def __init__(self, cfg: EntropyModelConfig):
+    """vocab_size: the byte vocabulary (260) unless a subclass says otherwise (blt.bpe.TokenLM)."""
+
+    def __init__(self, cfg: EntropyModelConfig, vocab_size: int = VOCAB_SIZE):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, cfg.dim)
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
         self.rope = Rotary(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, VOCAB_SIZE, bias=False)
+        self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
         self.init_weights()
 
     def init_weights(self):
@@ -39,7 +41,7 @@ class EntropyModel(nn.Module):
         init_linear(self.output)
 
     def forward(self, tokens, positions=None, mask=None, caches=None):
-        """tokens (B,T) -> logits (B,T,260); logits[:, t] predict byte t+1.
+        """tokens (B,T) -> logits (B,T,vocab_size); logits[:, t] predict token t+1 (a byte).
 
         positions/mask/caches let the generator run it incrementally; by default the
         whole window is processed with a sliding-window causal mask.
