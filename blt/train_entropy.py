@@ -1,8 +1,9 @@
 """Train the byte-level LM: `python -m blt.train_entropy`.
 
 It is BLT's entropy model (paper §2.3). After training, the entropy threshold θ is calibrated
-so that --calibrate-mode patching of held-out text gives --target-bytes-per-patch bytes per
-patch on average, and saved as patcher_threshold.json next to the weights, where
+so that --calibrate-mode patching of training text (--calibrate-on; held-out text is for
+measuring, and a θ fitted on it would leak into every number measured there) gives
+--target-bytes-per-patch bytes per patch on average, and saved as patcher_threshold.json next to the weights, where
 `blt.train --entropy-model` finds it. Trained bigger, the same model is the plain byte-level
 transformer baseline (blt.eval reads its folder too).
 
@@ -25,7 +26,7 @@ from blt.entropy_model import EntropyModel
 from blt.patcher import calibrate_threshold
 from blt.train import add_common_args, check_common_args, check_same_config, run
 
-CALIBRATION_TOKENS = 256 * 1024  # the first 256 KiB of the held-out stream
+CALIBRATION_TOKENS = 256 * 1024  # the first 256 KiB of the --calibrate-on stream
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
     g = p.add_argument_group("calibration")
     g.add_argument("--target-bytes-per-patch", type=float, default=4.5, help="mean patch size θ is calibrated to")
     g.add_argument("--calibrate-mode", choices=("entropy", "monotonic", "combined"), default="entropy")
+    g.add_argument("--calibrate-on", choices=("train", "valid"), default="train",
+                   help="calibrate θ on the training text (default) or on the held-out text (as before 2026-12)")  # fmt: skip
     args = p.parse_args(argv)
     check_common_args(p, args)
     if args.target_bytes_per_patch < 1:
@@ -64,30 +67,33 @@ def build(cfg, checkpoint: Path | None) -> EntropyModel:
 
 
 @torch.no_grad()
-def calibrate(model: EntropyModel, valid: np.ndarray, args, device) -> dict:
-    """θ for --calibrate-mode on the first CALIBRATION_TOKENS of the held-out stream, cut into
-    rows of --seq-len (one shorter row if the stream is shorter than that)."""
-    n = min(len(valid), CALIBRATION_TOKENS)
+def calibrate(model: EntropyModel, stream: np.ndarray, args, device) -> dict:
+    """θ for --calibrate-mode on the first CALIBRATION_TOKENS of a token stream (the
+    --calibrate-on split), cut into rows of --seq-len (one shorter row if the stream is
+    shorter than that)."""
+    n = min(len(stream), CALIBRATION_TOKENS)
     T = min(args.seq_len, n)
-    tokens = torch.from_numpy(valid[: n // T * T].astype(np.int64)).view(-1, T)
+    tokens = torch.from_numpy(stream[: n // T * T].astype(np.int64)).view(-1, T)
     model.to(device).eval()
     entropies = torch.cat([model.entropies(rows.to(device)).cpu() for rows in tokens.split(args.batch_size)])
     theta, achieved = calibrate_threshold(entropies, tokens, PatcherConfig(mode=args.calibrate_mode), args.target_bytes_per_patch)
+    held_out = args.valid_data or f"{args.data} (held-out split, fraction {args.valid_fraction})"
     return {
         "threshold": theta,
         "mode": args.calibrate_mode,
         "target_bytes_per_patch": args.target_bytes_per_patch,
         "achieved_bytes_per_patch": achieved,
-        "data": args.valid_data or f"{args.data} (held-out split, fraction {args.valid_fraction})",
+        "data": args.data if args.calibrate_on == "train" else held_out,
+        "split": args.calibrate_on,
         "bytes": tokens.numel(),
     }
 
 
 def export(model: EntropyModel, data, device, args) -> None:
-    record = calibrate(model, data.valid, args, device)
+    record = calibrate(model, data.train if args.calibrate_on == "train" else data.valid, args, device)
     save_entropy_model(model, Path(args.out) / "model", extra_json={THRESHOLD: record})
     print(f"θ = {record['threshold']:.4f} gives {record['achieved_bytes_per_patch']:.3f} bytes/patch "
-          f"({record['mode']} patching, {record['bytes']} held-out bytes)")  # fmt: skip
+          f"({record['mode']} patching, {record['bytes']} {record['split']} bytes)")  # fmt: skip
 
 
 def main(argv=None) -> None:

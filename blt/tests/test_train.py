@@ -89,8 +89,9 @@ def test_train_entropy_writes_calibrated_model(entropy_dir):
     model = load_entropy_model(model_dir)
     assert (model.cfg.dim, model.cfg.n_layers, model.cfg.n_heads, model.cfg.window) == (32, 2, 2, 64)
     cal = json.loads((model_dir / "patcher_threshold.json").read_text())
-    assert set(cal) == {"threshold", "mode", "target_bytes_per_patch", "achieved_bytes_per_patch", "data", "bytes"}
+    assert set(cal) == {"threshold", "mode", "target_bytes_per_patch", "achieved_bytes_per_patch", "data", "split", "bytes"}
     assert cal["mode"] == "entropy" and cal["target_bytes_per_patch"] == 4.5 and cal["data"] == FIXTURE
+    assert cal["split"] == "train"  # θ from training text, never from the text it is measured on
     assert abs(cal["achieved_bytes_per_patch"] - 4.5) < 0.25
     assert cal["bytes"] > 3000  # the whole fixture, in rows of --seq-len
     train_loss = losses(entropy_dir)
@@ -99,6 +100,30 @@ def test_train_entropy_writes_calibrated_model(entropy_dir):
 
 
 # ---- train -----------------------------------------------------------------------------------
+
+
+def test_threshold_is_calibrated_on_the_chosen_split(tmp_path):
+    """θ comes from the --calibrate-on stream (training text by default): calibrating on two
+    different streams gives each stream's own θ, and the exported model records the training one."""
+    from blt.config import PatcherConfig, tiny
+    from blt.patcher import calibrate_threshold
+
+    torch.manual_seed(0)
+    model = train_entropy.EntropyModel(tiny().entropy_model)
+    train_stream = np.random.default_rng(0).integers(4, 40, 700).astype(np.uint16)  # few distinct bytes
+    valid_stream = np.random.default_rng(1).integers(4, 260, 700).astype(np.uint16)
+    args = Namespace(seq_len=128, batch_size=4, calibrate_mode="entropy", target_bytes_per_patch=3.0, calibrate_on="train",
+                     data="train.txt", valid_data="valid.txt", valid_fraction=0.01, out=str(tmp_path))  # fmt: skip
+    record = train_entropy.calibrate(model, train_stream, args, "cpu")
+    rows = torch.from_numpy(train_stream[: 700 // 128 * 128].astype(np.int64)).view(-1, 128)
+    want, _ = calibrate_threshold(model.entropies(rows), rows, PatcherConfig(mode="entropy"), 3.0)
+    assert record["threshold"] == pytest.approx(want) and record["data"] == "train.txt" and record["split"] == "train"
+    train_entropy.export(model, Namespace(train=train_stream, valid=valid_stream), "cpu", args)
+    saved = json.loads((tmp_path / "model" / "patcher_threshold.json").read_text())
+    assert saved["threshold"] == pytest.approx(want)
+    args.calibrate_on = "valid"
+    other = train_entropy.calibrate(model, valid_stream, args, "cpu")
+    assert other["data"] == "valid.txt" and other["threshold"] != pytest.approx(record["threshold"])
 
 
 def test_train_blt_learns_and_writes_checkpoint_and_model(reference, entropy_dir):
