@@ -367,23 +367,30 @@ def test_lr_schedules():
     assert set(lrs[9:88]) == {1.0} and lrs[88] < 1.0 and lrs[-1] == pytest.approx(0.1)
 
 
+def compile_with(monkeypatch, backend) -> None:
+    """torch.compile (Module.compile too) with this dynamo backend and no inductor options."""
+    real = torch.compile
+
+    def compile(model=None, *args, **kwargs):
+        kwargs.pop("options", None)
+        kwargs["backend"] = backend
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile)
+
+
 @pytest.fixture
 def traced_only(monkeypatch):
     """torch.compile through dynamo and AOTAutograd, without inductor's code generation: the
     tracing, guards and recompiles are those of a real compile, the C++ compilation of every
     block variant (minutes on two cores) is left out. Returns the list of compiled graphs."""
-    real, graphs = torch.compile, []
+    graphs = []
 
     def aot_eager_counting(gm, example_inputs):
         graphs.append(gm)
         return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
 
-    def compile(model=None, *args, **kwargs):
-        kwargs.pop("options", None)
-        kwargs["backend"] = aot_eager_counting
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", compile)
+    compile_with(monkeypatch, aot_eager_counting)
     return graphs
 
 
@@ -666,19 +673,14 @@ def test_lookahead_peeks_without_moving_the_batcher():
 def broken_compiler(monkeypatch):
     """torch.compile whose backend fails on every graph, as inductor did on one shape (a sort
     inside a combined kernel): each compiled function raises dynamo's BackendCompilerFailed at
-    its first call. Returns the number of failed compilations."""
-    real, failures = torch.compile, []
+    its first call. Returns the list of failed compilations."""
+    failures = []
 
     def backend(gm, example_inputs):
         failures.append(gm)
         raise RuntimeError("simulated compiler failure")
 
-    def compile(model=None, *args, **kwargs):
-        kwargs.pop("options", None)
-        kwargs["backend"] = backend
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", compile)
+    compile_with(monkeypatch, backend)
     yield failures
     torch.compiler.set_stance("default")
 
