@@ -229,11 +229,12 @@ def _dense_to_lists(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count[..., 0].int(), lists.int()
 
 
-def _transpose_lists(num: torch.Tensor, idx: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _transpose_lists(num: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block lists by query block ((..., Q), (..., Q, K)) -> the same blocks listed by key block
     ((..., K), (..., K, Q)), which the backward pass walks."""
+    K = idx.shape[-1]
     dense = torch.zeros(*idx.shape[:-1], K + 1, dtype=torch.int32, device=idx.device)
-    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    listed = torch.arange(K, device=idx.device) < num[..., None]
     dense.scatter_(-1, torch.where(listed, idx, K).long(), 1)
     return _dense_to_lists(dense[..., :K].transpose(-2, -1))
 
@@ -241,9 +242,8 @@ def _transpose_lists(num: torch.Tensor, idx: torch.Tensor, K: int) -> tuple[torc
 def block_mask(kv_num, kv_idx, full_num, full_idx, mask_mod, seq_lengths: tuple[int, int]) -> BlockMask:
     """BlockMask.from_kv_blocks without its sort (see _dense_to_lists): the key-side lists are
     given, the query-side ones derived. kv_idx and full_idx list every key block (width K)."""
-    K = kv_idx.shape[-1]
-    q_num, q_idx = _transpose_lists(kv_num, kv_idx, K)
-    full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, K)
+    q_num, q_idx = _transpose_lists(kv_num, kv_idx)
+    full_q_num, full_q_idx = _transpose_lists(full_num, full_idx)
     return BlockMask(
         seq_lengths=seq_lengths, kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_num,
         full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num,
