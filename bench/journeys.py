@@ -239,6 +239,9 @@ class Journeys:
     def generate(self) -> None:
         row = Row("generate --device cuda --compile --stats")
         model = self.work / "recipe" / "export"
+        if not (model / "config.json").exists():  # --only generate: the shipped model
+            model = ROOT / "checkpoints"
+            row.note = "shipped model"
         t = time.perf_counter()
         rc, log = self.run("generate", ["python", "-m", "blt.generate", "--checkpoint", str(model), "--device", "cuda",
                                         "--compile", "--stats", "--prompt", "Once upon a time", "--max-new", "500",

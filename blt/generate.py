@@ -253,8 +253,10 @@ def row_uniforms(seeds: torch.Tensor, step, V: int) -> torch.Tensor:
     step = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
     lo, hi = seeds & _M32, (seeds >> 32) & _M32
     h = _mix32(((lo * 0x2545F491) & _M32) + hi + (step & _M32) * 0x1B873593 & _M32)  # (B,)
+    # v enters unscaled: compiled, arange(V) and any constant product of it become a kernel's
+    # index expression, computed in int32 (v * 0x9E3779B1 broke Triton's compilation on CUDA)
     v = torch.arange(V, dtype=torch.int64, device=seeds.device)
-    z = _mix32((h[:, None] + v * 0x9E3779B1) & _M32)
+    z = _mix32(_mix32((h[:, None] + v) & _M32))
     return ((z >> 9).float() + 0.5) * (1.0 / (1 << 23))  # 23 bits: exact in float32
 
 

@@ -346,6 +346,37 @@ def test_row_uniforms_are_uniform_and_per_row():
     assert abs(float(torch.corrcoef(torch.stack([many[:-1], many[1:]]))[0, 1])) < 0.01
 
 
+def test_sampling_index_arithmetic_fits_int32():
+    """Inductor computes what derives from no input (aranges and their constant arithmetic) as
+    a kernel's index expression, in int32 on CUDA: such a value beyond int32 broke generate
+    --compile (Triton: 'Scalar 2654435761 is out of range for type int32'). Traced as the
+    compiled step calls it (seeds and step are tensors), every such integer value must fit."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.interpreter import Interpreter
+
+    def draw(logits, seeds, step):
+        return G.sample_next(logits, 0.7, 20, 0.9, seeds, step)
+
+    args = (torch.randn(3, 260), torch.tensor([0, 2**40 + 5, -3]), torch.tensor(12345))
+    gm = make_fx(draw)(*args)
+    free = set()  # nodes that depend on no placeholder
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and all(a in free for a in node.all_input_nodes):
+            free.add(node)
+    values = {}
+
+    class Record(Interpreter):
+        def run_node(self, n):
+            values[n] = out = super().run_node(n)
+            return out
+
+    Record(gm).run(*args)
+    checked = [n for n in free if isinstance(values[n], torch.Tensor) and not values[n].is_floating_point()]
+    assert any("arange" in str(n.target) for n in checked)
+    for n in checked:
+        assert values[n].abs().max() < 2**31, f"{n.format_node()} reaches {int(values[n].abs().max())}"
+
+
 def test_seeded_sampling_matches_the_softmax():
     """The Gumbel-max draw with hashed noise samples softmax(logits / T) within top-k."""
     logits = torch.tensor([[-30.0] * 4 + [2.0, 1.0, 0.0, -1.0, 3.0] + [-30.0] * 251])
@@ -501,6 +532,17 @@ def test_compiled_step_is_one_graph():
     eng.compiled = eng.fuse = True  # what compile=True sets on CUDA
     eng._compile(backend="eager", fullgraph=True)
     assert _run_engine(eng, 24) == ref.ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_compiled_generation_equals_eager_on_cuda(temperature):
+    """generate(compile=True) on CUDA (inductor + CUDA graphs, the sampler inside the graph)
+    gives the eager engine's bytes, greedy and seeded."""
+    model = make_model("tiny", "entropy").cuda()
+    prompts = ["Hi", "Once upon a time"]
+    kw = dict(max_new=48, temperature=temperature, top_k=20, top_p=0.9, seed=3, stop=None)
+    assert G.generate(model, prompts, compile=True, **kw) == G.generate(model, prompts, **kw)
 
 
 def _recording_backend(graphs: list):
