@@ -17,6 +17,11 @@ Each row: pass/fail, wall time, peak GPU memory (of every Python process the row
 at its exit) and bytes/s (training: the run's own summary; eval: held-out bytes over wall time;
 generate: its --stats line). The recipe's shapes must stay within --max-gib (5.5 GiB: a 6 GB card).
 Run it after any change to GPU code; its table goes in PROGRESS.md. Logs: --work/logs.
+
+The journeys run side by side, each as soon as what it needs exists (the recipe's entropy
+model; generate: the export): their time goes mostly to compilation, which is CPU work, and
+the GPU holds them all. Their bytes/s are then those of a shared GPU; --serial runs one at a
+time for the speed of each alone.
 """
 
 import argparse
@@ -27,7 +32,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +78,7 @@ class Journeys:
     def __init__(self, args):
         self.args, self.work = args, Path(args.work).resolve()
         self.logs = self.work / "logs"
-        self.rows: list[Row] = []
+        self.recipe_done = threading.Event()  # set when the recipe journey has ended (or is not run)
         shim_dir = self.work / "shim"
         shim_dir.mkdir(parents=True, exist_ok=True)
         (shim_dir / "python").write_text(SHIM.format(python=sys.executable))
@@ -112,8 +119,17 @@ class Journeys:
 
     # ---- the journeys ----
 
-    def recipe(self) -> None:
-        shutil.rmtree(self.work / "recipe", ignore_errors=True)
+    def entropy_model(self) -> Path:
+        """The recipe's entropy model run folder, once its model exists (waits for the recipe)."""
+        runs = self.work / "recipe" / "entropy"
+        while not (runs / "model").is_dir() and not self.recipe_done.is_set():
+            time.sleep(1)
+        if not (runs / "model").is_dir():
+            raise RuntimeError(f"no entropy model in {runs}: the recipe journey must run first")
+        return runs
+
+    def recipe(self) -> list[Row]:
+        rows = []
         t = time.perf_counter()
         rc, log = self.run("recipe", ["bash", "recipes/tinystories.sh"],
                            self.recipe_env(self.work / "recipe", self.work / "recipe" / "export"))  # fmt: skip
@@ -137,16 +153,17 @@ class Journeys:
                 if m and row.seconds:
                     row.bytes_per_s, row.note = int(m[2]) / row.seconds, f"bpb {float(m[1]):.4f}"
             row.ok = all(ok for ok, _ in row.checks) and rc == 0
-            self.rows.append(row)
-        self.rows[-1].check(rc == 0, f"recipe exit code {rc} (wall {seconds:.0f} s)")
+            rows.append(row)
+        rows[-1].check(rc == 0, f"recipe exit code {rc} (wall {seconds:.0f} s)")
+        return rows
 
-    def resume(self) -> None:
+    def resume(self) -> list[Row]:
         """SIGTERM to the recipe's process group during the BLT, then the recipe again."""
         row = Row("resume after SIGTERM (recipe rerun)")
         runs = self.work / "resume"
         shutil.rmtree(runs, ignore_errors=True)
         runs.mkdir(parents=True)
-        shutil.copytree(self.work / "recipe" / "entropy", runs / "entropy")  # the recipe skips this stage
+        shutil.copytree(self.entropy_model(), runs / "entropy")  # the recipe skips this stage
         env = self.recipe_env(runs, runs / "export")
         t = time.perf_counter()
         proc, log = self.start("resume-1", ["bash", "recipes/tinystories.sh"], env)
@@ -173,6 +190,7 @@ class Journeys:
         processes = process_lines(first + second)
         row.peak_gib = max((p["peak_gib"] for p in processes if p["module"] == "blt.train"), default=0.0)
         row.bytes_per_s = summary_bytes_per_s(second, nth=0)
+        self.recipe_done.wait()  # the uninterrupted run's losses
         want, got = step_losses(self.work / "recipe" / "blt" / "metrics.jsonl"), step_losses(metrics)
         row.check(set(want) <= set(got), f"every uninterrupted row's step logged ({sorted(want)})")
         # A row is the mean over the steps since the previous one: the first row after the
@@ -186,9 +204,10 @@ class Journeys:
         where = f"stopped after step {saved[1]}, " if saved else ""
         row.note = f"{where}max loss diff {diff:.2e}" + (f"; {row.note}" if row.note else "")
         row.ok = all(ok for ok, _ in row.checks)
-        self.rows.append(row)
+        return [row]
 
-    def train_row(self, name: str, out: Path, *flags: str, peak_limit: float | None = None) -> None:
+    def train_row(self, name: str, out: Path, *flags: str, peak_limit: float | None = None) -> Row:
+        self.entropy_model()
         shutil.rmtree(out, ignore_errors=True)
         row = Row(name)
         t = time.perf_counter()
@@ -205,21 +224,23 @@ class Journeys:
         if patches:
             row.note = f"{patches[-1]:.2f} bytes/patch" + (f"; {row.note}" if row.note else "")
         row.ok = all(ok for ok, _ in row.checks)
-        self.rows.append(row)
+        return row
 
-    def compiled(self) -> None:
+    def compiled(self) -> list[Row]:
         steps = str(self.args.blt_steps)
-        self.train_row("BLT --compile (recipe shapes)", self.work / "compile", "--compile", "--steps", steps,
-                       "--lr", "1.5e-3", "--warmup", "200", peak_limit=self.args.max_gib)  # fmt: skip
+        return [self.train_row("BLT --compile (recipe shapes)", self.work / "compile", "--compile", "--steps", steps,
+                       "--lr", "1.5e-3", "--warmup", "200", peak_limit=self.args.max_gib)]  # fmt: skip
 
-    def patch_counts(self) -> None:
-        few = ["--steps", str(self.args.shape_steps)]
-        self.train_row("--one-graph, every byte a patch (θ=0)", self.work / "all-bytes", "--one-graph", *few,
-                       "--threshold", "0", peak_limit=self.args.max_gib)  # fmt: skip
-        self.train_row("--one-graph, one long patch a row (θ=1e6)", self.work / "one-patch", "--one-graph", *few,
-                       "--threshold", "1e6", peak_limit=self.args.max_gib)  # fmt: skip
+    def all_bytes(self) -> list[Row]:
+        return [self.train_row("--one-graph, every byte a patch (θ=0)", self.work / "all-bytes", "--one-graph",
+                               "--steps", str(self.args.shape_steps), "--threshold", "0", peak_limit=self.args.max_gib)]
 
-    def bench_shape(self) -> None:
+    def one_patch(self) -> list[Row]:
+        return [self.train_row("--one-graph, one long patch a row (θ=1e6)", self.work / "one-patch", "--one-graph",
+                               "--steps", str(self.args.shape_steps), "--threshold", "1e6", peak_limit=self.args.max_gib)]
+
+    def bench_shape(self) -> list[Row]:
+        self.entropy_model()
         cmd = self.blt_cmd(self.work / "bench-shape", "--one-graph", "--steps", str(self.args.shape_steps))
         cmd[cmd.index("tinystories")] = "bench"
         cmd[cmd.index("--batch-size") + 1], cmd[cmd.index("--seq-len") + 1] = "8", "4096"
@@ -234,10 +255,11 @@ class Journeys:
         row.check(rc == 0, f"exit code {rc}" + ("" if rc == 0 else f": {last_error(log)}"))
         row.check("warning:" not in log, "no fallback to a slower path")
         row.ok = all(ok for ok, _ in row.checks)
-        self.rows.append(row)
+        return [row]
 
-    def generate(self) -> None:
+    def generate(self) -> list[Row]:
         row = Row("generate --device cuda --compile --stats")
+        self.recipe_done.wait()
         model = self.work / "recipe" / "export"
         if not (model / "config.json").exists():  # --only generate: the shipped model
             model = ROOT / "checkpoints"
@@ -254,14 +276,15 @@ class Journeys:
         if m:
             row.bytes_per_s = float(m[2])
         row.ok = all(ok for ok, _ in row.checks)
-        self.rows.append(row)
+        return [row]
 
-    def table(self) -> str:
-        lines = ["| journey | result | wall s | peak GiB | bytes/s | note |", "|---|---|---:|---:|---:|---|"]
-        for r in self.rows:
-            speed = f"{r.bytes_per_s:,.0f}" if r.bytes_per_s else "-"
-            lines.append(f"| {r.name} | {'pass' if r.ok else 'FAIL'} | {r.seconds:.0f} | {r.peak_gib:.2f} | {speed} | {r.note} |")
-        return "\n".join(lines)
+
+def table(rows: list[Row]) -> str:
+    lines = ["| journey | result | wall s | peak GiB | bytes/s | note |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        speed = f"{r.bytes_per_s:,.0f}" if r.bytes_per_s else "-"
+        lines.append(f"| {r.name} | {'pass' if r.ok else 'FAIL'} | {r.seconds:.0f} | {r.peak_gib:.2f} | {speed} | {r.note} |")
+    return "\n".join(lines)
 
 
 # ---- reading the logs ----
@@ -328,25 +351,43 @@ def main(argv=None) -> None:
     p.add_argument("--torch-logs", help="TORCH_LOGS for the patch-count runs, e.g. recompiles,graph_breaks")
     p.add_argument("--only", nargs="+", choices=("recipe", "resume", "compile", "patch-counts", "generate", "bench-shape"))
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--serial", action="store_true", help="one journey at a time (bytes/s of each alone)")
     args = p.parse_args(argv)
     j = Journeys(args)
-    steps = {"recipe": j.recipe, "resume": j.resume, "compile": j.compiled, "patch-counts": j.patch_counts,
-             "generate": j.generate, "bench-shape": j.bench_shape}  # fmt: skip
-    t = time.perf_counter()
-    for name, journey in steps.items():
-        if (args.only and name not in args.only) or (not args.only and name == "bench-shape"):
-            continue
-        print(f"journey: {name}", flush=True)
-        try:
-            journey()
-        except Exception as e:  # one broken journey must not hide the others' results
-            j.rows.append(Row(name, note=f"FAILED: {type(e).__name__}: {e}"))
-        print(j.table().splitlines()[-1], flush=True)
-    print(f"\n{j.table()}\n\n{sum(r.ok for r in j.rows)}/{len(j.rows)} passed in {time.perf_counter() - t:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in j.rows], indent=1, default=str))
-    sys.exit(0 if all(r.ok for r in j.rows) else 1)
+    journeys = [("recipe", "recipe", j.recipe), ("resume", "resume", j.resume), ("compile", "compile", j.compiled),
+                ("patch-counts", "all-bytes", j.all_bytes), ("patch-counts", "one-patch", j.one_patch),
+                ("generate", "generate", j.generate), ("bench-shape", "bench-shape", j.bench_shape)]  # fmt: skip
+    chosen = [(name, run) for group, name, run in journeys
+              if (group in args.only if args.only else group != "bench-shape")]  # fmt: skip
+    if any(name == "recipe" for name, _ in chosen):
+        shutil.rmtree(j.work / "recipe", ignore_errors=True)  # before any journey looks for its models
+    else:
+        j.recipe_done.set()
+    t, printing = time.perf_counter(), threading.Lock()
 
+    def say(text: str) -> None:
+        with printing:
+            print(text, flush=True)
+
+    def one(name, run) -> list[Row]:
+        say(f"journey: {name} starts at {time.perf_counter() - t:.0f} s")
+        try:
+            rows = run()
+        except Exception as e:  # one broken journey must not hide the others' results
+            rows = [Row(name, note=f"FAILED: {type(e).__name__}: {e}")]
+        finally:
+            if name == "recipe":
+                j.recipe_done.set()
+        say("\n".join(table(rows).splitlines()[2:]))
+        return rows
+
+    with ThreadPoolExecutor(1 if args.serial else len(chosen)) as pool:
+        futures = [pool.submit(one, name, run) for name, run in chosen]
+        rows = [row for f in futures for row in f.result()]
+    print(f"\n{table(rows)}\n\n{sum(r.ok for r in rows)}/{len(rows)} passed in {time.perf_counter() - t:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
+    sys.exit(0 if all(r.ok for r in rows) else 1)
 
 if __name__ == "__main__":
     main()
