@@ -317,8 +317,6 @@ def load_model(path: str | Path, device="cpu"):
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     if raw.get("model_type") == "blt":
-        from blt.convert_hf import load_hf_checkpoint
-
         return load_hf_checkpoint(path).to(device).eval()
     try:
         cfg = BLTConfig.from_dict(raw)
@@ -332,3 +330,49 @@ def load_model(path: str | Path, device="cpu"):
     if entropy_model is not None:
         model.set_entropy_model(entropy_model)
     return model.to(device).eval()
+
+
+def _read_hf_weights(path: Path) -> dict:
+    """A transformers folder's state dict: one safetensors file, shards (with or without an
+    index) or pytorch_model.bin (read with weights_only=True)."""
+    from safetensors.torch import load_file
+
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        shards = sorted(path.glob("model-*.safetensors"))
+    if shards:
+        sd = {}
+        for shard in shards:
+            sd.update(load_file(str(shard)))
+        return sd
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors, sharded safetensors or pytorch_model.bin in {path}")
+
+
+def load_hf_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Our BLT from a transformers BltForCausalLM folder (config.json with model_type "blt" and
+    model.safetensors, or shards with model.safetensors.index.json); transformers is not needed.
+
+    dtype: None keeps the checkpoint's dtypes (the published ones mix float32 and bf16:
+    checkpoint.from_pretrained brings them to one); otherwise floating tensors are cast to it.
+    A folder it cannot load is a one-line CheckpointError."""
+    from blt.convert_hf import from_hf_state_dict, our_config_from_hf
+
+    path = Path(path)
+    try:
+        config_file = path / CONFIG
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        hf_cfg = json.loads(config_file.read_text())
+        if hf_cfg.get("model_type") != "blt":
+            raise ValueError(f"{config_file}: model_type is {hf_cfg.get('model_type')!r}, expected 'blt'")
+        cfg = our_config_from_hf(hf_cfg)
+        return from_hf_state_dict(cfg, _read_hf_weights(path), hf_cfg.get("patch_in_forward", True), device, dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        msg = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())  # one line
+        raise CheckpointError(f"cannot load the transformers checkpoint in {path}: {msg}") from None

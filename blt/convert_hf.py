@@ -2,15 +2,16 @@
 
 transformers is NOT imported at module import time (it is a test-only dependency): only
 `to_hf_model` imports it. Everything else works on plain dicts and tensors, so
-`load_hf_checkpoint` reads an HF checkpoint folder without transformers installed.
+`blt.checkpoint.load_hf_checkpoint` reads an HF checkpoint folder with these functions, without
+transformers installed.
 
     hf_config_from_ours(cfg) -> dict        kwargs for transformers.BltConfig
     our_config_from_hf(hf_cfg) -> BLTConfig hf_cfg: a BltConfig or its dict (config.json)
     state_dict_to_hf(our_sd, cfg) -> dict   key mapping, tensors are shared, not copied
     state_dict_from_hf(hf_sd, cfg) -> dict
+    from_hf_state_dict(cfg, hf_sd) -> BLT   a folder's weights
     from_hf_model(hf_model) -> BLT          (weights copied)
     to_hf_model(model) -> BltForCausalLM
-    load_hf_checkpoint(path) -> BLT         config.json (model_type "blt") + safetensors
 
 What the HF port computes, and how our flags express it:
   * cross-attention adds its residual inside the module and again outside:
@@ -33,7 +34,6 @@ What the HF port computes, and how our flags express it:
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -55,9 +55,10 @@ __all__ = [
     "our_config_from_hf",
     "state_dict_to_hf",
     "state_dict_from_hf",
+    "from_hf_state_dict",
     "from_hf_model",
     "to_hf_model",
-    "load_hf_checkpoint",
+    "model_from_state_dict",
 ]
 
 # ---- configs -------------------------------------------------------------------------------
@@ -375,7 +376,7 @@ def state_dict_from_hf(hf_sd: dict, cfg: BLTConfig) -> dict:
 # ---- models --------------------------------------------------------------------------------
 
 
-def _build_model(cfg: BLTConfig, our_sd: dict, device=None, dtype: torch.dtype | None = None):
+def model_from_state_dict(cfg: BLTConfig, our_sd: dict, device=None, dtype: torch.dtype | None = None):
     """A BLT holding exactly our_sd's tensors (moved/cast if asked), without random init."""
     from blt.entropy_model import EntropyModel
     from blt.layers import Rotary
@@ -403,11 +404,24 @@ def _build_model(cfg: BLTConfig, our_sd: dict, device=None, dtype: torch.dtype |
     return model.eval()
 
 
+def from_hf_state_dict(cfg: BLTConfig, hf_sd: dict, patch_in_forward: bool = True, device=None,
+                       dtype: torch.dtype | None = None):  # fmt: skip
+    """Our BLT (cfg: our_config_from_hf of the folder's config) from a BltForCausalLM state dict
+    as its files hold it; patch_in_forward False (the HF config's flag): its patcher is unused.
+
+    dtype: None keeps the tensors' dtypes (the published checkpoints mix float32 and bf16);
+    otherwise floating tensors are cast to it."""
+    hf_sd = {key: value for key, value in hf_sd.items() if not key.endswith(("inv_freq", "original_inv_freq"))}
+    if not patch_in_forward:
+        hf_sd = {key: value for key, value in hf_sd.items() if not key.startswith(_HF_PATCHER)}
+    return model_from_state_dict(cfg, state_dict_from_hf(hf_sd, cfg), device=device, dtype=dtype)
+
+
 def from_hf_model(hf_model):
     """Our BLT with the weights of a transformers `BltForCausalLM` (copied, not shared)."""
     cfg = our_config_from_hf(hf_model.config)
     sd = {key: value.detach().clone() for key, value in hf_model.state_dict().items()}
-    return _build_model(cfg, state_dict_from_hf(sd, cfg))
+    return model_from_state_dict(cfg, state_dict_from_hf(sd, cfg))
 
 
 def to_hf_model(model, attn_implementation: str = "sdpa", strict_patching: bool = True):
@@ -433,61 +447,3 @@ def to_hf_model(model, attn_implementation: str = "sdpa", strict_patching: bool 
     hf_sd = state_dict_to_hf(model.state_dict(), cfg)
     hf.load_state_dict(hf_sd, strict=True)
     return hf.eval()
-
-
-# ---- checkpoints ---------------------------------------------------------------------------
-
-
-def _read_hf_weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd = {}
-        for shard in shards:
-            sd.update(load_file(str(path / shard)))
-        return sd
-    shards = sorted(path.glob("model-*.safetensors"))
-    if shards:
-        sd = {}
-        for shard in shards:
-            sd.update(load_file(str(shard)))
-        return sd
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no model.safetensors, sharded safetensors or pytorch_model.bin in {path}")
-
-
-def load_hf_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Our BLT from an HF BltForCausalLM folder (config.json with model_type "blt" and
-    model.safetensors, or shards with model.safetensors.index.json). transformers is not needed.
-
-    dtype: None keeps the checkpoint's dtypes (the published ones mix float32 and bf16:
-    BLT.from_pretrained brings them to one); otherwise floating tensors are cast to it.
-    Raises blt.checkpoint.CheckpointError (one line) for a folder it cannot load.
-    """
-    from safetensors import SafetensorError
-
-    from blt.checkpoint import CheckpointError
-
-    path = Path(path)
-    try:
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no config.json in {path}")
-        hf_cfg = json.loads(config_file.read_text())
-        if hf_cfg.get("model_type") != "blt":
-            raise ValueError(f"{config_file}: model_type is {hf_cfg.get('model_type')!r}, expected 'blt'")
-        cfg = our_config_from_hf(hf_cfg)
-        hf_sd = _read_hf_weights(path)
-        hf_sd = {key: value for key, value in hf_sd.items() if not key.endswith(("inv_freq", "original_inv_freq"))}
-        if not hf_cfg.get("patch_in_forward", True):
-            hf_sd = {key: value for key, value in hf_sd.items() if not key.startswith(_HF_PATCHER)}
-        return _build_model(cfg, state_dict_from_hf(hf_sd, cfg), device=device, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        msg = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())  # one line
-        raise CheckpointError(f"cannot load the transformers checkpoint in {path}: {msg}") from None

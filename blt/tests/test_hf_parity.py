@@ -25,11 +25,11 @@ if not hasattr(BltConfig(), "local_attention_window_len"):
         allow_module_level=True,
     )
 
+from blt.checkpoint import load_hf_checkpoint  # noqa: E402
 from blt.config import BLTConfig  # noqa: E402
 from blt.convert_hf import (  # noqa: E402
     from_hf_model,
     hf_config_from_ours,
-    load_hf_checkpoint,
     our_config_from_hf,
     state_dict_from_hf,
     state_dict_to_hf,
