@@ -31,10 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blt.config import bench  # noqa: E402
+from blt.cpu_threads import MAX_AUTO_THREADS  # noqa: E402
+from blt.engine import Engine  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
-from blt.generate import MAX_AUTO_THREADS, NEVER_SAMPLED, Engine, generate, generate_uncached, pipelined, sample_next  # noqa: E402
+from blt.generate import generate, generate_uncached, pipelined  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
+from blt.sampling import NEVER_SAMPLED, sample_next  # noqa: E402
 from blt.tokens import encode  # noqa: E402
 
 

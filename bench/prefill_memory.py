@@ -38,14 +38,16 @@ def prompt_text(n: int) -> bytes:
 def child(args) -> dict:
     import torch
 
-    from blt import generate as G
+    from blt import prefill
+    from blt.engine import Engine
     from blt.model import BLT
+    from blt.sampling import sample_next
     from blt.tokens import encode
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one_block:
-        G.PREFILL_CHUNK, G.PREFILL_PAIRS = 1 << 40, 1 << 80
+        prefill.PREFILL_CHUNK, prefill.PREFILL_PAIRS = 1 << 40, 1 << 80
     device = torch.device(args.device)
     model = BLT.from_pretrained(args.checkpoint, device=device)
     ids = encode(prompt_text(args.size))
@@ -57,7 +59,7 @@ def child(args) -> dict:
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    eng = G.Engine(model, [ids], args.max_new)
+    eng = Engine(model, [ids], args.max_new)
     with torch.no_grad():
         logits = eng.prefill()
         patches = eng.h_patches[0]  # the prompt's complete patches
@@ -65,7 +67,7 @@ def child(args) -> dict:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         for _ in range(args.max_new - 1):
-            logits = eng.step(G.sample_next(logits))
+            logits = eng.step(sample_next(logits))
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()

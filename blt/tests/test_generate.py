@@ -22,7 +22,10 @@ import pytest
 import torch
 
 from blt import config as C
+from blt import engine as E
 from blt import generate as G
+from blt import sampling as S
+from blt import step_layers as SL
 from blt.entropy_model import EntropyModel
 from blt.model import BLT
 from blt.patcher import calibrate_threshold
@@ -98,7 +101,7 @@ def check_exact(model, prompt, n, n_oracle, key=None):
     full = teacher_forced(model, prompt, ids)
     diff = (full - logits).abs().max().item()
     assert diff < TOL, f"cached vs full forward: max logit diff {diff}"
-    assert G.sample_next(full).tolist() == ids, "greedy bytes differ from the full forward's"
+    assert S.sample_next(full).tolist() == ids, "greedy bytes differ from the full forward's"
     o_ids, o_logits = G.generate_uncached(model, prompt, n_oracle, return_logits=True)
     assert o_ids == ids[:n_oracle], "cached bytes differ from generate_uncached"
     odiff = (o_logits - logits[:n_oracle]).abs().max().item()
@@ -149,17 +152,17 @@ def test_step_module_tracks_recreated_tensors():
     """The compiled step's module re-registers what the engine re-creates (the encoder buffer
     growing, rows dropped): its buffers are always the engine's current tensors, none stale."""
     model = make_model("tiny", "static", patch_size=37, max_patch_length=None)
-    eng = G.Engine(model, [encode("Hi"), encode("")], 80)
-    eng._step_module = G._StepModule(eng)  # what _compile sets up, without compiling
+    eng = E.Engine(model, [encode("Hi"), encode("")], 80)
+    eng._step_module = E._StepModule(eng)  # what _compile sets up, without compiling
 
     def registered_are_current():
-        return {id(t) for t in eng._step_module.buffers()} == {id(t) for _, t in G._step_tensors(eng)}
+        return {id(t) for t in eng._step_module.buffers()} == {id(t) for _, t in E._step_tensors(eng)}
 
     logits = eng.prefill()
     C = eng.buf_pos.shape[1]
     assert registered_are_current()
     for _ in range(60):
-        logits = eng.step(G.sample_next(logits))
+        logits = eng.step(S.sample_next(logits))
     assert eng.buf_pos.shape[1] > C and registered_are_current()
     eng.keep([1])
     assert registered_are_current()
@@ -167,16 +170,16 @@ def test_step_module_tracks_recreated_tensors():
 
 @pytest.mark.parametrize("config", ["tiny", "variant"])
 def test_cached_equals_oracle_two_threads(config):
-    """With 2 threads the engine's CPU products run as 2 blocks each (_Proj): same bytes."""
+    """With 2 threads the engine's CPU products run as 2 blocks each (step_layers.Proj): same bytes."""
     model = make_model(config, "entropy", seed=7)
     torch.set_num_threads(2)  # the autouse fixture restores the count
     check_exact(model, encode("Once upon a time"), 192, 24)
 
 
 def test_step_helpers_match_layers():
-    """The engine's one-position pieces against layers.py: _Proj gives F.linear's products in
-    both weight layouts, with 1 or 2 blocks and 1 or several rows; _Norm is RMSNorm bit for
-    bit; _rope_step + _rotate rotate q and k bit for bit as apply_rotary and keep v."""
+    """The engine's one-position pieces (step_layers) against layers.py: Proj gives F.linear's
+    products in both weight layouts, with 1 or 2 blocks and 1 or several rows; Norm is RMSNorm
+    bit for bit; rope_step + _rotate rotate q and k bit for bit as apply_rotary and keep v."""
     from blt.layers import RMSNorm, Rotary, TransformerBlock, apply_rotary
 
     g = torch.Generator().manual_seed(0)
@@ -184,7 +187,7 @@ def test_step_helpers_match_layers():
         torch.set_num_threads(threads)
         for out, inp in [(96, 16), (64, 96), (64, 64), (90, 8), (16, 8)]:
             ws = [torch.randn(out // 2, inp, generator=g), torch.randn(out - out // 2, inp, generator=g)]
-            proj = G._Proj(*ws)
+            proj = SL.Proj(*ws)
             assert proj.n == (threads if out >= 64 else 1)
             for shape in [(1, 1, inp), (3, 1, inp), (2, 5, inp)]:
                 x = torch.randn(shape, generator=g)
@@ -194,20 +197,20 @@ def test_step_helpers_match_layers():
     with torch.no_grad():
         norm.weight.normal_(generator=g)
         x = 3 * torch.randn(4, 1, 48, generator=g)
-        assert torch.equal(G._Norm(norm)(x), norm(x))
+        assert torch.equal(SL.Norm(norm)(x), norm(x))
     cfg = C.tiny().global_model  # 4 query heads, GQA below
     cfg.n_kv_heads = 2
-    blk = G._Block(TransformerBlock(cfg))
+    blk = SL.Block(TransformerBlock(cfg))
     H, Hkv, Dh = blk.n_heads, blk.n_kv, blk.head_dim
     assert Hkv < H
     rotary = Rotary(Dh, cfg.rope_theta)
     pos = torch.tensor([0, 37, 1000])
     y = torch.randn(3, 1, (H + 2 * Hkv) * Dh, generator=g)
-    out = G._rotate(y, G._rope_step(rotary, pos, blk), Dh)
+    out = SL._rotate(y, SL.rope_step(rotary, pos, blk), Dh)
     heads = y.view(3, 1, H + 2 * Hkv, Dh)  # (B, T=1, heads, Dh)
     ref = apply_rotary(heads[:, :, : H + Hkv], rotary(pos[:, None]))
     assert torch.equal(out[:, : H + Hkv], ref[:, 0]) and torch.equal(out[:, H + Hkv :], heads[:, 0, H + Hkv :])
-    real = G._rotate(y, G._rope_step(rotary, pos, blk, complex_table=False), Dh)  # the GPU form
+    real = SL._rotate(y, SL.rope_step(rotary, pos, blk, complex_table=False), Dh)  # the GPU form
     assert (real[:, : H + Hkv] - ref[:, 0]).abs().max() < 1e-5 and torch.equal(real[:, H + Hkv :], heads[:, 0, H + Hkv :])
 
 
@@ -224,7 +227,7 @@ def test_attention_math_matches_sdpa():
         outs = {}
         for name, m in (("masked", mask), ("all", None)):
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=Hkv != H)
-            outs[name] = G._attention_math(q, k, v, m)
+            outs[name] = SL._attention_math(q, k, v, m)
             assert (outs[name] - ref).abs().max() < 1e-4, (H, Hkv, Q, name)
         assert (outs["masked"] - outs["all"]).abs().max() > 0.1
 
@@ -232,7 +235,7 @@ def test_attention_math_matches_sdpa():
 def test_prefill_matches_forward():
     model = make_model("variant", "entropy")
     prompts = [encode(""), encode("a"), encode("Hello, world! " * 5)]
-    eng = G.Engine(model, prompts, max_new=4)
+    eng = E.Engine(model, prompts, max_new=4)
     logits = eng.prefill()
     for b, p in enumerate(prompts):
         with torch.no_grad():
@@ -329,18 +332,18 @@ def test_sample_next_never_emits_specials():
     logits = torch.full((2, 260), -10.0)
     logits[:, [0, 1, 3]] = 10.0
     logits[0, 70] = 0.0
-    assert G.sample_next(logits).tolist() == [70, EOS_ID]
-    for t in G.sample_next(logits, temperature=5.0, seeds=torch.tensor([0, 1])):
+    assert S.sample_next(logits).tolist() == [70, EOS_ID]
+    for t in S.sample_next(logits, temperature=5.0, seeds=torch.tensor([0, 1])):
         assert int(t) not in (0, 1, 3)
 
 
 def test_row_uniforms_are_uniform_and_per_row():
     seeds = torch.tensor([0, 1, 2**40 + 5, -3])
-    u = G.row_uniforms(seeds, 7, 260)
+    u = S.row_uniforms(seeds, 7, 260)
     assert u.shape == (4, 260) and u.dtype == torch.float32 and 0 < u.min() and u.max() < 1
-    assert torch.equal(u[2:3], G.row_uniforms(seeds[2:3], 7, 260))  # a row's numbers ignore the batch
-    assert not torch.equal(u, G.row_uniforms(seeds, 8, 260))  # and change with the step
-    many = G.row_uniforms(torch.arange(400), torch.tensor(3), 260).flatten()
+    assert torch.equal(u[2:3], S.row_uniforms(seeds[2:3], 7, 260))  # a row's numbers ignore the batch
+    assert not torch.equal(u, S.row_uniforms(seeds, 8, 260))  # and change with the step
+    many = S.row_uniforms(torch.arange(400), torch.tensor(3), 260).flatten()
     counts = torch.histc(many, bins=10, min=0, max=1)
     assert (counts - many.numel() / 10).abs().max() < 0.03 * many.numel() / 10
     assert abs(float(torch.corrcoef(torch.stack([many[:-1], many[1:]]))[0, 1])) < 0.01
@@ -355,7 +358,7 @@ def test_sampling_index_arithmetic_fits_int32():
     from torch.fx.interpreter import Interpreter
 
     def draw(logits, seeds, step):
-        return G.sample_next(logits, 0.7, 20, 0.9, seeds, step)
+        return S.sample_next(logits, 0.7, 20, 0.9, seeds, step)
 
     args = (torch.randn(3, 260), torch.tensor([0, 2**40 + 5, -3]), torch.tensor(12345))
     gm = make_fx(draw)(*args)
@@ -381,12 +384,12 @@ def test_seeded_sampling_matches_the_softmax():
     """The Gumbel-max draw with hashed noise samples softmax(logits / T) within top-k."""
     logits = torch.tensor([[-30.0] * 4 + [2.0, 1.0, 0.0, -1.0, 3.0] + [-30.0] * 251])
     T, n = 0.8, 20000
-    draws = torch.cat([G.sample_next(logits.expand(200, -1), T, seeds=torch.arange(200) + 1000 * s, step=s) for s in range(n // 200)])
+    draws = torch.cat([S.sample_next(logits.expand(200, -1), T, seeds=torch.arange(200) + 1000 * s, step=s) for s in range(n // 200)])
     freq = torch.bincount(draws, minlength=260).float() / n
     want = torch.zeros(260)
     want[4:9] = (logits[0, 4:9] / T).softmax(-1)
     assert (freq - want).abs().max() < 0.012
-    top2 = torch.cat([G.sample_next(logits.expand(200, -1), T, top_k=2, seeds=torch.arange(200), step=s) for s in range(20)])
+    top2 = torch.cat([S.sample_next(logits.expand(200, -1), T, top_k=2, seeds=torch.arange(200), step=s) for s in range(20)])
     assert set(top2.tolist()) == {4, 8}
 
 
@@ -504,7 +507,7 @@ def test_uncached_backend_argument_is_the_same_oracle():
 def _run_engine(eng, n):
     logits, out = eng.prefill(), []
     for s in range(n):
-        tok = G.sample_next(logits)
+        tok = S.sample_next(logits)
         out.append(tok.tolist())
         if s < n - 1:
             logits = eng.step(tok)
@@ -517,7 +520,7 @@ def test_fused_step_equals_branching_step():
     model = make_model("variant", "combined", seed=4)
     ids = [encode(x) for x in ["", "Hi", "Once upon a time, in a land far away"]]
     ref = G.generate_ids(model, ids, 100, stop=None)
-    eng = G.Engine(model, ids, 100, fuse=True)
+    eng = E.Engine(model, ids, 100, fuse=True)
     assert _run_engine(eng, 100) == ref.ids and eng.patches == ref.stats.patches
 
 
@@ -528,7 +531,7 @@ def test_compiled_step_is_one_graph():
     model = make_model("tiny", "entropy")
     ids = [encode("Hi"), encode("Hello")]
     ref = G.generate_ids(model, ids, 24, stop=None)
-    eng = G.Engine(model, ids, 24)
+    eng = E.Engine(model, ids, 24)
     eng.compiled = eng.fuse = True  # what compile=True sets on CUDA
     eng._compile(backend="eager", fullgraph=True)
     assert _run_engine(eng, 24) == ref.ids
@@ -575,7 +578,7 @@ def test_compiled_step_updates_only_static_inputs():
     model = make_model("tiny", "entropy")
     ids = [encode("Hi"), encode("Hello")]
     ref = G.generate_ids(model, ids, 24, stop=None)
-    eng = G.Engine(model, ids, 24)
+    eng = E.Engine(model, ids, 24)
     eng.compiled = eng.fuse = True  # what compile=True sets on CUDA
     eng._compile(backend=compiler, fullgraph=True)
     assert _run_engine(eng, 24) == ref.ids
@@ -593,11 +596,11 @@ def _pipelined(model, prompts, max_new, stop=None, temperature=0.0, top_k=None, 
     """generate_ids' compiled loop (device-side sampling, host one step behind), run on CPU:
     eagerly, or through torch.compile with `compiler` as compile=True would on CUDA."""
     rows = [G._Row(G._stop_bytes(stop)) for _ in prompts]
-    eng = G.Engine(model, prompts, max_new, fuse=True)
+    eng = E.Engine(model, prompts, max_new, fuse=True)
     if compiler is not None:
         eng.compiled = True  # what compile=True sets on CUDA
         eng._compile(backend=compiler, fullgraph=True)
-    seeds = G._row_seeds(len(prompts), seed, "cpu") if temperature > 0 else None
+    seeds = S.row_seeds(len(prompts), seed, "cpu") if temperature > 0 else None
     n = G._decode_pipelined(eng, rows, max_new, (temperature, top_k, top_p), seeds)
     for r in rows:
         if not r.done:

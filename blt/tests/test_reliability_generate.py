@@ -11,9 +11,12 @@ import time
 import pytest
 import torch
 
+from blt import engine as E
 from blt import generate as G
 from blt import layers
 from blt import masks as M
+from blt import prefill as P
+from blt.cpu_threads import ThreadChooser
 from blt.model import BLT
 from blt.tests.test_generate import REPO, TOL, _one_thread, ckpt, make_model  # noqa: F401 (fixtures)
 from blt.tokens import encode
@@ -21,8 +24,8 @@ from blt.tokens import encode
 
 def small_blocks(monkeypatch, chunk=7, pairs=300):
     """Prefill in blocks of at most `chunk` bytes and `pairs` query-key pairs per attention."""
-    monkeypatch.setattr(G, "PREFILL_CHUNK", chunk)
-    monkeypatch.setattr(G, "PREFILL_PAIRS", pairs)
+    monkeypatch.setattr(P, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(P, "PREFILL_PAIRS", pairs)
 
 
 def model_for(config: str, mode: str) -> BLT:
@@ -83,10 +86,10 @@ def test_prefill_never_builds_a_prompt_sized_mask(monkeypatch):
     monkeypatch.setattr(M, "causal_mask", spy_causal)
     small_blocks(monkeypatch, chunk=128, pairs=128 * 192)
     prompt = random_prompt(1500)
-    eng = G.Engine(model, [prompt], max_new=2)
+    eng = E.Engine(model, [prompt], max_new=2)
     logits = eng.prefill()
-    assert len(pairs) > 50 and max(pairs) <= 2 * G.PREFILL_PAIRS, max(pairs)
-    assert not causal or max(causal) <= G.PREFILL_CHUNK
+    assert len(pairs) > 50 and max(pairs) <= 2 * P.PREFILL_PAIRS, max(pairs)
+    assert not causal or max(causal) <= P.PREFILL_CHUNK
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0, -1]
     assert (logits[0] - ref).abs().max() < TOL
@@ -188,7 +191,7 @@ def test_thread_chooser_follows_the_load():
     """Idle (2 threads faster): it moves to 2 threads after one trial. Load comes (2 threads
     slow): one slow step starts a trial of 1 thread, which wins. Busy: trials of 2 threads stop
     after their first slow step, and become rarer."""
-    ch = G.ThreadChooser((1, 2), every=4, trial=3, first=4)
+    ch = ThreadChooser((1, 2), every=4, trial=3, first=4)
     cost = {1: 1.0, 2: 0.8}
     log = []
     for _ in range(20):
@@ -213,7 +216,7 @@ def test_generate_runs_on_the_chosen_threads_and_restores(monkeypatch):
     blocks too; torch's own setting is back afterwards."""
     model = make_model("tiny", "entropy")
     seen = {"step": [], "block": []}
-    step, prefill_row = G.Engine.step, G.Engine._prefill_row
+    step, prefill_row = E.Engine.step, E.Engine._prefill_row
 
     def spy_step(self, ids):
         seen["step"].append(torch.get_num_threads())
@@ -223,9 +226,9 @@ def test_generate_runs_on_the_chosen_threads_and_restores(monkeypatch):
         seen["block"].append(torch.get_num_threads())
         return prefill_row(self, b, r)
 
-    monkeypatch.setattr(G.Engine, "step", spy_step)
-    monkeypatch.setattr(G.Engine, "_prefill_row", spy_row)
-    monkeypatch.setattr(G, "_cores", lambda: 2)
+    monkeypatch.setattr(E.Engine, "step", spy_step)
+    monkeypatch.setattr(E.Engine, "_prefill_row", spy_row)
+    monkeypatch.setattr(E, "cores", lambda: 2)  # as the engine reads it
     torch.set_num_threads(2)
     G.generate(model, "Once", max_new=40, temperature=0)
     assert seen["step"][:8] == [1] * 8  # the fewest first, until the first trial
