@@ -1,4 +1,4 @@
-"""The KV-cached generation engine: per byte one position of each byte-level stack, the global model once per patch.
+"""The KV-cached generation engine: a byte at a time per row, the global model once per patch.
 
 Not in the paper (BLT_LLM.md §14): the official code re-runs the entropy model and the whole
 BLT over the prefix for every new byte. The engine (`Engine`) produces, byte for byte, what

@@ -1,4 +1,4 @@
-"""Byte generation for BLT: `generate`, the cached generation loop, the plain uncached oracle, and a CLI.
+"""Byte generation for BLT: `generate`, the cached loop, the plain uncached oracle, and a CLI.
 
     python -m blt.generate --prompt "Once upon a time" --max-new 300 --temperature 0.7 --stats
 

@@ -1,4 +1,4 @@
-"""One-position building blocks of the generation engine's byte step: layers.py with cached keys/values.
+"""One-position building blocks of the byte step: layers.py's modules with cached keys/values.
 
 Not in the paper (BLT_LLM.md §14, "On a CPU" and "On a GPU"). Each helper computes what its
 module computes (layers.TransformerBlock, RMSNorm and RoPE, the cross-attentions, the
