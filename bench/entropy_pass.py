@@ -25,7 +25,8 @@ from blt.checkpoint import ENTROPY_CONFIG, CheckpointError, load_entropy_model, 
 from blt.config import ConfigError, preset  # noqa: E402
 from blt.data import DataError, encode_documents, load_documents  # noqa: E402
 from blt.entropy_model import EntropyModel, stream_entropies  # noqa: E402
-from blt.train import ENTROPY_CHUNK, entropy_model_dir  # noqa: E402
+from blt.train_data import ENTROPY_CHUNK  # noqa: E402
+from blt.train_flags import entropy_model_dir  # noqa: E402
 
 
 def main():

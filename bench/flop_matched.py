@@ -74,7 +74,7 @@ from blt.flops import blt_flops_per_byte, transformer_flops_per_byte  # noqa: E4
 from blt.model import BLT  # noqa: E402
 from blt.patcher import patch  # noqa: E402
 from blt.tokens import BOE_ID  # noqa: E402
-from blt.train import blt_config, blt_parser, entropy_model_dir  # noqa: E402
+from blt.train_flags import blt_config, blt_parser, entropy_model_dir  # noqa: E402
 
 NAMES = ("blt-entropy", "blt-space", "blt-static", "byte-baseline")
 EVAL_LINE = re.compile(r"^bpb=(\S+) bytes=(\d+) bytes_per_patch=(\S+)$")

@@ -40,9 +40,9 @@ from blt.flops import blt_flops_per_byte  # noqa: E402
 from blt.layers import FLEX_BACKENDS, set_flex_backend, set_fused_products  # noqa: E402
 from blt.masks import BLOCK, set_patch_kernels  # noqa: E402
 from blt.model import BLT  # noqa: E402
+from blt.one_graph import PATCH_PAD, OneGraph  # noqa: E402
 from blt.packing import aligned_slot_count, row_patch_counts  # noqa: E402
 from blt.patcher import calibrate_threshold  # noqa: E402
-from blt.train import PATCH_PAD, OneGraph  # noqa: E402
 
 PEAK_BF16 = 989e12
 

@@ -24,7 +24,8 @@ from blt.checkpoint import ENTROPY_CONFIG, THRESHOLD, load_entropy_model, save_e
 from blt.config import ConfigError, PatcherConfig, entropy_config_from_dict, load_json, tinystories
 from blt.entropy_model import EntropyModel
 from blt.patcher import calibrate_threshold
-from blt.train import add_common_args, check_common_args, check_same_config, run
+from blt.train import check_same_config, run
+from blt.train_flags import add_common_args, check_common_args
 
 CALIBRATION_TOKENS = 256 * 1024  # the first 256 KiB of the --calibrate-on stream
 

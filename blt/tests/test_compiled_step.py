@@ -18,7 +18,7 @@ from blt.config import BLTConfig, EntropyModelConfig, GlobalConfig, LocalDecoder
 from blt.entropy_model import EntropyModel
 from blt.layers import set_flex_backend, set_fused_products
 from blt.model import BLT
-from blt.train import OneGraph
+from blt.one_graph import OneGraph
 
 
 def config(window: int) -> BLTConfig:

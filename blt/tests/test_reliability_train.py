@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from blt import checkpoint, export, train, train_entropy
+from blt import checkpoint, export, train, train_entropy, train_state
 from blt.checkpoint import CheckpointError, atomic_dir_write, load_model
 from blt.config import tiny
 from blt.model import BLT
@@ -117,7 +117,7 @@ def test_find_checkpoint_skips_a_damaged_latest(saved, copy_of, damage, capsys):
         shutil.rmtree(latest)
     else:
         (latest / "config.json").write_text('{"encoder": ')
-    folder, state = train.find_checkpoint(out)
+    folder, state = train_state.find_checkpoint(out)
     assert folder == out / "checkpoint.prev" and state["step"] == 2
     assert ("warning:" in capsys.readouterr().err) == (damage != "no latest")
 

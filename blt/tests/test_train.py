@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from blt import eval as blt_eval
-from blt import train, train_entropy
+from blt import one_graph, train, train_data, train_entropy
 from blt.checkpoint import load_entropy_model
 from blt.data import encode_documents, load_documents
 from blt.model import BLT
@@ -465,7 +465,7 @@ def test_one_graph_patches_the_upcoming_batch_early():
     torch.manual_seed(0)
     cfg = tiny()
     model = BLT(cfg, EntropyModel(cfg.entropy_model))
-    og = train.OneGraph(model, torch.device("cpu"), accumulate=False)
+    og = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False)
     og.loss = og._loss  # eager: this test is about the patcher's schedule
     patched = []
     og.starts = lambda inputs, entropies=None: patched.append(inputs) or og._starts(inputs)
@@ -507,7 +507,7 @@ def test_one_graph_patch_pad_changes_shapes_not_losses():
     model.cfg.patcher.threshold = model.entropy_model.entropies(batch[:, :-1]).median().item()
     losses, shapes = [], []
     for pad in (1, 5, 16, 128):
-        og = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=pad)
+        og = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=pad)
         og.loss = lambda inputs, targets, starts, num, *rest, og=og: shapes.append(num) or og._loss(inputs, targets, starts, num, *rest)
         loss, patching = og(batch)
         losses.append(loss.item())
@@ -517,7 +517,7 @@ def test_one_graph_patch_pad_changes_shapes_not_losses():
     assert losses == pytest.approx([losses[0]] * 4, abs=1e-5)
     # packed: the global transformer gets the total patch count padded to patch_pad, same loss
     model.pack_patches = True
-    og = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=16)
+    og = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=16)
     slots = []
     og.loss = lambda *args: slots.append(args[-1]) or og._loss(*args)
     loss, patching = og(batch)
@@ -540,7 +540,7 @@ def test_one_graph_packed_loss_traces_and_matches(traced_only, monkeypatch):
     model = BLT(cfg, EntropyModel(cfg.entropy_model))
     batch = torch.cat([torch.ones(3, 1, dtype=torch.long), torch.randint(4, 260, (3, 150))], 1)
     model.cfg.patcher.threshold = model.entropy_model.entropies(batch[:, :-1]).median().item()
-    eager = train.OneGraph(model, torch.device("cpu"), accumulate=False)
+    eager = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False)
     eager.loss = eager._loss
     want, patching = eager(batch)
     assert len(set((patching.patch_lengths > 0).sum(1).tolist())) > 1  # rows of different lengths
@@ -549,7 +549,7 @@ def test_one_graph_packed_loss_traces_and_matches(traced_only, monkeypatch):
     model.zero_grad()
     model.pack_patches = True
     made = _count_packings(monkeypatch)
-    loss, _ = train.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=8)(batch)
+    loss, _ = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False, patch_pad=8)(batch)
     total = int((patching.patch_lengths > 0).sum())
     assert made and set(made) == {-(-total // 8) * 8}  # packed into the padded count, traced
     loss.backward()
@@ -574,7 +574,7 @@ def test_one_graph_traces_any_patch_count(traced_only, patches):
     entropies = model.entropy_model.entropies(batch[:, :-1])
     model.cfg.patcher.threshold = {"every byte": 0.0, "one long patch": 1e6, "median": entropies.median().item()}[patches]
     model.cfg.patcher.max_patch_length = None
-    loss, patching = train.OneGraph(model, torch.device("cpu"), accumulate=False)(batch)
+    loss, patching = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False)(batch)
     counts = (patching.patch_lengths > 0).sum(1)
     want_counts = {"every byte": [400] * 3, "one long patch": [2] * 3}.get(patches)  # BOS, then the rest
     assert want_counts is None or counts.tolist() == want_counts
@@ -594,7 +594,7 @@ def test_given_entropies_patch_as_the_entropy_model_would():
     batch = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.randint(4, 260, (2, 60))], 1)
     H = model.entropy_model.entropies(batch[:, :-1])
     model.cfg.patcher.threshold = H.median().item()
-    og = train.OneGraph(model, torch.device("cpu"), accumulate=False)
+    og = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False)
     og.loss, og.starts = og._loss, og._starts  # eager: this test is about what is patched
     live_loss, live = train.loss_and_patching(model, batch)
     for run in (lambda b: train.loss_and_patching(model, b, cfg.patcher), og):
@@ -659,7 +659,7 @@ def test_lookahead_peeks_without_moving_the_batcher():
 
     tokens = torch.arange(1000).numpy()
     plain, seen = Batcher(tokens, 2, 16, seed=3), Batcher(tokens, 2, 16, seed=3)
-    ahead = train.Lookahead(seen, torch.device("cpu"))
+    ahead = train_data.Lookahead(seen, torch.device("cpu"))
     for _ in range(4):
         upcoming = ahead.peek()
         assert ahead.peek() is upcoming and seen.step == plain.step
@@ -704,13 +704,13 @@ def test_only_compiler_errors_fall_back():
     from torch._dynamo.exc import TorchDynamoException
 
     compile_error = TorchDynamoException("ops.sort is only supported in persistent reductions")
-    assert train.is_compile_error(compile_error)
+    assert one_graph.is_compile_error(compile_error)
     try:
         raise ValueError("wrapped") from compile_error
     except ValueError as e:
-        assert train.is_compile_error(e)
-    assert not train.is_compile_error(RuntimeError("CUDA out of memory"))
+        assert one_graph.is_compile_error(e)
+    assert not one_graph.is_compile_error(RuntimeError("CUDA out of memory"))
     model = torch.nn.Linear(2, 2)
-    execution = train.Execution(model, one_graph=None, compiled=False)
+    execution = one_graph.Execution(model, one_graph=None, compiled=False)
     with pytest.raises(TorchDynamoException):
         execution.fall_back(compile_error)  # eager already: nothing slower to go to
