@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from blt.checkpoint import from_pretrained  # noqa: E402
 from blt.config import bench  # noqa: E402
 from blt.cpu_threads import MAX_AUTO_THREADS  # noqa: E402
 from blt.engine import Engine  # noqa: E402
@@ -241,7 +242,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = BLT.from_pretrained(args.checkpoint, device) if args.checkpoint else bench_model(device)
+    model = from_pretrained(args.checkpoint, device) if args.checkpoint else bench_model(device)
     if args.cpu_load:
         cpu_load_table(model, args.repeats, args.max_new)
         return

@@ -22,10 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blt.checkpoint import CheckpointError  # noqa: E402
+from blt.checkpoint import CheckpointError, from_pretrained  # noqa: E402
 from blt.data import DataError, encode_documents, load_documents  # noqa: E402
 from blt.masks import BLOCK  # noqa: E402
-from blt.model import BLT  # noqa: E402
 from blt.packing import aligned_slot_count  # noqa: E402
 
 
@@ -43,7 +42,7 @@ def main():
     B, T = args.batch_size, args.seq_len
     need, docs, size = args.batches * B * T, [], 0
     try:
-        model = BLT.from_pretrained(args.checkpoint).eval()
+        model = from_pretrained(args.checkpoint).eval()
         for doc in load_documents(args.data):
             docs.append(doc)
             size += len(doc) + 2  # BOS and EOS

@@ -39,8 +39,8 @@ def child(args) -> dict:
     import torch
 
     from blt import prefill
+    from blt.checkpoint import from_pretrained
     from blt.engine import Engine
-    from blt.model import BLT
     from blt.sampling import sample_next
     from blt.tokens import encode
 
@@ -49,7 +49,7 @@ def child(args) -> dict:
     if args.one_block:
         prefill.PREFILL_CHUNK, prefill.PREFILL_PAIRS = 1 << 40, 1 << 80
     device = torch.device(args.device)
-    model = BLT.from_pretrained(args.checkpoint, device=device)
+    model = from_pretrained(args.checkpoint, device=device)
     ids = encode(prompt_text(args.size))
     cuda = device.type == "cuda"
     if cuda:

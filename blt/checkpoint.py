@@ -332,6 +332,25 @@ def load_model(path: str | Path, device="cpu"):
     return model.to(device).eval()
 
 
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A BLT ready to run: one of our model folders or a transformers `BltForCausalLM` folder,
+    on `device`, with every parameter in ONE dtype whatever the files hold (ours may be stored
+    in bf16; the published BLT checkpoints keep the hash embedding tables in float32 and the
+    rest in bf16, which no matrix product takes as it is), in eval mode.
+
+    dtype: None = float32 on every device: the engine's exactness against the full forward and
+    the speeds reported for it are float32; torch.bfloat16 halves the memory (CUDA: faster)."""
+    model = load_model(path, "cpu")
+    dtype = torch.float32 if dtype is None else dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    with torch.no_grad():
+        for p in model.parameters():  # parameters only: the rotary tables stay float32
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model.to(device).eval()
+
+
 def _read_hf_weights(path: Path) -> dict:
     """A transformers folder's state dict: one safetensors file, shards (with or without an
     index) or pytorch_model.bin (read with weights_only=True)."""

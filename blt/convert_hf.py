@@ -35,7 +35,6 @@ What the HF port computes, and how our flags express it:
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 

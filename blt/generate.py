@@ -498,13 +498,12 @@ def main(argv=None) -> int:
 
 
 def _run(args, device) -> int:
-    from blt.checkpoint import CheckpointError
-    from blt.model import BLT
+    from blt.checkpoint import CheckpointError, from_pretrained
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        model = BLT.from_pretrained(args.checkpoint, device=device, dtype=DTYPES.get(args.dtype))
+        model = from_pretrained(args.checkpoint, device=device, dtype=DTYPES.get(args.dtype))
     except CheckpointError as e:
         default = args.checkpoint == str(DEFAULT_CHECKPOINT)
         hint = " (no model there yet: train one, or pass --checkpoint DIR)" if default else ""

@@ -12,7 +12,6 @@ How bytes, patches and targets line up for one row (k = 1):
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -162,37 +161,3 @@ class BLT(nn.Module):
         }
         out["total_blt"] = out["global"] + out["local"] + out["hash_tables"]
         return out
-
-    # ---- checkpoints -----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "BLT":
-        """Load one of our checkpoint folders, or a transformers `BltForCausalLM` folder, onto
-        `device` with every parameter in ONE dtype, whatever the files hold (ours may be
-        stored in bf16; the published BLT checkpoints keep the hash embedding tables in
-        float32 and the rest in bf16, which no matrix product takes as it is).
-
-        dtype: None = float32 on every device: the engine's exactness against the full
-        forward and the speeds reported for it are float32 (on CUDA too, where our checkpoints
-        have always loaded as float32); torch.bfloat16 halves the memory (CUDA: faster)."""
-        from blt.checkpoint import load_model
-
-        model = load_model(path, "cpu")
-        dtype = torch.float32 if dtype is None else dtype
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-        with torch.no_grad():
-            for p in model.parameters():  # parameters only: the rotary tables stay float32
-                if p.dtype != dtype:
-                    p.data = p.data.to(dtype)
-        return model.to(device).eval()
-
-    def save_pretrained(self, path: str | Path) -> None:
-        from blt.checkpoint import save_model
-
-        save_model(self, path)
-
-    def generate(self, prompts, **kwargs):
-        """Sample continuations; see blt.generate.generate for the arguments."""
-        from blt.generate import generate
-
-        return generate(self, prompts, **kwargs)

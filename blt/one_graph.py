@@ -1,5 +1,5 @@
 """How blt.train's steps run compiled: --one-graph (`OneGraph`: the patcher, then the whole
-forward and loss, as compiled graphs; CUDA graphs on CUDA), and `Execution`, which steps down to
+forward and loss, as compiled graphs; CUDA graphs on CUDA), and `Fallback`, which steps down to
 a slower path when the compiler fails: the one graph, then each block compiled on its own
 (--compile), then eager.
 """
@@ -145,7 +145,7 @@ def is_compile_error(error: BaseException | None) -> bool:
     return False
 
 
-class Execution:
+class Fallback:
     """How training steps run, and the slower paths left to fall back on: the one compiled
     graph (--one-graph), then each block compiled on its own (--compile), then eager. A compiler
     bug on some shape (inductor once failed on a mask of 65 blocks that the benchmark's shapes

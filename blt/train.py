@@ -17,7 +17,7 @@ Output folder (--out):
                     "bytes_per_patch","grad_norm","elapsed"} and per evaluation
                     {"step","eval_bpb","bytes","elapsed"}; `bytes` counts training bytes so far,
                     `elapsed` the seconds spent in training steps (all resumes, evals excluded)
-    model/          the final model folder, for BLT.from_pretrained, blt.eval and blt.generate
+    model/          the final model folder, for checkpoint.from_pretrained, blt.eval and blt.generate
     checkpoint/, checkpoint.prev/, run.lock: see blt.train_state, which also says how --resume
                     continues a run and how a signal stops one
 
@@ -70,7 +70,7 @@ from blt.eval import eval_sums, logits_and_patching
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
 from blt.layers import set_flex_backend, set_fused_products
 from blt.model import BLT
-from blt.one_graph import PATCH_PAD, Execution, OneGraph
+from blt.one_graph import PATCH_PAD, Fallback, OneGraph
 from blt.patcher import patch_starts, patching_from_starts
 from blt.tokens import BOE_ID, VOCAB_SIZE
 from blt.train_data import Lookahead, precomputed_entropies, prepare, to_device
@@ -265,10 +265,10 @@ def loss_and_patching(model, batch, patcher=None):
 def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, execution=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches -> (mean loss, mean bytes/patch, grad
     norm), all device tensors: reading them would make the host wait for the GPU, so the loop
-    reads them only when it logs. execution: an Execution; with its OneGraph (--one-graph)
+    reads them only when it logs. execution: a Fallback; with its OneGraph (--one-graph)
     computing the loss and a Lookahead as batcher, the next micro-batch is patched early. A
-    micro-batch whose compilation fails runs again on the next slower path (Execution.retry)."""
-    execution = execution or Execution(raw, None, compiled=False)
+    micro-batch whose compilation fails runs again on the next slower path (Fallback.retry)."""
+    execution = execution or Fallback(raw, None, compiled=False)
 
     def micro_step(batch, sync: bool):
         one_graph = execution.one_graph
@@ -349,7 +349,7 @@ def train(args, build, export) -> int:
     one_graph = None
     if getattr(args, "one_graph", False):
         one_graph = OneGraph(raw, device, args.grad_accum > 1, args.tune_kernels, patch_pad=args.patch_pad)
-    execution = Execution(raw, one_graph, args.compile, keep_packing=getattr(args, "pack_patches", None) is not None)
+    execution = Fallback(raw, one_graph, args.compile, keep_packing=getattr(args, "pack_patches", None) is not None)
     batches = batcher if one_graph is None else Lookahead(batcher, device)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len

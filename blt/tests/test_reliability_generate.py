@@ -16,6 +16,7 @@ from blt import generate as G
 from blt import layers
 from blt import masks as M
 from blt import prefill as P
+from blt.checkpoint import from_pretrained, save_model
 from blt.cpu_threads import ThreadChooser
 from blt.model import BLT
 from blt.tests.test_generate import REPO, TOL, _one_thread, ckpt, make_model  # noqa: F401 (fixtures)
@@ -133,7 +134,7 @@ def test_cli_ctrl_c_prints_what_was_generated(ckpt, stream):
     assert out.startswith(prompt) and out.endswith("\n")
     text = out[len(prompt) : -1]
     assert len(text) >= 2
-    model = BLT.from_pretrained(ckpt)
+    model = from_pretrained(ckpt)
     full = G.generate(model, prompt, max_new=len(text.encode()) + 8, temperature=0)[0]
     assert full.startswith(text[:-1])  # the last character may be a split one, completed as U+FFFD
 
@@ -260,7 +261,7 @@ def test_transformers_folder_in_published_dtypes(tmp_path):
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"F32", "BF16"}
     for dtype in (None, torch.float32, torch.bfloat16):
-        model = BLT.from_pretrained(tmp_path, dtype=dtype)
+        model = from_pretrained(tmp_path, dtype=dtype)
         assert {p.dtype for p in model.parameters()} == {dtype or torch.float32}
         assert model.encoder.rope.cos_table.dtype == torch.float32
         ids = G.generate_ids(model, [encode("Hello")], 6, stop=None).ids[0]
@@ -270,11 +271,9 @@ def test_transformers_folder_in_published_dtypes(tmp_path):
 def test_our_bf16_folder_loads_in_one_dtype(tmp_path, capsys):
     """Our folders saved in bf16 load as float32 by default, or as asked; the CLI's --dtype
     gives what from_pretrained(dtype=) gives."""
-    from blt.checkpoint import save_model
-
     save_model(make_model("tiny", "entropy"), tmp_path / "m", dtype=torch.bfloat16)
-    assert {p.dtype for p in BLT.from_pretrained(tmp_path / "m").parameters()} == {torch.float32}
-    model = BLT.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert {p.dtype for p in from_pretrained(tmp_path / "m").parameters()} == {torch.float32}
+    model = from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     want = G.generate(model, "Once", max_new=20, temperature=0)[0]
     assert G.main(["--checkpoint", str(tmp_path / "m"), "--prompt", "Once", "--max-new", "20", "--temperature", "0",

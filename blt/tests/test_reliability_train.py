@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blt import checkpoint, export, train, train_entropy, train_state
-from blt.checkpoint import CheckpointError, atomic_dir_write, load_model
+from blt.checkpoint import CheckpointError, atomic_dir_write, load_model, save_model
 from blt.config import tiny
 from blt.model import BLT
 from blt.tests.test_train import COMMON, losses, rows
@@ -260,7 +260,7 @@ def model_dir(work):
     cfg = tiny()
     cfg.patcher.mode = "static"
     path = work / "src"
-    BLT(cfg).save_pretrained(path)
+    save_model(BLT(cfg), path)
     return path
 
 
@@ -301,10 +301,10 @@ def test_export_refuses_folders_it_did_not_write(model_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_save_pretrained_refuses_a_foreign_folder(model_dir, tmp_path):
+def test_save_model_refuses_a_foreign_folder(model_dir, tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
     with pytest.raises(CheckpointError, match="holds files this tool would not write there"):
-        load_model(model_dir).save_pretrained(tmp_path)
+        save_model(load_model(model_dir), tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep"
 
 
@@ -326,7 +326,7 @@ def test_stale_temp_folders_of_dead_writers_are_removed(model_dir, tmp_path):
         for name in names:
             (tmp_path / name).mkdir()
         (tmp_path / f".model.tmp-{dead}" / "model.safetensors").write_bytes(b"half")
-        load_model(model_dir).save_pretrained(tmp_path / "model")
+        save_model(load_model(model_dir), tmp_path / "model")
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -383,7 +383,7 @@ def test_non_finite_weights_are_refused(model_dir, tmp_path):
     with torch.no_grad():
         dict(model.named_parameters())[name].view(-1)[1] = float("nan")
     with pytest.raises(CheckpointError, match=f"in tensor {name} .*nothing was written"):
-        model.save_pretrained(tmp_path / "nan")
+        save_model(model, tmp_path / "nan")
     assert not (tmp_path / "nan").exists()
 
 

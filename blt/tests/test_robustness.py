@@ -12,7 +12,7 @@ import torch
 
 from blt import eval as blt_eval
 from blt import robustness as R
-from blt.checkpoint import save_entropy_model
+from blt.checkpoint import save_entropy_model, save_model
 from blt.config import EntropyModelConfig
 from blt.entropy_model import EntropyModel
 from blt.tests.test_generate import make_model
@@ -114,7 +114,7 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def blt_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("blt") / "model"
-    make_model("tiny", "entropy").save_pretrained(path)
+    save_model(make_model("tiny", "entropy"), path)
     return path
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from blt import eval as blt_eval
 from blt import one_graph, train, train_data, train_entropy
-from blt.checkpoint import load_entropy_model
+from blt.checkpoint import from_pretrained, load_entropy_model
 from blt.data import encode_documents, load_documents
 from blt.model import BLT
 from blt.tokens import VOCAB_SIZE
@@ -144,7 +144,7 @@ def test_train_blt_learns_and_writes_checkpoint_and_model(reference, entropy_dir
     state = torch.load(ckpt / "train_state.pt", weights_only=True)  # tensors and plain values only
     assert state["step"] == STEPS and state["batcher"]["step"] == STEPS * 2
     assert set(state["rng"][0]) == {"torch", "cuda", "numpy", "python"}
-    model = BLT.from_pretrained(model_dir)
+    model = from_pretrained(model_dir)
     theta = json.loads((entropy_dir / "model" / "patcher_threshold.json").read_text())["threshold"]
     assert model.cfg.patcher.threshold == theta and model.cfg.patcher.mode == "entropy"
     a, b = load_file(ckpt / "model.safetensors"), load_file(model_dir / "model.safetensors")
@@ -204,7 +204,7 @@ def test_distributed_matches_single_process(work, entropy_dir, reference, mode):
 
 def direct_bpb(model_dir: Path, seq_len: int, windows: int | None = None) -> tuple[float, int]:
     """bpb of the first `windows` windows (default all), window by window, without padding or batching."""
-    model = BLT.from_pretrained(model_dir)
+    model = from_pretrained(model_dir)
     tokens = torch.from_numpy(encode_documents(list(load_documents(FIXTURE))).astype("int64"))
     nats, count = 0.0, 0
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_eval_prints_exact_bpb(reference, entropy_dir, capsys):
 def test_train_time_eval_is_exact(reference):
     train_bpb = [r["eval_bpb"] for r in rows(reference) if "eval_bpb" in r][-1]  # --eval-batches 0: all
     assert train_bpb == pytest.approx(direct_bpb(reference / "model", 64)[0], rel=1e-5)
-    model = BLT.from_pretrained(reference / "model")
+    model = from_pretrained(reference / "model")
     valid = encode_documents(list(load_documents(FIXTURE)))
     args = Namespace(seq_len=64, batch_size=4, eval_batches=2)
     first_two = train.evaluate(model, valid, args, 0, 1, torch.device("cpu"), None)
@@ -711,6 +711,6 @@ def test_only_compiler_errors_fall_back():
         assert one_graph.is_compile_error(e)
     assert not one_graph.is_compile_error(RuntimeError("CUDA out of memory"))
     model = torch.nn.Linear(2, 2)
-    execution = one_graph.Execution(model, one_graph=None, compiled=False)
+    execution = one_graph.Fallback(model, one_graph=None, compiled=False)
     with pytest.raises(TorchDynamoException):
         execution.fall_back(compile_error)  # eager already: nothing slower to go to

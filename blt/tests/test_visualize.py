@@ -15,6 +15,7 @@ import torch
 
 from blt import config as C
 from blt import plot_metrics, visualize
+from blt.checkpoint import from_pretrained, save_model
 from blt.entropy_model import EntropyModel
 from blt.model import BLT
 from blt.patcher import calibrate_threshold, patch_starts
@@ -36,13 +37,13 @@ def ckpt(tmp_path_factory) -> Path:
     tokens = torch.tensor([encode(TEXT)])
     cfg.patcher.threshold, _ = calibrate_threshold(em.entropies(tokens), tokens, cfg.patcher, 3.5)
     path = tmp_path_factory.mktemp("vis") / "model"
-    BLT(cfg, em).save_pretrained(path)
+    save_model(BLT(cfg, em), path)
     return path
 
 
 def expected_lengths(ckpt: Path, text: str, **override) -> list[int]:
     """Patch lengths of the text's bytes, straight from patch_starts (BOS patch dropped)."""
-    model = BLT.from_pretrained(ckpt)
+    model = from_pretrained(ckpt)
     cfg = C.PatcherConfig(**{**model.cfg.patcher.__dict__, **override})
     tokens = torch.tensor([encode(text)])
     starts = patch_starts(tokens, cfg, model.entropy_model.entropies(tokens))[0, 1 : tokens.shape[1]].tolist()
@@ -71,7 +72,7 @@ def test_terminal_segmentation_matches_patch_starts(ckpt, capsys):
         assert len(s) <= len(t) and all((c == " ") == (d == "|") for c, d in zip(s, t))
         assert set(s) <= set(visualize.SPARKS + " ")
     n, m = len(TEXT.encode()), len(lengths)
-    theta = BLT.from_pretrained(ckpt).cfg.patcher.threshold
+    theta = from_pretrained(ckpt).cfg.patcher.threshold
     assert summary == f"bytes={n} patches={m} bytes_per_patch={n / m:.2f} threshold={theta:.4g}"
 
 
@@ -99,14 +100,14 @@ def test_non_ascii_labels_and_alignment(ckpt, capsys):
 
 def test_entropy_alignment(ckpt):
     """The entropy shown at byte p is the one that decides whether p opens a patch."""
-    model = BLT.from_pretrained(ckpt)
+    model = from_pretrained(ckpt)
     cfg = C.PatcherConfig(mode="entropy", threshold=model.cfg.patcher.threshold, max_patch_length=None)
     view = visualize.analyse(TEXT.encode(), cfg, model.entropy_model)
     assert view.starts[0] and view.starts[1:] == [h > cfg.threshold for h in view.entropies[1:]]
 
 
 def test_colour_rendering(ckpt):
-    model = BLT.from_pretrained(ckpt)
+    model = from_pretrained(ckpt)
     view = visualize.analyse(TEXT.encode(), model.cfg.patcher, model.entropy_model)
     blocks = visualize.render_terminal(view, color=True).split("\n\n")[:-1]
     text = "".join(block.split("\n")[0] for block in blocks)
@@ -130,7 +131,7 @@ def test_png(ckpt, tmp_path):
 def test_checkpoint_without_entropy_model(tmp_path, capsys):
     cfg = C.tiny()
     cfg.patcher.mode = "space"
-    BLT(cfg).save_pretrained(tmp_path / "space")
+    save_model(BLT(cfg), tmp_path / "space")
     argv = ["--text", "Hello there, how are you?", "--checkpoint", str(tmp_path / "space")]
     assert visualize.main([*argv, "--terminal", "--out", str(tmp_path / "s.png")]) == 0
     assert capsys.readouterr().out.split("\n")[:2] == ["Hello␣|there,|␣how␣|are␣|you?", ""]  # no sparkline
