@@ -556,7 +556,9 @@ def contender_job(c: Contender, args, entropy_dir: Path) -> Job:
         if c.cfg.patcher.mode == "static":
             head += ["--patch-size", str(c.cfg.patcher.patch_size)]
         if c.cfg.patcher.needs_entropy:
-            head += ["--entropy-model", str(entropy_dir), "--threshold", repr(c.cfg.patcher.threshold)]
+            # patched live from the entropy model, whose forward the budget charges each step
+            head += ["--entropy-model", str(entropy_dir), "--threshold", repr(c.cfg.patcher.threshold),
+                     "--no-precomputed-entropies"]  # fmt: skip
         return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, CONFIG, plan)
     head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(c.cfg.dim), "--layers", str(c.cfg.n_layers),
             "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip

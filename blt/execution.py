@@ -24,7 +24,7 @@ class Machine:
     """What the defaults depend on."""
 
     cuda: bool
-    processes: int = 1
+    distributed: bool = False  # several processes under torchrun (--dist ddp|fsdp)
     bf16: bool = False  # bf16 autocast (CUDA's default dtype)
     entropy_patching: bool = False  # the patcher reads the entropy model
     fa4_installed: bool = False
@@ -55,7 +55,7 @@ def choose(machine: Machine, one_graph=None, compile=None, fused_products=None, 
         return default if given is None else bool(given)
 
     fast = machine.cuda
-    single = machine.processes == 1 and not machine.activation_checkpointing
+    single = not machine.distributed and not machine.activation_checkpointing
     one_graph = pick(one_graph, fast and single and not compile)
     return ExecutionChoices(
         one_graph=one_graph,

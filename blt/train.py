@@ -38,6 +38,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-from blt import adamw
+from blt import adamw, fa4
 from blt.checkpoint import (
     CONFIG,
     THRESHOLD,
@@ -67,6 +68,7 @@ from blt.config import BLTConfig, ConfigError, load_json
 from blt.data import Batcher, DataError, iter_eval_batches
 from blt.distributed import agreed_signal, all_reduce, full_copy, grad_sync, init_distributed, parallelize
 from blt.eval import eval_sums, logits_and_patching
+from blt.execution import ExecutionChoices, Machine, choose
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
 from blt.layers import set_flex_backend, set_fused_products
 from blt.model import BLT
@@ -480,6 +482,21 @@ def summary(raw, args, device, world, bytes_per_s, bytes_per_patch) -> str:
     return f"{memory}; MFU: {100 * mfu:.1f}% ({flops:.3g} FLOPs/byte x {bytes_per_s:.3g} bytes/s over {world} x {peak:.3g} FLOP/s)"
 
 
+def execution_choices(args) -> ExecutionChoices:
+    """The flags left to their default (None) resolved by blt.execution for this machine,
+    written back into args; flags given are kept as given (and checked by main). Entropy
+    patching is assumed until the config is read (main turns precomputed entropies off for
+    other patchings)."""
+    machine = Machine(cuda=args.device == "cuda", distributed=args.dist != "none", bf16=args.dtype == "bf16",
+                      entropy_patching=True, fa4_installed=fa4.available(),
+                      activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    choices = choose(machine, args.one_graph, args.compile, args.fused_products, args.bf16_residual,
+                     args.precomputed_entropies, args.attention)  # fmt: skip
+    for name, value in asdict(choices).items():
+        setattr(args, name, value)
+    return choices
+
+
 def main(argv=None) -> None:
     parser = blt_parser()
     args = parser.parse_args(argv)
@@ -487,6 +504,8 @@ def main(argv=None) -> None:
     for flag in ("patch_size", "max_patch_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    forced_precomputed = args.precomputed_entropies
+    choices = execution_choices(args)
     if args.one_graph and (args.dist != "none" or args.activation_checkpointing):
         parser.error("--one-graph runs in one process, without --activation-checkpointing")
     if args.tune_kernels and not args.one_graph:
@@ -507,8 +526,13 @@ def main(argv=None) -> None:
         parser.error(f"--attention: {err}")
     set_fused_products(args.fused_products)
     cfg, entropy_dir = blt_config(parser, args)
-    if args.precomputed_entropies and not cfg.patcher.needs_entropy:
-        parser.error(f"--precomputed-entropies: patching mode {cfg.patcher.mode!r} uses no entropies")
+    if not cfg.patcher.needs_entropy and args.precomputed_entropies:
+        if forced_precomputed:
+            parser.error(f"--precomputed-entropies: patching mode {cfg.patcher.mode!r} uses no entropies")
+        choices = replace(choices, precomputed_entropies=False)
+        args.precomputed_entropies = False
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(choices.describe(), flush=True)
 
     def build(checkpoint):
         model = build_blt(cfg, entropy_dir, checkpoint, args.init_from)

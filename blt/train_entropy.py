@@ -15,6 +15,7 @@ entropy_config.json, entropy_model.safetensors and patcher_threshold.json.
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
                    help="calibrate θ on the training text (default) or on the held-out text (as before 2026-12)")  # fmt: skip
     args = p.parse_args(argv)
     check_common_args(p, args)
+    if args.compile is None:  # blt.execution's default: compiled blocks on CUDA, eager on CPU
+        args.compile = args.device == "cuda"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"execution: {'compile' if args.compile else 'eager'}", flush=True)
     if args.target_bytes_per_patch < 1:
         p.error("--target-bytes-per-patch must be >= 1")
     try:

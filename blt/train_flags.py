@@ -43,7 +43,9 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16 autocast (CUDA only; its default) or fp32 (CPU default)")
-    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each transformer block (default: on CUDA where the whole step is not one "
+                        "graph; see blt.execution)")  # fmt: skip
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none", help="data parallelism under torchrun")
     g = p.add_argument_group("output")
@@ -100,9 +102,14 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-mode", choices=PATCH_MODES, help="override the config's patching mode")
     g.add_argument("--patch-size", type=int, help="static patching: bytes per patch")
     g.add_argument("--max-patch-length", type=int, help="split longer patches")
-    g.add_argument("--one-graph", action="store_true",
+    g.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of this model folder (e.g. a run on other data), not from a random "
+                        "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
+    g = p.add_argument_group("execution (defaults: blt.execution; on CUDA the fast path, on CPU eager)")
+    g.add_argument("--one-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the whole BLT forward and loss as one graph (CUDA graphs on CUDA) on patch counts "
-                        "padded to a multiple of --patch-pad; the patching runs outside it; one process")  # fmt: skip
+                        "padded to a multiple of --patch-pad; the patching runs outside it; one process. "
+                        "Default: on CUDA in one process")  # fmt: skip
     g.add_argument("--patch-pad", type=int, default=PATCH_PAD,
                    help="with --one-graph: pad the patch count to a multiple of this; smaller wastes less global "
                         "compute on padding and compiles more shapes")  # fmt: skip
@@ -114,26 +121,24 @@ def blt_parser() -> argparse.ArgumentParser:
                         "the longest (same outputs, no compute on padding; with --one-graph: more shapes). "
                         "Default: on with --one-graph (5%% faster steps of the bench preset on an H200), which "
                         "packs a micro-batch when that makes fewer slots than padding; off otherwise")  # fmt: skip
-    g.add_argument("--precomputed-entropies", action="store_true",
+    g.add_argument("--precomputed-entropies", action=argparse.BooleanOptionalAction, default=None,
                    help="patch training batches from entropies that the frozen entropy model computes once over the "
                         "training shard (cached beside it), as the official training does, instead of running it on "
                         "every batch; each byte's entropy then sees its full context, across window edges. "
-                        "Evaluation still patches live")  # fmt: skip
-    g.add_argument("--bf16-residual", action="store_true",
+                        "Evaluation still patches live. Default: on CUDA with entropy patching")  # fmt: skip
+    g.add_argument("--bf16-residual", action=argparse.BooleanOptionalAction, default=None,
                    help="under bf16 autocast, carry the byte-level residual stream in bf16 (as the official code's "
-                        "bf16 parameters do) instead of float32: less memory traffic")  # fmt: skip
-    g.add_argument("--fused-products", action="store_true",
+                        "bf16 parameters do) instead of float32: less memory traffic. Default: on under bf16")  # fmt: skip
+    g.add_argument("--fused-products", action=argparse.BooleanOptionalAction, default=None,
                    help="run the products that read one normalised input as one product with the norm's gain "
                         "folded into the weights (q, k, v; w1, w3; k, v), and on CUDA Triton kernels for the "
                         "split, rotary and SwiGLU after them: same function and gradients, fewer kernels "
-                        "(blt.layers.set_fused_products)")  # fmt: skip
-    g.add_argument("--attention", choices=FLEX_BACKENDS, default="triton",
+                        "(blt.layers.set_fused_products). Default: on CUDA")  # fmt: skip
+    g.add_argument("--attention", choices=FLEX_BACKENDS,
                    help="on CUDA, the self-attentions' kernels: FlexAttention's Triton ones (triton), FlexAttention's "
                         "experimental FlashAttention-4 backend (flash; with --one-graph), or FlashAttention-4's own "
-                        "causal kernels (fa4); flash and fa4 need the optional flash-attn-4 package")  # fmt: skip
-    g.add_argument("--init-from", metavar="DIR",
-                   help="start from the weights of this model folder (e.g. a run on other data), not from a random "
-                        "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
+                        "causal kernels (fa4); flash and fa4 need the optional flash-attn-4 package. Default: fa4 on CUDA "
+                        "when flash-attn-4 is installed, else triton")  # fmt: skip
     return p
 
 

@@ -13,10 +13,11 @@
 # BLT_STEPS steps (default 2600). The shipped model used a folder holding the general English
 # mix and a copy of the TinyStories training file. Also: RUNS (runs), OUT (checkpoints),
 # BATCH (16), ACCUM (2), ENT_STEPS (1500), LOG_EVERY (a metrics row every 10 steps).
-# The BLT runs train with --one-graph (BLT_COMPILE): on an H200, 1.7M bytes/s against 0.76M
-# with --compile. Peak GPU memory of the training steps at BATCH=16 ACCUM=2 on an H100:
-# 3.1 GiB with --one-graph, 3.2 GiB with --compile (BATCH=32 ACCUM=1, the same global batch:
-# 6.2 GiB with --compile). bench/journeys.py runs this recipe with short steps.
+# Execution: blt.train's defaults (blt.execution; on one GPU the whole step as one graph, fused
+# products, a bf16 residual stream, entropies computed once), which BLT_FLAGS can change (e.g.
+# BLT_FLAGS=--compile: each block compiled instead). Peak GPU memory of the BLT at BATCH=16
+# ACCUM=2 on an H100: 3.2 GiB with --one-graph, 3.2 GiB with --compile (BATCH=32 ACCUM=1, the
+# same global batch: 6.2 GiB with --compile). bench/journeys.py runs this recipe with short steps.
 set -euo pipefail
 DATA=${DATA:-train}
 VALID=${VALID:-valid}
@@ -25,8 +26,7 @@ RUNS=${RUNS:-runs}
 OUT=${OUT:-checkpoints}
 BATCH=${BATCH:-16}
 ACCUM=${ACCUM:-2}
-COMPILE=${COMPILE---compile}
-BLT_COMPILE=${BLT_COMPILE---one-graph}
+BLT_FLAGS=${BLT_FLAGS:-}
 
 # stage OUT CMD...: skip CMD when OUT/model is complete, add --resume when OUT has a checkpoint
 stage() {
@@ -46,14 +46,14 @@ stage "$RUNS/entropy" python -m blt.train_entropy --data "$DATA" --valid-data "$
   --dim 128 --layers 2 --heads 2 --window 512 \
   --steps "${ENT_STEPS:-1500}" --batch-size 32 --seq-len 512 --grad-accum 1 \
   --lr 2e-3 --min-lr 1e-4 --warmup 100 --eval-every 500 --save-every 500 \
-  --target-bytes-per-patch 4.5 --out "$RUNS/entropy" $COMPILE
+  --target-bytes-per-patch 4.5 --out "$RUNS/entropy"
 
 blt() {  # blt OUT FLAGS...
   local out=$1
   shift
   stage "$out" python -m blt.train --valid-data "$VALID" --config tinystories --entropy-model "$RUNS/entropy" \
     --batch-size "$BATCH" --grad-accum "$ACCUM" --seq-len 2048 --min-lr 1e-4 \
-    --eval-every 250 --eval-batches 0 --save-every 500 --log-every "${LOG_EVERY:-10}" $BLT_COMPILE "$@" --out "$out"
+    --eval-every 250 --eval-batches 0 --save-every 500 --log-every "${LOG_EVERY:-10}" $BLT_FLAGS "$@" --out "$out"
 }
 if [ -n "$PRETRAIN" ]; then
   blt "$RUNS/pretrain" --data "$PRETRAIN" --steps "${PRE_STEPS:-3000}" --lr 1.5e-3 --warmup 200 --dropout 0.1

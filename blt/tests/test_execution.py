@@ -19,7 +19,7 @@ def test_cpu_runs_eager():
 
 
 def test_several_processes_compile_each_block():
-    for machine in (Machine(cuda=True, processes=2, bf16=True), Machine(cuda=True, bf16=True, activation_checkpointing=True)):
+    for machine in (Machine(cuda=True, distributed=True, bf16=True), Machine(cuda=True, bf16=True, activation_checkpointing=True)):
         c = choose(machine)
         assert not c.one_graph and c.compile and c.fused_products and c.bf16_residual
 

@@ -425,13 +425,6 @@ def test_stream_holds_back_split_utf8():
     assert "".join(got2) == "a\ufffd"
 
 
-def test_model_generate_delegates():
-    model = make_model("tiny", "space")
-    assert model.generate("Hey", max_new=10, temperature=0, stop=None) == G.generate(
-        model, "Hey", max_new=10, temperature=0, stop=None
-    )
-
-
 # ---- CLI ---------------------------------------------------------------------------------------
 
 
