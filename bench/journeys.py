@@ -149,7 +149,8 @@ class Journeys:
             if module == "blt.train":
                 row.check(row.peak_gib <= self.args.max_gib, f"peak {row.peak_gib:.2f} GiB <= {self.args.max_gib}")
                 chosen = re.findall(r"^execution: (.*)$", log, re.M)  # train_entropy's line, then the BLT's
-                row.note = chosen[1] if len(chosen) > 1 else row.note
+                if len(chosen) > 1:
+                    row.note = chosen[1] + (f"; {row.note}" if row.note else "")
             if module == "blt.eval":
                 m = re.search(r"bpb=([\d.]+) bytes=(\d+)", log)
                 row.check(m is not None, "eval printed bpb")
