@@ -85,11 +85,39 @@ def parallelize(model: nn.Module, args, device: torch.device) -> nn.Module:
     frozen = model.entropy_model if isinstance(model, BLT) else None
     if args.dist == "fsdp":
         fully_shard(model, ignored_params=set(frozen.parameters()) if frozen is not None else None)
+    elif args.dist == "ddp" and one_graph:
+        # The one compiled graph computes the gradients of the plain model; average_gradients
+        # then does what DDP's hooks would (DDP's reducer cannot run inside the graph).
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)  # as DDP does at construction: rank 0's weights everywhere
     elif args.dist == "ddp":
         # No buffer needs syncing (rotary tables and frequencies are the same on every rank),
         # so none is broadcast before each forward.
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
+
+
+def average_gradients(params: list[nn.Parameter], world: int, bucket_bytes: int = 64 << 20) -> None:
+    """Replace each gradient by its mean over the ranks, as DDP's reducer does: one all-reduce
+    per bucket of about bucket_bytes, the gradients flattened into it and copied back."""
+    grads = [p.grad for p in params if p.grad is not None]
+    start = 0
+    while start < len(grads):
+        end, size = start, 0
+        while end < len(grads) and (end == start or size + grads[end].numel() * grads[end].element_size() <= bucket_bytes):
+            size += grads[end].numel() * grads[end].element_size()
+            end += 1
+        bucket = grads[start:end]
+        flat = torch.cat([g.reshape(-1) for g in bucket]).div_(world)
+        dist.all_reduce(flat)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+        start = end
+
+
+def syncs_itself(model: nn.Module) -> bool:
+    """Whether the wrapped model averages its gradients over the ranks itself (DDP, FSDP)."""
+    return isinstance(model, (DDP, FSDPModule))
 
 
 def compile_blocks(model: nn.Module) -> None:

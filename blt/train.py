@@ -66,7 +66,16 @@ from blt.checkpoint import (
 )
 from blt.config import BLTConfig, ConfigError, load_json
 from blt.data import Batcher, DataError, iter_eval_batches
-from blt.distributed import agreed_signal, all_reduce, full_copy, grad_sync, init_distributed, parallelize
+from blt.distributed import (
+    agreed_signal,
+    all_reduce,
+    average_gradients,
+    full_copy,
+    grad_sync,
+    init_distributed,
+    parallelize,
+    syncs_itself,
+)
 from blt.eval import eval_sums, logits_and_patching
 from blt.execution import ExecutionChoices, Machine, choose
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
@@ -290,7 +299,10 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, executio
         loss, patching = execution.retry(partial(micro_step, batch, micro == args.grad_accum - 1))
         loss_sum += loss.detach()
         bpp_sum += patching.mean_patch_length() if patching is not None else 1.0  # a byte LM steps once per byte
-    norm = nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.clip or math.inf)
+    trained = [p for p in raw.parameters() if p.requires_grad]
+    if dist.is_initialized() and dist.get_world_size() > 1 and not syncs_itself(model):
+        average_gradients(trained, dist.get_world_size())  # --one-graph under --dist ddp
+    norm = nn.utils.clip_grad_norm_(trained, args.clip or math.inf)
     optimizer.step()
     if execution.one_graph is not None:
         execution.one_graph.zero_grad(optimizer)
@@ -506,8 +518,8 @@ def main(argv=None) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     forced_precomputed = args.precomputed_entropies
     choices = execution_choices(args)
-    if args.one_graph and (args.dist != "none" or args.activation_checkpointing):
-        parser.error("--one-graph runs in one process, without --activation-checkpointing")
+    if args.one_graph and (args.dist == "fsdp" or args.activation_checkpointing):
+        parser.error("--one-graph runs in one process or under --dist ddp, without --activation-checkpointing")
     if args.tune_kernels and not args.one_graph:
         parser.error("--tune-kernels tunes the --one-graph compilation; add --one-graph")
     if args.patch_pad < 1:

@@ -199,6 +199,21 @@ def test_distributed_matches_single_process(work, entropy_dir, reference, mode):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
+def test_one_graph_under_ddp_matches_single_process(work, entropy_dir, reference):
+    """--one-graph under --dist ddp (gloo): the one graph computes the plain model's gradients
+    and blt.distributed.average_gradients averages them over the ranks, as DDP would; 2
+    processes x batch 2 give the 1-process losses of batch 4. Run eagerly here
+    (TORCH_COMPILE_DISABLE): the logic is what the CPU can check, the padded patch counts and
+    packed rows included, against the plain eager reference."""
+    out = work / "ddp-one-graph"
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "blt.train"]
+    result = run_cli(*torchrun, *blt_argv(work, entropy_dir, out, STEPS, 2, "--dist", "ddp", "--one-graph"),
+                     env={"TORCH_COMPILE_DISABLE": "1"}, timeout=180)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "execution: one graph" in result.stdout
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-4)
+
+
 # ---- eval ------------------------------------------------------------------------------------
 
 
