@@ -18,6 +18,8 @@
 # BLT_FLAGS=--compile: each block compiled instead). Peak GPU memory of the BLT at BATCH=16
 # ACCUM=2 on an H100: 3.2 GiB with --one-graph, 3.2 GiB with --compile (BATCH=32 ACCUM=1, the
 # same global batch: 6.2 GiB with --compile). bench/journeys.py runs this recipe with short steps.
+# One GPU. On several, run its commands under torchrun (README, Training): keep BATCH x ACCUM x
+# GPUs at 32 for the same global batch, e.g. BATCH=16 ACCUM=1 on 2 GPUs with --dist ddp.
 set -euo pipefail
 DATA=${DATA:-train}
 VALID=${VALID:-valid}
