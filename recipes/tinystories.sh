@@ -18,8 +18,8 @@
 # BLT_FLAGS=--compile: each block compiled instead). Peak GPU memory of the BLT at BATCH=16
 # ACCUM=2 on an H100: 3.2 GiB with --one-graph, 3.2 GiB with --compile (BATCH=32 ACCUM=1, the
 # same global batch: 6.2 GiB with --compile). bench/journeys.py runs this recipe with short steps.
-# One GPU. On several, run its commands under torchrun (README, Training): keep BATCH x ACCUM x
-# GPUs at 32 for the same global batch, e.g. BATCH=16 ACCUM=1 on 2 GPUs with --dist ddp.
+# GPUS=N (default 1) trains the BLT on N GPUs with DDP (torchrun; BATCH is per GPU): keep
+# BATCH x ACCUM x GPUS at 32 for the shipped global batch, e.g. GPUS=2 ACCUM=1.
 set -euo pipefail
 DATA=${DATA:-train}
 VALID=${VALID:-valid}
@@ -29,6 +29,12 @@ OUT=${OUT:-checkpoints}
 BATCH=${BATCH:-16}
 ACCUM=${ACCUM:-2}
 BLT_FLAGS=${BLT_FLAGS:-}
+GPUS=${GPUS:-1}
+if [ "$GPUS" -gt 1 ]; then
+  TRAIN_BLT=(python -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m blt.train --dist ddp)
+else
+  TRAIN_BLT=(python -m blt.train)
+fi
 
 # stage OUT CMD...: skip CMD when OUT/model is complete, add --resume when OUT has a checkpoint
 stage() {
@@ -53,7 +59,7 @@ stage "$RUNS/entropy" python -m blt.train_entropy --data "$DATA" --valid-data "$
 blt() {  # blt OUT FLAGS...
   local out=$1
   shift
-  stage "$out" python -m blt.train --valid-data "$VALID" --config tinystories --entropy-model "$RUNS/entropy" \
+  stage "$out" "${TRAIN_BLT[@]}" --valid-data "$VALID" --config tinystories --entropy-model "$RUNS/entropy" \
     --batch-size "$BATCH" --grad-accum "$ACCUM" --seq-len 2048 --min-lr 1e-4 \
     --eval-every 250 --eval-batches 0 --save-every 500 --log-every "${LOG_EVERY:-10}" $BLT_FLAGS "$@" --out "$out"
 }

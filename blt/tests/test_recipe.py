@@ -51,3 +51,10 @@ def test_recipe_with_pretraining_runs_both_blt_stages(tmp_path):
     assert rc == 0 and modules == ["blt.train_entropy", "blt.train", "blt.train", "blt.export", "blt.eval"]
     pretrain, finetune = calls.splitlines()[1:3]
     assert "--data mix" in pretrain and "--init-from" in finetune and "--resume" not in calls
+
+
+def test_recipe_on_several_gpus_trains_the_blt_under_torchrun(tmp_path):
+    rc, modules, calls = run_recipe(tmp_path, GPUS="2", ACCUM="1")
+    assert rc == 0 and modules == ["blt.train_entropy", "torch.distributed.run", "blt.export", "blt.eval"]
+    blt = calls.splitlines()[1]
+    assert "--nproc_per_node 2 -m blt.train --dist ddp" in blt and "--grad-accum 1" in blt
