@@ -23,7 +23,7 @@ from blt.decoder import LocalDecoder
 from blt.encoder import LocalEncoder
 from blt.entropy_model import EntropyModel
 from blt.global_transformer import GlobalTransformer
-from blt.packing import pack, packed_patch_count, packing_plan, unpack
+from blt.packing import packed_patch_count, run_packed
 from blt.patcher import Patching, patch
 from blt.tokens import BOE_ID, VOCAB_SIZE
 
@@ -134,14 +134,8 @@ class BLT(nn.Module):
             packed_slots = packed_patch_count(patching.patch_lengths, align)
         if not packed_slots:
             patch_out = self.global_model(patches, masks.patch_self)
-        else:
-            plan = packing_plan(patching.patch_lengths, packed_slots, align)
-            mask = M.packed_patch_mask(
-                plan.doc, plan.first, c.global_model.window, backend, aligned=align == M.BLOCK, bounds=plan.bounds
-            )  # fmt: skip
-            cos, sin = self.global_model.rope.table(P)
-            packed = self.global_model(pack(patches, plan), mask, rope=(cos[plan.pos], sin[plan.pos]))
-            patch_out = unpack(packed, plan)
+        else:  # a way to run the same computation (blt.packing)
+            patch_out = run_packed(self.global_model, patches, patching.patch_lengths, packed_slots, backend, align)
         logits = self.decoder(h, patch_out, masks.dec_self, masks.dec_cross)
         loss = None
         if targets is not None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from blt import masks as M
+
 
 @dataclass
 class PatchPacking:
@@ -106,3 +108,15 @@ def pack(x: torch.Tensor, plan: PatchPacking) -> torch.Tensor:
 def unpack(y: torch.Tensor, plan: PatchPacking) -> torch.Tensor:
     """(1, N, D) -> (B, P, D): each patch's output back in its row, zeros for trailing padding."""
     return torch.where(plan.kept[..., None], y[0][plan.dest], 0)
+
+
+def run_packed(global_model, patches: torch.Tensor, patch_lengths: torch.Tensor, slots: int, backend: str,
+               align: int = 1) -> torch.Tensor:  # fmt: skip
+    """The global transformer on the rows' patches (B, P, D) packed into `slots` slots, each row
+    aligned to `align` -> (B, P, D_global): what it gives on the padded (B, P) layout, without
+    computing the padding. Each patch keeps its rotary position within its row."""
+    plan = packing_plan(patch_lengths, slots, align)
+    mask = M.packed_patch_mask(plan.doc, plan.first, global_model.cfg.window, backend, aligned=align == M.BLOCK,
+                               bounds=plan.bounds)  # fmt: skip
+    cos, sin = global_model.rope.table(patches.shape[1])
+    return unpack(global_model(pack(patches, plan), mask, rope=(cos[plan.pos], sin[plan.pos])), plan)
