@@ -424,10 +424,10 @@ def test_compiled_training_matches_eager(work, entropy_dir, reference, traced_on
 
 def _count_packings(monkeypatch) -> list:
     """Record the slot count of every packing_plan the model makes."""
-    import blt.model
+    import blt.packing
 
-    made, plan = [], blt.model.packing_plan
-    monkeypatch.setattr(blt.model, "packing_plan", lambda lengths, slots, align=1: made.append(slots) or plan(lengths, slots, align))
+    made, plan = [], blt.packing.packing_plan
+    monkeypatch.setattr(blt.packing, "packing_plan", lambda lengths, slots, align=1: made.append(slots) or plan(lengths, slots, align))
     return made
 
 
