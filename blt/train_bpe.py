@@ -43,6 +43,7 @@ from blt.train_data import prepare
 from blt.train_flags import add_common_args, check_common_args
 
 ENCODE_DOCS = 4096  # documents per piece when encoding a shard
+TOKENIZER_BYTES = 32 << 20  # default training text of a tokenizer trained here (4096 ids need far less: blt.bpe)
 TOKENIZER_RECORD = "bpe.json"  # beside out/tokenizer/tokenizer.json: what it was trained with
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace, 
     g.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer (a folder with tokenizer.json, or the file)")
     g.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help="vocabulary of a tokenizer trained here, specials included (see blt.bpe)")  # fmt: skip
-    g.add_argument("--tokenizer-bytes", type=int, default=32 << 20, help="training text the tokenizer is trained on")
+    g.add_argument("--tokenizer-bytes", type=int, default=TOKENIZER_BYTES, help="training text the tokenizer is trained on")
     g = p.add_argument_group("model")
     g.add_argument("--config", help="EntropyModelConfig JSON file (default: the tinystories preset's entropy model)")
     g.add_argument("--dim", type=int, help="width")
@@ -102,6 +103,28 @@ def tokenizer_file(path: str) -> Path:
     return path / TOKENIZER if path.is_dir() else path
 
 
+def folder_tokenizer(folder: Path, record: dict, train_stream) -> BPETokenizer:
+    """The tokenizer in folder if it was trained with `record` ({"vocab_size", "data",
+    "tokenizer_bytes"}), else (none there) one trained on the first record["tokenizer_bytes"]
+    of the training byte stream and saved there with the record. Another record: ConfigError."""
+    if (folder / TOKENIZER).is_file():
+        saved = json.loads((folder / TOKENIZER_RECORD).read_text()) if (folder / TOKENIZER_RECORD).is_file() else {}
+        if saved != record:
+            raise ConfigError(f"{folder} holds a tokenizer trained with {saved}, not {record}: pass --tokenizer "
+                              f"{folder} to use it, or choose another folder")  # fmt: skip
+        return BPETokenizer.load(folder / TOKENIZER)
+    seen = []
+    docs = (seen.append(len(d)) or d for d in documents(train_stream, record["tokenizer_bytes"]))
+    tokenizer = BPETokenizer.train(docs, record["vocab_size"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{TOKENIZER}.tmp-{os.getpid()}"
+    tokenizer.save(tmp)
+    os.replace(tmp, folder / TOKENIZER)
+    (folder / TOKENIZER_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"tokenizer: {tokenizer.vocab_size} ids, trained on {sum(seen)} bytes of {record['data']}; in {folder}")
+    return tokenizer
+
+
 def get_tokenizer(p: argparse.ArgumentParser, args) -> BPETokenizer:
     """--tokenizer's, out/tokenizer's (reused), or one trained here into out/tokenizer."""
     if args.tokenizer:
@@ -111,25 +134,16 @@ def get_tokenizer(p: argparse.ArgumentParser, args) -> BPETokenizer:
         return BPETokenizer.load(file)
     folder = Path(args.out) / "tokenizer"
     record = {"vocab_size": args.vocab_size, "data": args.data, "tokenizer_bytes": args.tokenizer_bytes}
-    if (folder / TOKENIZER).is_file():
-        saved = json.loads((folder / TOKENIZER_RECORD).read_text()) if (folder / TOKENIZER_RECORD).is_file() else {}
-        if saved != record:
-            p.error(f"{folder} holds a tokenizer trained with {saved}, not {record}: pass --tokenizer {folder} "
-                    "to use it, or choose another --out")  # fmt: skip
-        return BPETokenizer.load(folder / TOKENIZER)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if not (folder / TOKENIZER).is_file() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         p.error("train the tokenizer in one process first (or pass --tokenizer DIR), then launch with torchrun")
-    data = prepare_data(DataConfig(source=args.data, valid_source=args.valid_data, valid_fraction=args.valid_fraction,
-                                   cache_dir=args.cache_dir))  # fmt: skip
-    seen = []
-    tokenizer = BPETokenizer.train((seen.append(len(d)) or d for d in documents(data.train, args.tokenizer_bytes)), args.vocab_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{TOKENIZER}.tmp-{os.getpid()}"
-    tokenizer.save(tmp)
-    os.replace(tmp, folder / TOKENIZER)
-    (folder / TOKENIZER_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"tokenizer: {tokenizer.vocab_size} ids, trained on {sum(seen)} bytes of {args.data}; in {folder}")
-    return tokenizer
+    train = None
+    if not (folder / TOKENIZER).is_file():
+        train = prepare_data(DataConfig(source=args.data, valid_source=args.valid_data, valid_fraction=args.valid_fraction,
+                                        cache_dir=args.cache_dir)).train  # fmt: skip
+    try:
+        return folder_tokenizer(folder, record, train)
+    except ConfigError as e:
+        p.error(str(e))
 
 
 # ---- token shards ------------------------------------------------------------------------
