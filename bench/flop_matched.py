@@ -4,7 +4,7 @@
         --entropy-model runs/entropy --runs runs/flop_matched [--seq-len 2048 --batch-size 32 ...]
     python bench/flop_matched.py --flops 1e16 --data ... --valid-data ... --train-entropy 1500 ...
 
-Four contenders get the same training-FLOP budget (--flops):
+Five contenders get the same training-FLOP budget (--flops); --contenders picks some of them:
 
     blt-entropy    BLT (--config preset, default tinystories), entropy patching with the
                    entropy model's calibrated θ (its patcher_threshold.json; or --threshold)
@@ -14,24 +14,35 @@ Four contenders get the same training-FLOP budget (--flops):
                    patch of its own and a window's last patch is cut short)
     byte-baseline  a plain byte-level transformer (blt.train_entropy), --baseline-dim/-layers/
                    -heads, default 512 x 8 layers x 8 heads, attention window = --seq-len
+    bpe-baseline   a Llama-style transformer over byte-level BPE tokens (blt.train_bpe, blt.bpe),
+                   --bpe-dim/-layers/-heads (default: the byte baseline's), vocabulary
+                   --bpe-vocab-size (default 4096, justified in blt.bpe), its tokenizer trained on
+                   the training text into RUNS/bpe-tokenizer; seq_len (and attention window) in
+                   tokens = --seq-len / measured bytes per token, rounded, at least 16, so a window
+                   covers about the same text as the others'
 
 How the budget is split. Each contender's training FLOPs per byte come from blt.flops: a BLT's
 blt_flops_per_byte(cfg, bytes_per_patch, seq_len).train (forward + backward of the BLT and the
 forward of the frozen entropy model, for entropy patching), the baseline's
-3 x transformer_flops_per_byte. Mean bytes/patch is measured before training by running the
+3 x transformer_flops_per_byte, the BPE baseline's 3 x token_lm_flops_per_byte at its measured
+bytes per token (a token is its "patch"). Mean bytes/patch is measured before training by running the
 contender's patcher (entropy model included) on the held-out text, cut into --seq-len windows
 exactly as blt.eval cuts it (the first --measure-bytes tokens; 0 = all); the measurement is kept
-in RUNS/measure.json and reused while its inputs are unchanged. Each contender then trains
+in RUNS/measure.json and reused while its inputs are unchanged; so is the BPE tokenizer's bytes
+per token on the held-out documents within the first --measure-bytes tokens (BOS and EOS counted
+as blt.eval counts them). Each contender then trains
 
     steps = round(budget / (bytes_per_step x train_FLOPs_per_byte)),
-    bytes_per_step = batch_size x grad_accum x seq_len,
+    bytes_per_step = batch_size x grad_accum x seq_len (the BPE baseline: x bytes per token),
 
 so every contender spends the budget to within half a step, and sees a different number of bytes.
 Training the entropy model itself is not charged to the budget (as in the paper).
 
 Runs. Each contender trains in a subprocess (`python -m blt.train` / `python -m blt.train_entropy`,
 --out RUNS/<name>), then is evaluated with `python -m blt.eval --checkpoint RUNS/<name>/model
---data VALID` (fp32, the whole held-out file). The comparison is resumable: a contender whose
+--data VALID` (fp32, the whole held-out file); the BPE baseline in this process with
+blt.bpe.bpe_bits_per_byte (fp32, the same file, windows of its seq_len tokens): token nats / ln 2
+/ the same bytes blt.eval scores. The comparison is resumable: a contender whose
 model folder exists is skipped, one with only a checkpoint (interrupted) continues with --resume,
 and a finished evaluation is kept in RUNS/<name>/eval.json. RUNS/<name>/plan.json records the
 settings a contender was started with; re-running with different settings (another budget,
@@ -42,7 +53,9 @@ Ctrl-C lets the running training save a checkpoint; run the same command again t
 Output: a Markdown table (printed, and RUNS/table.md) and RUNS/table.json. Parameters: total
 counts the trained model (a BLT's entropy model is listed apart); non-embedding leaves out the
 byte embedding and the hash n-gram tables (lookup tables), but counts the output projection.
-Inference FLOPs/byte is the forward pass of the model proper (the patcher excluded, as the paper).
+Inference FLOPs/byte is the forward pass of the model proper (the patcher excluded, as the paper;
+the BPE baseline's token_lm_flops_per_byte). Old RUNS folders from before the BPE baseline still
+work: add it by running again, or leave it out with --contenders.
 """
 
 import argparse
