@@ -745,7 +745,8 @@ def main(argv=None) -> None:
         for c, job in zip(contenders, jobs):
             if args.parallel == 1:
                 train_or_skip(job, args)
-            c.eval = evaluate_bpe(job.out, c.seq_len, args, device) if c.kind == "bpe" else evaluate(job.out, job.model_file, args)
+            bpe = c.kind == "bpe"
+            c.eval = evaluate_bpe(job.out, c.seq_len, args, device) if bpe else evaluate(job.out, job.model_file, args)
     except (Fail, DataError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

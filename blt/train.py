@@ -239,8 +239,9 @@ def run(args, build, export, data=prepare) -> None:
     from the checkpoint after checking it is the same model; export(model, data, device) writes
     out/model on rank 0. data(args, rank, world) -> the token streams (default: the byte shards;
     blt.train_bpe passes BPE ones, whose `bytes_per_token` and `byte_counts` make the logged
-    bpb and eval_bpb bits per byte and `bytes` the training bytes). Known errors become one `error: ...` line and exit code 1; a run
-    stopped by a signal exits with 128 + its number, after saving a checkpoint."""
+    bpb and eval_bpb bits per byte and `bytes` the training bytes). Known errors become one
+    `error: ...` line and exit code 1; a run stopped by a signal exits with 128 + its number,
+    after saving a checkpoint."""
     out, lock, code = Path(args.out), None, 0
     try:
         if int(os.environ.get("RANK", 0)) == 0:
