@@ -4,7 +4,7 @@
         --entropy-model runs/entropy --runs runs/flop_matched [--seq-len 2048 --batch-size 32 ...]
     python bench/flop_matched.py --flops 1e16 --data ... --valid-data ... --train-entropy 1500 ...
 
-Four contenders get the same training-FLOP budget (--flops):
+Five contenders get the same training-FLOP budget (--flops); --contenders picks some of them:
 
     blt-entropy    BLT (--config preset, default tinystories), entropy patching with the
                    entropy model's calibrated θ (its patcher_threshold.json; or --threshold)
@@ -14,24 +14,35 @@ Four contenders get the same training-FLOP budget (--flops):
                    patch of its own and a window's last patch is cut short)
     byte-baseline  a plain byte-level transformer (blt.train_entropy), --baseline-dim/-layers/
                    -heads, default 512 x 8 layers x 8 heads, attention window = --seq-len
+    bpe-baseline   a Llama-style transformer over byte-level BPE tokens (blt.train_bpe, blt.bpe),
+                   --bpe-dim/-layers/-heads (default: the byte baseline's), vocabulary
+                   --bpe-vocab-size (default 4096, justified in blt.bpe), its tokenizer trained on
+                   the training text into RUNS/bpe-tokenizer; seq_len (and attention window) in
+                   tokens = --seq-len / measured bytes per token, rounded, at least 16, so a window
+                   covers about the same text as the others'
 
 How the budget is split. Each contender's training FLOPs per byte come from blt.flops: a BLT's
 blt_flops_per_byte(cfg, bytes_per_patch, seq_len).train (forward + backward of the BLT and the
 forward of the frozen entropy model, for entropy patching), the baseline's
-3 x transformer_flops_per_byte. Mean bytes/patch is measured before training by running the
+3 x transformer_flops_per_byte, the BPE baseline's 3 x token_lm_flops_per_byte at its measured
+bytes per token (a token is its "patch"). Mean bytes/patch is measured before training by running the
 contender's patcher (entropy model included) on the held-out text, cut into --seq-len windows
 exactly as blt.eval cuts it (the first --measure-bytes tokens; 0 = all); the measurement is kept
-in RUNS/measure.json and reused while its inputs are unchanged. Each contender then trains
+in RUNS/measure.json and reused while its inputs are unchanged; so is the BPE tokenizer's bytes
+per token on the held-out documents within the first --measure-bytes tokens (BOS and EOS counted
+as blt.eval counts them). Each contender then trains
 
     steps = round(budget / (bytes_per_step x train_FLOPs_per_byte)),
-    bytes_per_step = batch_size x grad_accum x seq_len,
+    bytes_per_step = batch_size x grad_accum x seq_len (the BPE baseline: x bytes per token),
 
 so every contender spends the budget to within half a step, and sees a different number of bytes.
 Training the entropy model itself is not charged to the budget (as in the paper).
 
 Runs. Each contender trains in a subprocess (`python -m blt.train` / `python -m blt.train_entropy`,
 --out RUNS/<name>), then is evaluated with `python -m blt.eval --checkpoint RUNS/<name>/model
---data VALID` (fp32, the whole held-out file). The comparison is resumable: a contender whose
+--data VALID` (fp32, the whole held-out file); the BPE baseline in this process with
+blt.bpe.bpe_bits_per_byte (fp32, the same file, windows of its seq_len tokens): token nats / ln 2
+/ the same bytes blt.eval scores. The comparison is resumable: a contender whose
 model folder exists is skipped, one with only a checkpoint (interrupted) continues with --resume,
 and a finished evaluation is kept in RUNS/<name>/eval.json. RUNS/<name>/plan.json records the
 settings a contender was started with; re-running with different settings (another budget,
@@ -42,11 +53,14 @@ Ctrl-C lets the running training save a checkpoint; run the same command again t
 Output: a Markdown table (printed, and RUNS/table.md) and RUNS/table.json. Parameters: total
 counts the trained model (a BLT's entropy model is listed apart); non-embedding leaves out the
 byte embedding and the hash n-gram tables (lookup tables), but counts the output projection.
-Inference FLOPs/byte is the forward pass of the model proper (the patcher excluded, as the paper).
+Inference FLOPs/byte is the forward pass of the model proper (the patcher excluded, as the paper;
+the BPE baseline's token_lm_flops_per_byte). Old RUNS folders from before the BPE baseline still
+work: add it by running again, or leave it out with --contenders.
 """
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -65,18 +79,25 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from blt.checkpoint import CONFIG, ENTROPY_CONFIG, THRESHOLD, CheckpointError, load_entropy_model  # noqa: E402
+from blt.bpe import (  # noqa: E402
+    DEFAULT_VOCAB_SIZE, TokenLM, bpe_bits_per_byte, eval_byte_count, load_token_lm, token_lm_flops_per_byte,
+)
+from blt.checkpoint import (  # noqa: E402
+    CONFIG, ENTROPY_CONFIG, THRESHOLD, TOKEN_LM_WEIGHTS, CheckpointError, load_entropy_model,
+)
 from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig  # noqa: E402
-from blt.data import DataConfig, DataError, iter_eval_batches, prepare_data  # noqa: E402
+from blt.data import DataConfig, DataError, iter_eval_batches, load_documents, prepare_data  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.eval import real_patches  # noqa: E402
 from blt.flops import blt_flops_per_byte, transformer_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import patch  # noqa: E402
 from blt.tokens import BOE_ID  # noqa: E402
+from blt.train_bpe import TOKENIZER_BYTES, documents, folder_tokenizer  # noqa: E402
 from blt.train_flags import blt_config, blt_parser, entropy_model_dir  # noqa: E402
 
-NAMES = ("blt-entropy", "blt-space", "blt-static", "byte-baseline")
+NAMES = ("blt-entropy", "blt-space", "blt-static", "byte-baseline", "bpe-baseline")
+MIN_BPE_SEQ_LEN = 16  # tokens per window of the BPE baseline, at least
 EVAL_LINE = re.compile(r"^bpb=(\S+) bytes=(\d+) bytes_per_patch=(\S+)$")
 TRAIN_DEFAULTS = {k: blt_parser().get_default(k) for k in ("lr", "min_lr", "warmup")}
 MEASURE_BATCH = 16  # windows per patcher forward while measuring bytes/patch (does not change the result)
@@ -137,6 +158,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline-layers", type=int, default=8)
     g.add_argument("--baseline-heads", type=int, default=8)
     g.add_argument("--baseline-window", type=int, help="attention window (default: --seq-len, i.e. full causal)")
+    g = p.add_argument_group("BPE-token baseline")
+    g.add_argument("--bpe-dim", type=int, help="width (default: --baseline-dim)")
+    g.add_argument("--bpe-layers", type=int, help="layers (default: --baseline-layers)")
+    g.add_argument("--bpe-heads", type=int, help="heads (default: --baseline-heads)")
+    g.add_argument("--bpe-vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="BPE vocabulary, specials included (default: blt.bpe's, justified there)")  # fmt: skip
+    g.add_argument("--contenders", default=",".join(NAMES),
+                   help=f"comma-separated contenders to run (default: all, {','.join(NAMES)})")  # fmt: skip
     return p
 
 
@@ -161,10 +190,15 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
         (args.train_entropy is None or args.train_entropy >= 1, "--train-entropy STEPS must be >= 1"),
         (args.entropy_target_bytes_per_patch >= 1, "--entropy-target-bytes-per-patch must be >= 1"),
         (args.baseline_window is None or args.baseline_window >= 1, "--baseline-window must be >= 1"),
+        (args.bpe_vocab_size >= 259 and args.bpe_vocab_size <= 65536, "--bpe-vocab-size must be in [259, 65536]"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             p.error(message)
+    args.contenders = [name.strip() for name in args.contenders.split(",") if name.strip()]
+    unknown = [name for name in args.contenders if name not in NAMES]
+    if unknown or not args.contenders:
+        p.error(f"--contenders: {unknown[0] if unknown else 'none'} is not one of {', '.join(NAMES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     lr = args.lr if args.lr is not None else TRAIN_DEFAULTS["lr"]
@@ -197,6 +231,12 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
         baseline.validate("byte-level baseline (--baseline-dim/--baseline-layers/--baseline-heads)")
         if args.baseline_layers < 1:
             p.error("--baseline-layers must be >= 1")
+        shape = {"dim": args.bpe_dim, "n_layers": args.bpe_layers, "n_heads": args.bpe_heads}
+        bpe = dataclasses.replace(baseline, **{k: v for k, v in shape.items() if v is not None})
+        bpe.validate("BPE-token baseline (--bpe-dim/--bpe-layers/--bpe-heads)")
+        if bpe.n_layers < 1:
+            p.error("--bpe-layers must be >= 1")
+        args.bpe_shape = bpe  # its window (tokens) is set once bytes per token are measured
         entropy = None
         if args.train_entropy is not None:
             shape = {"dim": args.entropy_dim, "n_layers": args.entropy_layers, "n_heads": args.entropy_heads}
@@ -244,9 +284,9 @@ def run_child(cmd: list[str], args, what: str) -> None:
         raise Fail(f"{what} failed (exit code {rc}); command: {shlex.join(cmd)}")
 
 
-def common_train_args(args, steps: int, out: Path, resume: bool) -> list[str]:
+def common_train_args(args, steps: int, out: Path, resume: bool, seq_len: int | None = None) -> list[str]:
     a = ["--data", args.data, "--valid-data", args.valid_data, "--cache-dir", args.cache_dir,
-         "--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+         "--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(seq_len or args.seq_len),
          "--grad-accum", str(args.grad_accum), "--seed", str(args.seed), "--device", args.device]  # fmt: skip
     for flag in ("lr", "min_lr", "warmup"):
         if getattr(args, flag) is not None:
@@ -274,6 +314,7 @@ class Job:
     steps: int
     model_file: str  # what out/model holds once the run finished
     plan: dict  # the settings recorded in out/plan.json
+    seq_len: int | None = None  # --seq-len of the run, if not the comparison's (the BPE baseline's, in tokens)
 
     @property
     def finished(self) -> bool:
@@ -303,7 +344,7 @@ def start_job(job: Job, args) -> list[str] | None:
         return None
     resume = any((job.out / name).is_dir() for name in ("checkpoint", "checkpoint.prev"))  # blt.train's two
     print(f"\n== {'resume' if resume else 'train'} {job.name}: {job.steps} steps ==", flush=True)
-    return job.head + common_train_args(args, job.steps, job.out, resume) + job.tail
+    return job.head + common_train_args(args, job.steps, job.out, resume, job.seq_len) + job.tail
 
 
 def check_finished(job: Job) -> None:
@@ -383,6 +424,24 @@ def evaluate(out: Path, model_file: str, args) -> dict:
     return result
 
 
+def evaluate_bpe(out: Path, seq_len: int, args, device) -> dict:
+    """The BPE baseline's held-out bits per byte (blt.bpe.bpe_bits_per_byte, fp32, windows of its
+    seq_len tokens) over the bytes blt.eval scores; kept in out/eval.json as evaluate() keeps its."""
+    model_dir = out / "model"
+    key = {"data": args.valid_data, "seq_len": seq_len, "model_mtime_ns": (model_dir / TOKEN_LM_WEIGHTS).stat().st_mtime_ns}
+    cache = out / "eval.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    model, tokenizer = load_token_lm(model_dir, device)
+    r = bpe_bits_per_byte(model, tokenizer, list(load_documents(args.valid_data)), seq_len, args.batch_size, device)
+    result = {"bpb": r.bpb, "bytes": r.bytes, "bytes_per_patch": r.bytes / r.tokens}
+    print(f"{out.name}: held-out bpb {result['bpb']:.4f} ({result['bytes']} bytes, {r.tokens} tokens)", flush=True)
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return result
+
+
 # ---- the entropy model -------------------------------------------------------------------
 
 
@@ -411,9 +470,12 @@ class Contender:
     name: str
     model: str
     patching: str
-    kind: str  # "blt" | "byte"
+    kind: str  # "blt" | "byte" | "bpe"
     cfg: object  # BLTConfig | EntropyModelConfig
-    bytes_per_patch: float = 1.0
+    bytes_per_patch: float = 1.0  # the BPE baseline: bytes per token
+    seq_len: int = 0  # tokens per window (bytes, but the BPE baseline's)
+    bytes_per_step: float = 0.0
+    vocab_size: int = 0  # the BPE baseline's
     train_flops_per_byte: float = 0.0
     inference_flops_per_byte: float = 0.0
     steps: int = 0
@@ -479,7 +541,7 @@ def count_params(c: Contender) -> dict:
             embedding = m.encoder.tok_embeddings.weight.numel() + counts["hash_tables"]
             entropy = sum(p.numel() for p in EntropyModel(c.cfg.entropy_model).parameters()) if c.cfg.patcher.needs_entropy else 0
         else:
-            m = EntropyModel(c.cfg)
+            m = TokenLM(c.cfg, c.vocab_size) if c.kind == "bpe" else EntropyModel(c.cfg)
             total = sum(p.numel() for p in m.parameters())
             embedding, entropy = m.tok_embeddings.weight.numel(), 0
     return {"total": total, "non_embedding": total - embedding, "entropy_model": entropy}
@@ -493,9 +555,36 @@ def blt_cfg(p, args, mode: str, entropy_dir: Path | None, patch_size: int | None
     return blt_config(p, ns)[0]
 
 
-def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, valid: np.ndarray, device) -> list[Contender]:
-    """The four contenders with their FLOPs per byte and FLOP-matched step counts."""
-    measure = Measurer(args, entropy_dir, valid, device)
+def bpe_tokenizer(args, data):
+    """The BPE baseline's tokenizer: trained (blt.train_bpe's way) on the training text into
+    RUNS/bpe-tokenizer, or reused from there while its settings are the same."""
+    record = {"vocab_size": args.bpe_vocab_size, "data": args.data, "tokenizer_bytes": TOKENIZER_BYTES}
+    return folder_tokenizer(Path(args.runs) / "bpe-tokenizer", record, data.train)
+
+
+def measure_bytes_per_token(args, tokenizer, valid: np.ndarray) -> float:
+    """Bytes per token of the tokenizer on the held-out documents within the first
+    --measure-bytes tokens (as blt.eval counts bytes: BOS and EOS included); kept in
+    RUNS/measure.json while its inputs are the same."""
+    path = Path(args.runs) / "measure.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    key = {"valid_data": args.valid_data, "measure_bytes": args.measure_bytes, "tokenizer": tokenizer.tokenizer.to_str()}
+    key = {**key, "tokenizer": hashlib.sha256(key["tokenizer"].encode()).hexdigest()}
+    entry = saved.get("bpe-baseline")
+    if entry and entry["key"] == key:
+        return entry["bytes_per_token"]
+    docs = list(documents(valid, args.measure_bytes or None))
+    value = eval_byte_count(docs) / (len(tokenizer.encode_documents(docs)) - 1)
+    print(f"bpe-baseline: {value:.3f} bytes/token on {len(docs)} held-out documents", flush=True)
+    saved["bpe-baseline"] = {"key": key, "bytes_per_token": value}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    return value
+
+
+def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device) -> list[Contender]:
+    """The chosen contenders (--contenders) with their FLOPs per byte and FLOP-matched step counts."""
+    measure = Measurer(args, entropy_dir, data.valid, device)
     ent_cfg = blt_cfg(p, args, "entropy", entropy_dir)
     space_cfg = blt_cfg(p, args, "space", None)
     ent_bpp = measure("blt-entropy", ent_cfg)
@@ -508,18 +597,31 @@ def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, valid: np.nda
         Contender("blt-static", "BLT", f"static, {k} bytes", "blt", static_cfg, measure("blt-static", static_cfg)),
         Contender("byte-baseline", "byte transformer", "none (1 byte)", "byte", baseline, 1.0),
     ]
-    bytes_per_step = args.batch_size * args.grad_accum * args.seq_len
+    if "bpe-baseline" in args.contenders:
+        tokenizer = bpe_tokenizer(args, data)
+        bpt = measure_bytes_per_token(args, tokenizer, data.valid)
+        seq_len = max(MIN_BPE_SEQ_LEN, round(args.seq_len / bpt))  # a window covers about --seq-len bytes
+        cfg = dataclasses.replace(args.bpe_shape, window=seq_len)
+        patching = f"BPE, {tokenizer.vocab_size} ids, {seq_len}-token windows"
+        contenders.append(Contender("bpe-baseline", "BPE transformer", patching, "bpe", cfg, bpt, seq_len,
+                                    vocab_size=tokenizer.vocab_size))  # fmt: skip
+    contenders = [c for c in contenders if c.name in args.contenders]
     for c in contenders:
+        c.seq_len = c.seq_len or args.seq_len
+        c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.bytes_per_patch if c.kind == "bpe" else 1)
         if c.kind == "blt":
             f = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len)
             c.train_flops_per_byte, c.inference_flops_per_byte = f.train, f.forward
+        elif c.kind == "bpe":
+            c.inference_flops_per_byte = token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.bytes_per_patch)
+            c.train_flops_per_byte = 3 * c.inference_flops_per_byte
         else:
             c.inference_flops_per_byte = transformer_flops_per_byte(c.cfg, args.seq_len)
             c.train_flops_per_byte = 3 * c.inference_flops_per_byte
-        step_flops = bytes_per_step * c.train_flops_per_byte
+        step_flops = c.bytes_per_step * c.train_flops_per_byte
         if args.flops < step_flops:
             raise Fail(f"--flops {args.flops:.3g} is less than one training step of {c.name} ({step_flops:.3g} FLOPs = "
-                       f"{bytes_per_step} bytes x {c.train_flops_per_byte:.3g} FLOPs/byte); raise --flops or lower "
+                       f"{c.bytes_per_step:.6g} bytes x {c.train_flops_per_byte:.3g} FLOPs/byte); raise --flops or lower "
                        f"--batch-size/--grad-accum/--seq-len")  # fmt: skip
         c.steps = max(1, round(args.flops / step_flops))
         c.params = count_params(c)
@@ -534,14 +636,14 @@ def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
     print(f"{'contender':<14} {'bytes/patch':>11} {'train FLOPs/byte':>16} {'steps':>8} {'train bytes':>12} "
           f"{'train FLOPs':>11} {'epochs':>7}")  # fmt: skip
     for c in contenders:
-        b = c.steps * bytes_per_step
-        print(f"{c.name:<14} {c.bytes_per_patch:>11.3f} {c.train_flops_per_byte:>16.4g} {c.steps:>8} {b:>12} "
+        b = c.steps * c.bytes_per_step
+        print(f"{c.name:<14} {c.bytes_per_patch:>11.3f} {c.train_flops_per_byte:>16.4g} {c.steps:>8} {b:>12.0f} "
               f"{b * c.train_flops_per_byte:>11.4g} {b / max(train_tokens, 1):>7.3g}")  # fmt: skip
     warmup = args.warmup if args.warmup is not None else TRAIN_DEFAULTS["warmup"]
     short = [c.name for c in contenders if c.steps <= warmup]
     if short:
         print(f"note: {', '.join(short)} train(s) for no more steps than the warmup ({warmup}): set --warmup")
-    repeated = [c.name for c in contenders if c.steps * bytes_per_step > train_tokens]
+    repeated = [c.name for c in contenders if c.steps * c.bytes_per_step > train_tokens]
     if repeated:
         print(f"note: {', '.join(repeated)} see(s) the training data more than once (epochs > 1)")
     print(flush=True)
@@ -560,6 +662,12 @@ def contender_job(c: Contender, args, entropy_dir: Path) -> Job:
             head += ["--entropy-model", str(entropy_dir), "--threshold", repr(c.cfg.patcher.threshold),
                      "--no-precomputed-entropies"]  # fmt: skip
         return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, CONFIG, plan)
+    if c.kind == "bpe":
+        tokenizer = Path(args.runs) / "bpe-tokenizer"
+        plan |= {"vocab_size": c.vocab_size, "seq_len_tokens": c.seq_len, "tokenizer": str(tokenizer)}
+        head = [sys.executable, "-m", "blt.train_bpe", "--tokenizer", str(tokenizer), "--dim", str(c.cfg.dim),
+                "--layers", str(c.cfg.n_layers), "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip
+        return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, TOKEN_LM_WEIGHTS, plan, c.seq_len)
     head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(c.cfg.dim), "--layers", str(c.cfg.n_layers),
             "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip
     return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, ENTROPY_CONFIG, plan)
@@ -573,15 +681,15 @@ def si(x: float) -> str:
 
 
 def rows(contenders: list[Contender], args) -> list[dict]:
-    bytes_per_step = args.batch_size * args.grad_accum * args.seq_len
     out = []
     for c in contenders:
+        bytes_per_step = c.bytes_per_step
         train_bytes = c.steps * bytes_per_step
         out.append({
             "name": c.name, "model": c.model, "patching": c.patching, "run": str(Path(args.runs) / c.name),
             "params_non_embedding": c.params["non_embedding"], "params_total": c.params["total"],
             "entropy_model_params": c.params["entropy_model"],
-            "steps": c.steps, "bytes_per_step": bytes_per_step, "train_bytes": train_bytes,
+            "steps": c.steps, "seq_len": c.seq_len, "bytes_per_step": bytes_per_step, "train_bytes": train_bytes,
             "train_flops_per_byte": c.train_flops_per_byte, "train_flops": train_bytes * c.train_flops_per_byte,
             "inference_flops_per_byte": c.inference_flops_per_byte, "bytes_per_patch": c.bytes_per_patch,
             "eval_bytes_per_patch": c.eval["bytes_per_patch"] if c.eval else None,
@@ -593,7 +701,8 @@ def rows(contenders: list[Contender], args) -> list[dict]:
 def markdown(table: list[dict], args) -> str:
     lines = [
         f"FLOP-matched comparison: {args.flops:.3g} training FLOPs per contender; data {args.data}, "
-        f"held-out {args.valid_data}; seq-len {args.seq_len}, {table[0]['bytes_per_step']} bytes per step; "
+        f"held-out {args.valid_data}; seq-len {args.seq_len}, "
+        f"{args.batch_size * args.grad_accum * args.seq_len} bytes per step (the BPE baseline: as many tokens' worth); "
         f"BLT config {args.config}.",
         "",
         "| model | patching | params (non-emb) | params (total) | steps | train bytes | train FLOPs "
@@ -624,7 +733,7 @@ def main(argv=None) -> None:
         if len(data.valid) < 2:
             raise Fail(f"--valid-data {args.valid_data}: no held-out bytes")
         entropy_dir = entropy_folder(args, entropy_cfg)
-        contenders = plan(p, args, baseline, entropy_dir, data.valid, device)
+        contenders = plan(p, args, baseline, entropy_dir, data, device)
         print_plan(contenders, args, len(data.train))
         jobs = [contender_job(c, args, entropy_dir) for c in contenders]
         for job in jobs:  # every run's settings, before any compute is spent
@@ -636,14 +745,15 @@ def main(argv=None) -> None:
         for c, job in zip(contenders, jobs):
             if args.parallel == 1:
                 train_or_skip(job, args)
-            c.eval = evaluate(job.out, job.model_file, args)
+            bpe = c.kind == "bpe"
+            c.eval = evaluate_bpe(job.out, c.seq_len, args, device) if bpe else evaluate(job.out, job.model_file, args)
     except (Fail, DataError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     table = rows(contenders, args)
     md = markdown(table, args)
     (runs / "table.md").write_text(md)
-    settings = {k: v for k, v in vars(args).items() if k != "dry_run"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("dry_run", "bpe_shape")}
     record = {"budget_flops": args.flops, "settings": settings, "rows": table}
     (runs / "table.json").write_text(json.dumps(record, indent=2) + "\n")
     print("\n" + md, end="")

@@ -43,7 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt.config import EntropyModelConfig
+from blt.checkpoint import (
+    TOKEN_LM_CONFIG, TOKEN_LM_WEIGHTS, TOKENIZER, CheckpointError, atomic_dir_write, load_weights, read_safetensors,
+    write_json,
+)
+from blt.config import ConfigError, EntropyModelConfig, entropy_config_from_dict, load_json
 from blt.data import SHARD_DTYPE, iter_eval_batches
 from blt.entropy_model import EntropyModel
 from blt.flops import layer_flops, mean_context
@@ -164,7 +168,6 @@ class BitsPerByte(NamedTuple):
     tokens: int  # target tokens
 
 
-@torch.no_grad()
 def bpe_bits_per_byte(
     model: TokenLM, tokenizer: BPETokenizer, documents: Sequence[bytes], seq_len: int = 2048, batch_size: int = 8,
     device: torch.device | str = "cpu",
@@ -175,12 +178,23 @@ def bpe_bits_per_byte(
     seq_len tokens, every token after the first a target once, BOE padding ignored), so a window
     here spans ~bytes-per-token times more text than a byte window of the same seq_len. fp32.
     """
-    device = torch.device(device)
     stream = tokenizer.encode_documents(documents)
     n_bytes = eval_byte_count(documents)
     covered = int(tokenizer.byte_counts[stream[1:]].sum())
     if covered != n_bytes:  # cannot happen while encode round-trips; it is the claim bpb rests on
         raise AssertionError(f"the target tokens cover {covered} bytes, blt.eval counts {n_bytes}")
+    return stream_bits_per_byte(model, stream, tokenizer.byte_counts, seq_len, batch_size, device)
+
+
+@torch.no_grad()
+def stream_bits_per_byte(
+    model: TokenLM, stream: np.ndarray, byte_counts: np.ndarray, seq_len: int = 2048, batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> BitsPerByte:  # fmt: skip
+    """bpe_bits_per_byte of an already encoded stream (BOS, tokens, EOS per document, packed),
+    its bytes counted with the tokenizer's byte_counts (blt.train_bpe's held-out shard). fp32."""
+    device = torch.device(device)
+    n_bytes = int(byte_counts[np.asarray(stream[1:])].sum())
     model = model.to(device).eval()
     nats = torch.zeros((), dtype=torch.float64, device=device)
     targets_seen = 0
@@ -192,3 +206,41 @@ def bpe_bits_per_byte(
         targets_seen += int((targets != BOE_ID).sum())
     nats = nats.item()
     return BitsPerByte(nats / np.log(2) / n_bytes, nats, n_bytes, targets_seen)
+
+
+# ---- the model folder (blt.train_bpe's out/model) ------------------------------------------
+
+
+def save_token_lm(model: TokenLM, tokenizer: BPETokenizer, path: str | Path, extra_json: dict | None = None) -> None:
+    """Write a token LM's model folder atomically: TOKEN_LM_CONFIG ({"model": its
+    EntropyModelConfig, "vocab_size": n}), TOKEN_LM_WEIGHTS (safetensors), TOKENIZER, and the
+    extra JSON files given ({file name: object})."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        write_json(tmp / TOKEN_LM_CONFIG, {"model": model.cfg.__dict__, "vocab_size": model.output.out_features})
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / TOKEN_LM_WEIGHTS)
+        tokenizer.save(tmp / TOKENIZER)
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
+
+    atomic_dir_write(path, write)
+
+
+def load_token_lm(path: str | Path, device: torch.device | str = "cpu") -> tuple[TokenLM, BPETokenizer]:
+    """A token LM folder (save_token_lm) -> (model in eval mode, tokenizer); tensors and JSON only."""
+    path = Path(path)
+    if not (path / TOKEN_LM_CONFIG).is_file():
+        raise CheckpointError(f"no token LM in {path} ({TOKEN_LM_CONFIG} missing)")
+    try:
+        record = load_json(path / TOKEN_LM_CONFIG, "token LM config")
+        cfg = entropy_config_from_dict(record["model"])
+        vocab_size = int(record["vocab_size"])
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / TOKEN_LM_CONFIG}: not a token LM config ({e})") from None
+    tokenizer = BPETokenizer.load(path / TOKENIZER)
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids, the model {vocab_size}")
+    model = TokenLM(cfg, vocab_size)
+    load_weights(model, read_safetensors(path / TOKEN_LM_WEIGHTS), f"token LM weights in {path}")
+    return model.to(device).eval(), tokenizer

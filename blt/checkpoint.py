@@ -33,7 +33,12 @@ ENTROPY_CONFIG = "entropy_config.json"
 ENTROPY_WEIGHTS = "entropy_model.safetensors"
 THRESHOLD = "patcher_threshold.json"
 TRAIN_STATE = "train_state.pt"
-MODEL_FILES = frozenset({CONFIG, WEIGHTS, ENTROPY_CONFIG, ENTROPY_WEIGHTS, THRESHOLD})
+TOKEN_LM_CONFIG = "token_lm_config.json"  # blt.train_bpe's model folder (blt.bpe.load_token_lm)
+TOKEN_LM_WEIGHTS = "token_lm.safetensors"
+TOKENIZER = "tokenizer.json"
+HELDOUT = "heldout.json"
+MODEL_FILES = frozenset({CONFIG, WEIGHTS, ENTROPY_CONFIG, ENTROPY_WEIGHTS, THRESHOLD, TOKEN_LM_CONFIG, TOKEN_LM_WEIGHTS,
+                         TOKENIZER, HELDOUT})  # fmt: skip
 CHECKPOINT_FILES = MODEL_FILES | {TRAIN_STATE}
 
 
@@ -83,7 +88,8 @@ def check_replaceable(path: Path, own: frozenset = MODEL_FILES) -> None:
         raise CheckpointError(f"{path} holds files this tool would not write there ({listed}): "
                               "nothing was replaced; choose an empty or new folder")  # fmt: skip
     names = {e.name for e in entries}
-    if entries and not ({CONFIG, WEIGHTS} <= names or {ENTROPY_CONFIG, ENTROPY_WEIGHTS} <= names):
+    model_folders = ({CONFIG, WEIGHTS}, {ENTROPY_CONFIG, ENTROPY_WEIGHTS}, {TOKEN_LM_CONFIG, TOKEN_LM_WEIGHTS})
+    if entries and not any(files <= names for files in model_folders):
         raise CheckpointError(f"{path} is not a model folder (no config and weights in it): "
                               "nothing was replaced; choose an empty or new folder")  # fmt: skip
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from blt.checkpoint import CONFIG, ENTROPY_CONFIG, CheckpointError, load_entropy_model, load_model
 from blt.data import DataError, encode_documents, iter_eval_batches, load_documents
 from blt.model import BLTOutput
-from blt.tokens import BOE_ID, VOCAB_SIZE
+from blt.tokens import BOE_ID
 
 
 def logits_and_patching(model, inputs):
@@ -46,22 +46,27 @@ def real_patches(patching, inputs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_sums(model, batches, device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def eval_sums(model, batches, device, amp_dtype: torch.dtype | None = None, byte_counts=None) -> torch.Tensor:
     """Sum over batches of (B, T+1) windows -> float64 tensor on `device`:
-    [nats, target bytes, input bytes, patches], BOE (padding) ignored throughout.
-    amp_dtype: autocast dtype (None: no autocast)
+    [nats, target bytes, input tokens, patches], BOE (padding) ignored throughout.
+    amp_dtype: autocast dtype (None: no autocast). byte_counts: bytes each token id stands for
+    (a BPE vocabulary, blt.bpe); None: every token but BOE is one byte. The vocabulary is the
+    logits' last dimension.
 
     Sums rather than means, so that ranks can add theirs up and the result stays exact."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
+    if byte_counts is not None:
+        byte_counts = torch.as_tensor(byte_counts, dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, patching = logits_and_patching(model, inputs)
         nats = F.cross_entropy(
-            logits.float().reshape(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=BOE_ID, reduction="sum"
+            logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=BOE_ID, reduction="sum"
         )
-        sums += torch.stack([nats.double(), (targets != BOE_ID).sum(), (inputs != BOE_ID).sum(), real_patches(patching, inputs)])
+        target_bytes = (targets != BOE_ID).sum() if byte_counts is None else byte_counts[targets].sum()
+        sums += torch.stack([nats.double(), target_bytes, (inputs != BOE_ID).sum(), real_patches(patching, inputs)])
     return sums
 
 

@@ -16,7 +16,9 @@ Output folder (--out):
     metrics.jsonl   one JSON row per log step {"step","loss","bpb","lr","bytes","bytes_per_s",
                     "bytes_per_patch","grad_norm","elapsed"} and per evaluation
                     {"step","eval_bpb","bytes","elapsed"}; `bytes` counts training bytes so far,
-                    `elapsed` the seconds spent in training steps (all resumes, evals excluded)
+                    `elapsed` the seconds spent in training steps (all resumes, evals excluded);
+                    for blt.train_bpe's token LM, bpb and eval_bpb are bits per byte too, and
+                    bytes are training tokens x the training stream's mean bytes per token
     model/          the final model folder, for checkpoint.from_pretrained, blt.eval and blt.generate
     checkpoint/, checkpoint.prev/, run.lock: see blt.train_state, which also says how --resume
                     continues a run and how a signal stops one
@@ -83,7 +85,7 @@ from blt.layers import set_flex_backend, set_fused_products
 from blt.model import BLT
 from blt.one_graph import PATCH_PAD, Fallback, OneGraph
 from blt.patcher import patch_starts, patching_from_starts
-from blt.tokens import BOE_ID, VOCAB_SIZE
+from blt.tokens import BOE_ID
 from blt.train_data import Lookahead, precomputed_entropies, prepare, to_device
 from blt.train_flags import blt_config, blt_parser, check_common_args
 from blt.train_state import (
@@ -232,16 +234,19 @@ class Metrics:
 # ---- the shared loop ---------------------------------------------------------------------
 
 
-def run(args, build, export) -> None:
+def run(args, build, export, data=prepare) -> None:
     """Train, then export. build(checkpoint_dir | None) -> model (CPU, fp32): fresh, or loaded
     from the checkpoint after checking it is the same model; export(model, data, device) writes
-    out/model on rank 0. Known errors become one `error: ...` line and exit code 1; a run
-    stopped by a signal exits with 128 + its number, after saving a checkpoint."""
+    out/model on rank 0. data(args, rank, world) -> the token streams (default: the byte shards;
+    blt.train_bpe passes BPE ones, whose `bytes_per_token` and `byte_counts` make the logged
+    bpb and eval_bpb bits per byte and `bytes` the training bytes). Known errors become one
+    `error: ...` line and exit code 1; a run stopped by a signal exits with 128 + its number,
+    after saving a checkpoint."""
     out, lock, code = Path(args.out), None, 0
     try:
         if int(os.environ.get("RANK", 0)) == 0:
             lock = take_lock(out)
-        code = train(args, build, export)
+        code = train(args, build, export, data)
     except WriteError as e:
         fix = "free space" if e.errno == errno.ENOSPC else "fix that"
         hint = f"the last checkpoint is intact: {fix} and rerun with --resume" if has_checkpoint(out) else f"{fix} and rerun"
@@ -270,7 +275,8 @@ def loss_and_patching(model, batch, patcher=None):
         logits = model(batch[:, :-1], None, patching.patch_lengths, patching.next_starts_patch).logits
     else:
         logits, patching = logits_and_patching(model, batch[:, :-1])
-    return F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), ignore_index=BOE_ID), patching
+    # the vocabulary is the logits' (bytes for a BLT or byte LM, BPE tokens for blt.train_bpe)
+    return F.cross_entropy(logits.float().flatten(0, -2), batch[:, 1:].reshape(-1), ignore_index=BOE_ID), patching
 
 
 def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, execution=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,8 +317,9 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, executio
     return loss_sum / args.grad_accum, bpp_sum / args.grad_accum, norm
 
 
-def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
-    """Held-out bits per byte over the first --eval-batches batches of every rank (0: all)."""
+def evaluate(model, valid, args, rank, world, device, amp_dtype, byte_counts=None) -> float:
+    """Held-out bits per byte over the first --eval-batches batches of every rank (0: all).
+    byte_counts: bytes each token id stands for (BPE tokens; None: one byte per token)."""
     model.eval()
     n_windows = math.ceil((len(valid) - 1) / args.seq_len)
     # Every rank runs the same number of batches (FSDP forwards are collective): rank 0 has the
@@ -321,7 +328,7 @@ def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
     n = min(n, args.eval_batches) if args.eval_batches else n
     mine = iter_eval_batches(valid, args.batch_size, args.seq_len, rank, world)
     batches = (next(mine, torch.zeros(1, args.seq_len + 1, dtype=torch.long)) for _ in range(n))
-    nats, targets, _, _ = all_reduce(eval_sums(model, batches, device, amp_dtype), world).tolist()
+    nats, targets, _, _ = all_reduce(eval_sums(model, batches, device, amp_dtype, byte_counts), world).tolist()
     for module in model.modules():
         # FSDP2 keeps the root's parameters gathered after a forward with no backward (here,
         # under no_grad): shard them again, or the module's parameters are no longer the
@@ -332,7 +339,7 @@ def evaluate(model, valid, args, rank, world, device, amp_dtype) -> float:
     return nats / LN2 / targets
 
 
-def train(args, build, export) -> int:
+def train(args, build, export, prepare_data=prepare) -> int:
     """The run; -> its exit code: 0, or 128 + the number of the signal that stopped it."""
     out, ckpt_dir = Path(args.out), Path(args.out) / CHECKPOINT
     if not args.resume and has_checkpoint(out):
@@ -345,7 +352,10 @@ def train(args, build, export) -> int:
     master = rank == 0
     if state is not None:
         check_resumable(state, args, world)
-    data = prepare(args, rank, world)
+    data = prepare_data(args, rank, world)
+    # BPE token streams: bytes per training token (for the logged bpb and bytes, a mean over the
+    # training stream) and bytes per token id (exact held-out bits per byte); 1 and None for bytes
+    bytes_per_token, byte_counts = getattr(data, "bytes_per_token", 1.0), getattr(data, "byte_counts", None)
     raw.to(device).train()
     entropies = precomputed_entropies(raw, data, args, rank, world) if getattr(args, "precomputed_entropies", False) else None
     batcher = Batcher(data.train, args.batch_size, args.seq_len, args.seed, rank, world, entropies)
@@ -366,7 +376,9 @@ def train(args, build, export) -> int:
     execution = Fallback(raw, one_graph, args.compile, keep_packing=getattr(args, "pack_patches", None) is not None)
     batches = batcher if one_graph is None else Lookahead(batcher, device)
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len
+    bytes_per_step = args.batch_size * world * args.grad_accum * args.seq_len  # tokens, as many bytes for a byte model
+    if byte_counts is not None:
+        bytes_per_step *= bytes_per_token
     metrics = Metrics(out / "metrics.jsonl", step if state else None, master)
     if master:
         print(f"{type(raw).__name__}: {describe(raw)}; {world} process(es) on {device}, {args.dtype}; "
@@ -426,10 +438,10 @@ def train(args, build, export) -> int:
                 # One small all-reduce per row: mean loss and bytes/patch over ranks.
                 loss_v, bpp_v = (all_reduce(window.clone(), world) / (world * window_steps)).tolist()
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                metrics.write(step=step, loss=loss_v, bpb=loss_v / LN2, lr=lr, bytes=step * bytes_per_step,
+                metrics.write(step=step, loss=loss_v, bpb=loss_v / LN2 / bytes_per_token, lr=lr, bytes=step * bytes_per_step,
                               bytes_per_s=window_steps * bytes_per_step / window_secs, bytes_per_patch=bpp_v,
                               grad_norm=grad_norm, elapsed=elapsed)  # fmt: skip
-                bar.set_postfix({"loss": f"{loss_v:.3f}", "bpb": f"{loss_v / LN2:.3f}",
+                bar.set_postfix({"loss": f"{loss_v:.3f}", "bpb": f"{loss_v / LN2 / bytes_per_token:.3f}",
                                  "bytes/s": f"{window_steps * bytes_per_step / window_secs:.3g}",
                                  "bytes/patch": f"{bpp_v:.2f}"})  # fmt: skip
                 window.zero_()
@@ -437,7 +449,7 @@ def train(args, build, export) -> int:
             if step == args.steps or stop:
                 break
             if eval_now:
-                eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype))
+                eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype, byte_counts))
                 metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
                 bar.write(f"step {step}: held-out bpb {eval_bpb:.4f}")
             if save_now:
@@ -452,7 +464,7 @@ def train(args, build, export) -> int:
         if master:
             print(f"stopped by a signal ({signal.Signals(stop).name}) after step {step}; checkpoint in {ckpt_dir}; continue with --resume")
     else:
-        eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype))
+        eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype, byte_counts))
         plain = full_copy(raw, rank)
         if master:
             export(plain, data, device)

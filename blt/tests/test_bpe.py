@@ -1,8 +1,10 @@
 """The BPE-token baseline (blt.bpe): exact byte round-trips, bits per byte against a direct
 computation, and the byte count against blt.eval's."""
 
+import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +140,77 @@ def test_token_lm_parameters_follow_the_vocabulary():
     model = TokenLM(cfg, 1000)
     assert model.tok_embeddings.weight.shape == (1000, 16) and model.output.weight.shape == (1000, 16)
     assert EntropyModel(cfg).output.weight.shape == (VOCAB_SIZE, 16)  # the byte model is unchanged
+
+
+# ---- python -m blt.train_bpe ---------------------------------------------------------------
+
+FIXTURE = str(Path(__file__).parent / "fixtures" / "stories.txt")
+BPE_STEPS = 8
+# Constant learning rate after warmup (min-lr = lr): a run cut short with --steps k and resumed
+# with --steps N must then repeat the uninterrupted one.
+BPE_ARGS = ["--data", FIXTURE, "--valid-data", FIXTURE, "--seq-len", "24", "--batch-size", "2", "--grad-accum", "2",
+            "--lr", "3e-3", "--min-lr", "3e-3", "--warmup", "2", "--log-every", "1", "--eval-every", "0",
+            "--eval-batches", "0", "--save-every", "0", "--dim", "32", "--layers", "1", "--heads", "2",
+            "--vocab-size", "700", "--device", "cpu"]  # fmt: skip
+
+
+def train_bpe_argv(work: Path, out: Path, steps: int, *extra) -> list[str]:
+    return [*BPE_ARGS, "--cache-dir", str(work / "cache"), "--out", str(out), "--steps", str(steps), *extra]
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> tuple[Path, Path]:
+    from blt import train_bpe
+
+    work = tmp_path_factory.mktemp("train_bpe")
+    train_bpe.main(train_bpe_argv(work, work / "straight", BPE_STEPS))
+    return work, work / "straight"
+
+
+def test_train_bpe_reports_bits_per_byte_of_its_model(bpe_run):
+    """The held-out number the run reports is bits per byte, recomputed here with
+    bpe_bits_per_byte from the exported model and tokenizer on the held-out documents."""
+    from blt.bpe import load_token_lm
+    from blt.data import load_documents
+
+    _, out = bpe_run
+    model, tokenizer = load_token_lm(out / "model")
+    assert tokenizer.vocab_size <= 700 and model.output.out_features == tokenizer.vocab_size
+    assert (out / "tokenizer" / "tokenizer.json").read_text() == (out / "model" / "tokenizer.json").read_text()
+    docs = list(load_documents(FIXTURE))
+    direct = bpe_bits_per_byte(model, tokenizer, docs, seq_len=24, batch_size=3)
+    reported = json.loads((out / "model" / "heldout.json").read_text())
+    assert reported["bytes"] == eval_byte_count(docs) == direct.bytes
+    assert reported["tokens"] == direct.tokens
+    assert math.isclose(reported["bpb"], direct.bpb, rel_tol=1e-6)
+    # the loop's final eval_bpb (all held-out windows: --eval-batches 0) is bits per byte too
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "eval_bpb" in r][-1]
+    assert math.isclose(final["eval_bpb"], direct.bpb, rel_tol=1e-5)
+    # a bits-per-token number would be ~bytes/token times larger
+    assert direct.bpb < 0.6 * direct.nats / math.log(2) / direct.tokens
+
+
+def test_train_bpe_resume_repeats_the_uninterrupted_run(bpe_run):
+    from safetensors.torch import load_file
+
+    from blt import train_bpe
+
+    work, straight = bpe_run
+    out = work / "resumed"
+    train_bpe.main(train_bpe_argv(work, out, 3))
+    train_bpe.main(train_bpe_argv(work, out, BPE_STEPS, "--resume"))
+    a, b = load_file(out / "model" / "token_lm.safetensors"), load_file(straight / "model" / "token_lm.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda o: [r["loss"] for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) if "loss" in r]  # noqa: E731
+    assert losses(out) == losses(straight)
+
+
+def test_train_bpe_refuses_a_tokenizer_of_other_settings(bpe_run, capsys):
+    from blt import train_bpe
+
+    work, straight = bpe_run
+    with pytest.raises(SystemExit) as e:
+        train_bpe.main(train_bpe_argv(work, straight, BPE_STEPS + 2, "--resume", "--vocab-size", "800"))
+    assert e.value.code == 2
+    assert "holds a tokenizer trained with" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "flop_matched.py"
 FIXTURE = str(Path(__file__).parent / "fixtures" / "stories.txt")
 BUDGET = 5e8  # tiny BLT ~6e5 train FLOPs/byte x 256 bytes/step: 3-4 steps; the baseline ~13
-NAMES = ["blt-entropy", "blt-space", "blt-static", "byte-baseline"]
+NAMES = ["blt-entropy", "blt-space", "blt-static", "byte-baseline", "bpe-baseline"]
 
 
 def argv(work: Path, *extra) -> list[str]:
@@ -67,7 +67,9 @@ def test_table_and_flop_matching(first):
     for r in rows.values():
         assert math.isfinite(r["bpb"]) and 0 < r["bpb"] < 16, r
         assert r["steps"] >= 2
-        assert r["bytes_per_step"] == 2 * 128
+        # the BPE baseline's windows are tokens: as many as cover ~--seq-len bytes
+        tokens_per_step = 2 * r["seq_len"]
+        assert r["bytes_per_step"] == pytest.approx(tokens_per_step * r["bytes_per_patch"] if r["name"] == "bpe-baseline" else 2 * 128)
         assert r["train_bytes"] == r["steps"] * r["bytes_per_step"]
         step_flops = r["bytes_per_step"] * r["train_flops_per_byte"]
         assert abs(r["train_flops"] - BUDGET) <= 0.5 * step_flops + 1e-6 * BUDGET, r  # within half a step
@@ -77,13 +79,18 @@ def test_table_and_flop_matching(first):
     k = round(rows["blt-entropy"]["bytes_per_patch"])
     assert rows["blt-static"]["patching"] == f"static, {k} bytes"
     assert rows["byte-baseline"]["bytes_per_patch"] == 1.0
+    bpe = rows["bpe-baseline"]
+    assert bpe["model"] == "BPE transformer" and bpe["bytes_per_patch"] > 1.5  # bytes per token, measured
+    assert bpe["seq_len"] == max(16, round(128 / bpe["bytes_per_patch"]))
+    assert bpe["eval_bytes"] == rows["byte-baseline"]["eval_bytes"]  # the same held-out bytes
+    assert bpe["eval_bytes_per_patch"] == pytest.approx(bpe["bytes_per_patch"])  # measured on the same text
     assert rows["blt-entropy"]["entropy_model_params"] > 0 and rows["blt-space"]["entropy_model_params"] == 0
     # the measured patch sizes are what blt.eval sees on the same held-out windows
     for name in NAMES[:3]:
         assert rows[name]["eval_bytes_per_patch"] == pytest.approx(rows[name]["bytes_per_patch"])
     md = (work / "runs" / "table.md").read_text()
     assert md in out
-    assert len([line for line in md.splitlines() if line.startswith("| BLT") or line.startswith("| byte")]) == 4
+    assert len([line for line in md.splitlines() if line.startswith(("| BLT", "| byte", "| BPE"))]) == 5
     for name in ["entropy model", *NAMES]:
         assert f"train {name}:" in out
 
@@ -98,7 +105,7 @@ def test_rerun_skips_trained_contenders(first):
         assert f"skip {name}:" in out
     assert "-m blt.train" not in out and "-m blt.eval" not in out  # neither trained nor re-evaluated
     assert table(work)["rows"] == before["rows"]
-    assert len(weights) >= 5 and [w.stat().st_mtime_ns for w in weights] == mtimes  # no model rewritten
+    assert len(weights) >= 6 and [w.stat().st_mtime_ns for w in weights] == mtimes  # no model rewritten
 
 
 def test_interrupted_contender_resumes(first, fm, capsys):

@@ -10,7 +10,7 @@ MODEL_SIDE = {"model", "encoder", "decoder", "global_transformer", "entropy_mode
               "ngram_hash", "config", "tokens"}  # fmt: skip
 OUTSIDE = {"train", "train_entropy", "train_flags", "train_data", "train_state", "distributed", "one_graph",
            "execution", "generate", "engine", "prefill", "kv_cache", "step_layers", "sampling", "cpu_threads",
-           "checkpoint", "convert_hf", "data", "eval", "export", "visualize", "robustness", "bpe"}  # fmt: skip
+           "checkpoint", "convert_hf", "data", "eval", "export", "visualize", "robustness", "bpe", "train_bpe"}  # fmt: skip
 
 
 def imports() -> dict[str, set[str]]:
