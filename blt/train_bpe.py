@@ -21,7 +21,6 @@ bpe_bits_per_byte of the held-out documents), windows of --seq-len tokens.
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,18 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from blt.bpe import DEFAULT_VOCAB_SIZE, OFFSET, BPETokenizer, TokenLM, save_token_lm, stream_bits_per_byte
 from blt.checkpoint import ENTROPY_CONFIG, ENTROPY_WEIGHTS, HELDOUT, TOKENIZER, load_weights, read_safetensors
-from blt.config import ConfigError, entropy_config_from_dict, load_json, tinystories
+from blt.config import ConfigError, load_json
 from blt.data import SHARD_DTYPE, DataConfig, DataError, open_shard, prepare_data
 from blt.tokens import BOS_ID, EOS_ID
 from blt.tokens import OFFSET as BYTE_OFFSET
 from blt.train import check_same_config, run
 from blt.train_data import prepare
-from blt.train_flags import add_common_args, check_common_args
+from blt.train_flags import add_common_args, add_lm_shape_args, check_common_args, lm_config
 
 ENCODE_DOCS = 4096  # documents per piece when encoding a shard
 TOKENIZER_BYTES = 32 << 20  # default training text of a tokenizer trained here (4096 ids need far less: blt.bpe)
@@ -55,12 +53,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace, 
     g.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help="vocabulary of a tokenizer trained here, specials included (see blt.bpe)")  # fmt: skip
     g.add_argument("--tokenizer-bytes", type=int, default=TOKENIZER_BYTES, help="training text the tokenizer is trained on")
-    g = p.add_argument_group("model")
-    g.add_argument("--config", help="EntropyModelConfig JSON file (default: the tinystories preset's entropy model)")
-    g.add_argument("--dim", type=int, help="width")
-    g.add_argument("--layers", type=int, help="transformer layers")
-    g.add_argument("--heads", type=int, help="attention heads")
-    g.add_argument("--window", type=int, help="sliding attention window in tokens (0: full causal)")
+    add_lm_shape_args(p, "tokens")
     args = p.parse_args(argv)
     check_common_args(p, args)
     if args.compile is None:  # blt.execution's default: compiled blocks on CUDA, eager on CPU
@@ -69,16 +62,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace, 
         p.error(f"--vocab-size must be in [{OFFSET + 256}, {np.iinfo(SHARD_DTYPE).max + 1}]")
     if args.tokenizer_bytes < 1:
         p.error("--tokenizer-bytes must be >= 1")
-    try:
-        cfg = entropy_config_from_dict(load_json(args.config, "model config")) if args.config else tinystories().entropy_model
-        shape = {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "dropout": args.dropout}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in shape.items() if v is not None})
-        if args.window is not None:
-            cfg.window = args.window or None
-        cfg.validate("token LM")
-    except ConfigError as e:
-        p.error(str(e))
-    return p, args, cfg
+    return p, args, lm_config(p, args, "token LM")
 
 
 # ---- tokenizer ---------------------------------------------------------------------------

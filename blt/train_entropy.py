@@ -14,7 +14,6 @@ entropy_config.json, entropy_model.safetensors and patcher_threshold.json.
 """
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 
 from blt.checkpoint import ENTROPY_CONFIG, THRESHOLD, load_entropy_model, save_entropy_model
-from blt.config import ConfigError, PatcherConfig, entropy_config_from_dict, load_json, tinystories
+from blt.config import PatcherConfig, load_json
 from blt.entropy_model import EntropyModel
 from blt.patcher import calibrate_threshold
 from blt.train import check_same_config, run
-from blt.train_flags import add_common_args, check_common_args
+from blt.train_flags import add_common_args, add_lm_shape_args, check_common_args, lm_config
 
 CALIBRATION_TOKENS = 256 * 1024  # the first 256 KiB of the --calibrate-on stream
 
@@ -34,12 +33,7 @@ CALIBRATION_TOKENS = 256 * 1024  # the first 256 KiB of the --calibrate-on strea
 def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
     p = argparse.ArgumentParser(prog="python -m blt.train_entropy", description="Train the byte LM / entropy model.")
     add_common_args(p, out="runs/entropy")
-    g = p.add_argument_group("model")
-    g.add_argument("--config", help="EntropyModelConfig JSON file (default: the tinystories preset's entropy model)")
-    g.add_argument("--dim", type=int, help="width")
-    g.add_argument("--layers", type=int, help="transformer layers")
-    g.add_argument("--heads", type=int, help="attention heads")
-    g.add_argument("--window", type=int, help="sliding attention window in bytes (0: full causal)")
+    add_lm_shape_args(p, "bytes")
     g = p.add_argument_group("calibration")
     g.add_argument("--target-bytes-per-patch", type=float, default=4.5, help="mean patch size θ is calibrated to")
     g.add_argument("--calibrate-mode", choices=("entropy", "monotonic", "combined"), default="entropy")
@@ -53,16 +47,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
         print(f"execution: {'compile' if args.compile else 'eager'}", flush=True)
     if args.target_bytes_per_patch < 1:
         p.error("--target-bytes-per-patch must be >= 1")
-    try:
-        cfg = entropy_config_from_dict(load_json(args.config, "entropy model config")) if args.config else tinystories().entropy_model
-        shape = {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "dropout": args.dropout}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in shape.items() if v is not None})
-        if args.window is not None:
-            cfg.window = args.window or None
-        cfg.validate("entropy model")
-    except ConfigError as e:
-        p.error(str(e))
-    return args, cfg
+    return args, lm_config(p, args, "entropy model")
 
 
 def build(cfg, checkpoint: Path | None) -> EntropyModel:

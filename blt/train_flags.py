@@ -5,13 +5,23 @@ folder and its calibrated threshold (`blt_config`).
 """
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
 from blt.checkpoint import ENTROPY_CONFIG, THRESHOLD, CheckpointError
-from blt.config import PATCH_MODES, PRESETS, BLTConfig, ConfigError, entropy_config_from_dict, load_json
+from blt.config import (
+    PATCH_MODES,
+    PRESETS,
+    BLTConfig,
+    ConfigError,
+    EntropyModelConfig,
+    entropy_config_from_dict,
+    load_json,
+    tinystories,
+)
 from blt.layers import FLEX_BACKENDS
 from blt.one_graph import PATCH_PAD
 
@@ -188,3 +198,28 @@ def calibrated_threshold(folder: Path, mode: str) -> float:
     if cal.get("mode") != mode:
         raise ConfigError(f"{folder / THRESHOLD} was calibrated for mode {cal.get('mode')!r}, not {mode!r}: pass --threshold")
     return float(cal["threshold"])
+
+
+def add_lm_shape_args(p: argparse.ArgumentParser, unit: str) -> None:
+    """The model flags of a plain transformer LM (blt.train_entropy, blt.train_bpe); its window
+    counts `unit` (bytes, tokens)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--config", help="EntropyModelConfig JSON file (default: the tinystories preset's entropy model)")
+    g.add_argument("--dim", type=int, help="width")
+    g.add_argument("--layers", type=int, help="transformer layers")
+    g.add_argument("--heads", type=int, help="attention heads")
+    g.add_argument("--window", type=int, help=f"sliding attention window in {unit} (0: full causal)")
+
+
+def lm_config(p: argparse.ArgumentParser, args: argparse.Namespace, what: str) -> EntropyModelConfig:
+    """add_lm_shape_args's values -> the validated config (a one-line parser error if invalid)."""
+    try:
+        cfg = entropy_config_from_dict(load_json(args.config, f"{what} config")) if args.config else tinystories().entropy_model
+        shape = {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "dropout": args.dropout}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in shape.items() if v is not None})
+        if args.window is not None:
+            cfg.window = args.window or None
+        cfg.validate(what)
+    except ConfigError as e:
+        p.error(str(e))
+    return cfg
