@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from blt.bpe import (  # noqa: E402
-    DEFAULT_VOCAB_SIZE, TokenLM, bpe_bits_per_byte, eval_byte_count, load_token_lm, token_lm_flops_per_byte,
+    DEFAULT_VOCAB_SIZE, TokenLM, bpe_bits_per_byte, eval_byte_count, load_token_lm,
 )
 from blt.checkpoint import (  # noqa: E402
     CONFIG, ENTROPY_CONFIG, THRESHOLD, TOKEN_LM_WEIGHTS, CheckpointError, load_entropy_model,
@@ -89,7 +89,7 @@ from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig  # no
 from blt.data import DataConfig, DataError, iter_eval_batches, load_documents, prepare_data  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.eval import real_patches  # noqa: E402
-from blt.flops import blt_flops_per_byte, transformer_flops_per_byte  # noqa: E402
+from blt.flops import blt_flops_per_byte, token_lm_flops_per_byte, transformer_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import patch  # noqa: E402
 from blt.tokens import BOE_ID  # noqa: E402

@@ -50,7 +50,6 @@ from blt.checkpoint import (
 from blt.config import ConfigError, EntropyModelConfig, entropy_config_from_dict, load_json
 from blt.data import SHARD_DTYPE, iter_eval_batches
 from blt.entropy_model import EntropyModel
-from blt.flops import layer_flops, mean_context
 from blt.tokens import BOE_ID, BOS_ID, EOS_ID
 
 OFFSET = EOS_ID + 1  # BPE token k is id k + 3
@@ -145,14 +144,6 @@ class TokenLM(EntropyModel):
 
     def __init__(self, cfg: EntropyModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
-
-
-def token_lm_flops_per_byte(cfg: EntropyModelConfig, vocab_size: int, seq_len: int, bytes_per_token: float) -> float:
-    """Forward FLOPs per byte of a TokenLM (as blt.flops.transformer_flops_per_byte per byte):
-    its FLOPs per token, over windows of seq_len tokens, shared by the bytes_per_token bytes a
-    token stands for (measure it on held-out text: BitsPerByte.bytes / BitsPerByte.tokens)."""
-    per_token = cfg.n_layers * layer_flops(cfg, mean_context(seq_len, cfg.window)) + 2 * cfg.dim * vocab_size
-    return per_token / bytes_per_token
 
 
 def eval_byte_count(docs: Sequence[bytes]) -> int:

@@ -200,7 +200,7 @@ class Engine:
         return RowPrefill(self, b, r).run()
 
     def _allocate(self, rows: list[Patched]) -> None:
-        m, cfg, B, dev, dt = self.model, self.cfg, self.B, self.device, self.dtype
+        cfg, B, dev, dt = self.cfg, self.B, self.device, self.dtype
         Lmax = max(r.L for r in rows)
         full_cap = Lmax + self.max_new + 1  # local stacks without a window: one slot per position
 

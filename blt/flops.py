@@ -105,4 +105,12 @@ def blt_flops_per_byte(cfg: BLTConfig, bytes_per_patch: float, seq_len: int, att
 
 def transformer_flops_per_byte(c: TransformerConfig, seq_len: int) -> float:
     """Forward FLOPs per byte of a plain byte-level transformer LM (the baseline)."""
-    return c.n_layers * layer_flops(c, mean_context(seq_len, c.window)) + 2 * c.dim * VOCAB_SIZE
+    return token_lm_flops_per_byte(c, VOCAB_SIZE, seq_len, 1.0)
+
+
+def token_lm_flops_per_byte(c: TransformerConfig, vocab_size: int, seq_len: int, bytes_per_token: float) -> float:
+    """Forward FLOPs per byte of a transformer LM over tokens of `vocab_size` ids (blt.bpe's
+    TokenLM; bytes: 260 ids, one byte each): its FLOPs per token over windows of seq_len tokens,
+    shared by the bytes_per_token bytes a token stands for (measured on held-out text)."""
+    per_token = c.n_layers * layer_flops(c, mean_context(seq_len, c.window)) + 2 * c.dim * vocab_size
+    return per_token / bytes_per_token

@@ -80,7 +80,7 @@ from blt.distributed import (
 )
 from blt.eval import eval_sums, logits_and_patching
 from blt.execution import ExecutionChoices, Machine, choose
-from blt.flops import blt_flops_per_byte, transformer_flops_per_byte
+from blt.flops import blt_flops_per_byte, token_lm_flops_per_byte
 from blt.layers import set_flex_backend, set_fused_products
 from blt.model import BLT
 from blt.one_graph import PATCH_PAD, Fallback, OneGraph
@@ -475,7 +475,7 @@ def train(args, build, export, prepare_data=prepare) -> int:
     mean_bpp = all_reduce(run_bpp.clone(), world).item() / (world * run_steps) if run_steps else 1.0  # collective
     if master:
         bytes_per_s = (run_steps - 1) * bytes_per_step / timed_s if run_steps > 1 and timed_s > 0 else None
-        print(summary(raw, args, device, world, bytes_per_s, mean_bpp))
+        print(summary(raw, args, device, world, bytes_per_s, mean_bpp, bytes_per_token))
     if world > 1:
         dist.barrier()  # leave together: rank 0 was still writing files
     return code
@@ -487,7 +487,7 @@ def describe(model: nn.Module) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
 
 
-def summary(raw, args, device, world, bytes_per_s, bytes_per_patch) -> str:
+def summary(raw, args, device, world, bytes_per_s, bytes_per_patch, bytes_per_token=1.0) -> str:
     """Peak GPU memory and MFU (model FLOPs per byte from blt.flops at the measured patch size)."""
     if device.type != "cuda":
         return "peak GPU memory: n/a (CPU); MFU: n/a (CPU)"
@@ -500,8 +500,8 @@ def summary(raw, args, device, world, bytes_per_s, bytes_per_patch) -> str:
         count = blt_flops_per_byte(raw.cfg, bytes_per_patch, args.seq_len)
         # precomputed entropies: the entropy model's forward is not part of the step
         flops = count.train_blt if getattr(args, "precomputed_entropies", False) else count.train
-    else:
-        flops = 3 * transformer_flops_per_byte(raw.cfg, args.seq_len)
+    else:  # a byte LM, or blt.train_bpe's token LM: per token, shared by the bytes a token stands for
+        flops = 3 * token_lm_flops_per_byte(raw.cfg, raw.output.out_features, args.seq_len, bytes_per_token)
     mfu = flops * bytes_per_s / (peak * world)
     return f"{memory}; MFU: {100 * mfu:.1f}% ({flops:.3g} FLOPs/byte x {bytes_per_s:.3g} bytes/s over {world} x {peak:.3g} FLOP/s)"
 

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 pytest.importorskip("tokenizers")
 
 from blt.bpe import (  # noqa: E402
-    ALPHABET, OFFSET, BPETokenizer, TokenLM, bpe_bits_per_byte, eval_byte_count, token_lm_flops_per_byte,
+    ALPHABET, OFFSET, BPETokenizer, TokenLM, bpe_bits_per_byte, eval_byte_count,
 )
 from blt.config import EntropyModelConfig  # noqa: E402
 from blt.data import encode_documents, iter_eval_batches  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.eval import eval_sums  # noqa: E402
-from blt.flops import transformer_flops_per_byte  # noqa: E402
+from blt.flops import token_lm_flops_per_byte, transformer_flops_per_byte  # noqa: E402
 from blt.tokens import BOS_ID, EOS_ID, VOCAB_SIZE  # noqa: E402
 
 
