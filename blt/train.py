@@ -437,6 +437,7 @@ def train(args, build, export, prepare_data=prepare) -> int:
             if log_now:
                 # One small all-reduce per row: mean loss and bytes/patch over ranks.
                 loss_v, bpp_v = (all_reduce(window.clone(), world) / (world * window_steps)).tolist()
+                bpp_v *= bytes_per_token  # a token LM's "patch" is a token
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 metrics.write(step=step, loss=loss_v, bpb=loss_v / LN2 / bytes_per_token, lr=lr, bytes=step * bytes_per_step,
                               bytes_per_s=window_steps * bytes_per_step / window_secs, bytes_per_patch=bpp_v,

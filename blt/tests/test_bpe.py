@@ -189,6 +189,8 @@ def test_train_bpe_reports_bits_per_byte_of_its_model(bpe_run):
     assert math.isclose(final["eval_bpb"], direct.bpb, rel_tol=1e-5)
     # a bits-per-token number would be ~bytes/token times larger
     assert direct.bpb < 0.6 * direct.nats / math.log(2) / direct.tokens
+    # the training rows' "bytes per patch" is the bytes a token stands for
+    assert all(r["bytes_per_patch"] > 1.5 for r in rows if "loss" in r)
 
 
 def test_train_bpe_resume_repeats_the_uninterrupted_run(bpe_run):
