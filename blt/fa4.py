@@ -13,6 +13,11 @@ here; blt.layers.attend sends other inputs (float32, CPU) to its FlexAttention f
 The kernels run as torch ops, forward and backward (and the same pair for qkv_attention, which
 reads the fused q|k|v product directly), so a compiled graph (and its CUDA graph) calls them as
 they are; their fake versions give the compiler the output shapes.
+
+Replaces: FlexAttention's kernels for the causal self-attentions (layers.attend). Equal to it:
+test_fa4.py: test_kernels_match_float32_reference,
+test_qkv_attention_matches_float32_reference, test_causal_rows_stand_for_the_flex_masks;
+test_compiled_step.py on CUDA.
 """
 
 import importlib.util

@@ -14,6 +14,11 @@ every element once.
 Same math as layers.apply_rotary and F.silu(h1) * h3, in float32 with one rounding to the
 input dtype at the end (as the compiled graph rounds). The kernels run on CUDA, and on CPU
 under TRITON_INTERPRET=1 (how the tests check them).
+
+Replaces: the separate q, k, v (w1, w3; k, v) products and the tensor ops after them
+(layers.py, fused products off). Equal to it: test_core.py:
+test_fused_products_same_function_fewer_products; test_fused_outputs.py:
+test_kernels_interpreted_match_reference (CPU), test_kernels_match_reference_on_cuda.
 """
 
 import torch

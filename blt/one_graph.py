@@ -2,6 +2,12 @@
 forward and loss, as compiled graphs; CUDA graphs on CUDA), and `Fallback`, which steps down to
 a slower path when the compiler fails: the one graph, then each block compiled on its own
 (--compile), then eager.
+
+Replaces: the eager training step (train.loss_and_patching: the model run as it is, one
+micro-batch at a time). Equal to it: test_compiled_step.py:
+test_one_graph_path_matches_reference_on_cpu, test_compiled_step_matches_reference_on_cuda;
+test_train.py: test_one_graph_training_matches_eager,
+test_one_graph_patch_pad_changes_shapes_not_losses.
 """
 
 import sys

@@ -20,6 +20,10 @@ With `align` > 1 each row's segment is padded to a multiple of `align` slots, so
 starts on a multiple of it. Aligned to FlexAttention's block size, no block of the mask spans
 two rows: the blocks a row may read are listed, and inside them plain causality is the whole
 mask, so the attention kernels need not look up any slot's row (masks.packed_patch_mask).
+
+Replaces: the global transformer on rows padded to the longest (model.BLT.forward's plain
+path). Equal to it: test_core.py: test_packed_global_transformer_matches_padded,
+test_packed_patch_mask; test_train.py: test_packed_training_matches_padded.
 """
 
 from dataclasses import dataclass

@@ -24,6 +24,11 @@ Inputs are (B, L, heads, head_dim) with a unit last stride: the projections' out
 per head, so the attention output needs no transpose either. Softmax in float32; the
 products take the inputs' dtype (16-bit inputs: probabilities rounded to it, as FlashAttention
 and FlexAttention do; float32 inputs: full float32 products), accumulating in float32.
+
+Replaces: FlexAttention (and the dense masks) for the one-patch cross-attentions, and the
+masked max over each patch's bytes. Equal to it: test_patch_runs.py:
+test_kernels_interpreted_match_reference (CPU), test_kernels_match_flex_attention_on_cuda;
+test_compiled_step.py on CUDA.
 """
 
 
