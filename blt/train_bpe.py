@@ -38,7 +38,7 @@ from blt.tokens import BOS_ID, EOS_ID
 from blt.tokens import OFFSET as BYTE_OFFSET
 from blt.train import check_same_config, run
 from blt.train_data import prepare
-from blt.train_flags import add_common_args, add_lm_shape_args, check_common_args, lm_config
+from blt.train_flags import add_common_args, add_lm_shape_args, check_common_args, lm_config, plain_lm_execution
 
 ENCODE_DOCS = 4096  # documents per piece when encoding a shard
 TOKENIZER_BYTES = 32 << 20  # default training text of a tokenizer trained here (4096 ids need far less: blt.bpe)
@@ -56,8 +56,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace, 
     add_lm_shape_args(p, "tokens")
     args = p.parse_args(argv)
     check_common_args(p, args)
-    if args.compile is None:  # blt.execution's default: compiled blocks on CUDA, eager on CPU
-        args.compile = args.device == "cuda"
+    plain_lm_execution(args)
     if args.vocab_size < OFFSET + 256 or args.vocab_size > np.iinfo(SHARD_DTYPE).max + 1:
         p.error(f"--vocab-size must be in [{OFFSET + 256}, {np.iinfo(SHARD_DTYPE).max + 1}]")
     if args.tokenizer_bytes < 1:

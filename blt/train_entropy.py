@@ -14,7 +14,6 @@ entropy_config.json, entropy_model.safetensors and patcher_threshold.json.
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from blt.config import PatcherConfig, load_json
 from blt.entropy_model import EntropyModel
 from blt.patcher import calibrate_threshold
 from blt.train import check_same_config, run
-from blt.train_flags import add_common_args, add_lm_shape_args, check_common_args, lm_config
+from blt.train_flags import add_common_args, add_lm_shape_args, check_common_args, lm_config, plain_lm_execution
 
 CALIBRATION_TOKENS = 256 * 1024  # the first 256 KiB of the --calibrate-on stream
 
@@ -41,10 +40,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
                    help="calibrate θ on the training text (default) or on the held-out text (as before 2026-12)")  # fmt: skip
     args = p.parse_args(argv)
     check_common_args(p, args)
-    if args.compile is None:  # blt.execution's default: compiled blocks on CUDA, eager on CPU
-        args.compile = args.device == "cuda"
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"execution: {'compile' if args.compile else 'eager'}", flush=True)
+    plain_lm_execution(args)
     if args.target_bytes_per_patch < 1:
         p.error("--target-bytes-per-patch must be >= 1")
     return args, lm_config(p, args, "entropy model")

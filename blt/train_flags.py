@@ -223,3 +223,13 @@ def lm_config(p: argparse.ArgumentParser, args: argparse.Namespace, what: str) -
     except ConfigError as e:
         p.error(str(e))
     return cfg
+
+
+def plain_lm_execution(args: argparse.Namespace) -> None:
+    """A plain transformer LM's execution (blt.train_entropy, blt.train_bpe): --compile left to
+    its default compiles each block on CUDA and runs eager on a CPU (blt.execution); said in
+    one line, as blt.train says its choice."""
+    if args.compile is None:
+        args.compile = args.device == "cuda"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"execution: {'compile' if args.compile else 'eager'}", flush=True)

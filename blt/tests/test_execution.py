@@ -38,3 +38,15 @@ def test_the_choice_is_one_line():
     line = choose(GPU).describe()
     assert "\n" not in line
     assert line == "execution: one graph, fused products, bf16 residual, precomputed entropies; attention triton"
+
+
+def test_plain_lms_compile_on_cuda_and_say_so(capsys):
+    from argparse import Namespace
+
+    from blt.train_flags import plain_lm_execution
+
+    for device, given, want in (("cuda", None, True), ("cpu", None, False), ("cuda", False, False), ("cpu", True, True)):
+        args = Namespace(device=device, compile=given)
+        plain_lm_execution(args)
+        assert args.compile is want
+        assert capsys.readouterr().out == f"execution: {'compile' if want else 'eager'}\n"
