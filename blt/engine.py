@@ -41,7 +41,9 @@ of its buffers: see _StepModule). The generation loop then samples inside that g
 (Engine.start_sampling / launch): the graph reads its own logits and writes the next ones,
 so it has no input from the host at all, and the host reads each step's bytes and patch
 flags one step late (blt/generate.py's `pipelined`), launching step t+1 before it waits for
-step t. The host's counters lag a step, which the capacity checks allow for.
+step t. The host's counters lag a step, which the capacity checks allow for. The caches'
+capacities are rounded up to buckets (`bucket`), so that prompts of other lengths and other
+max_new reuse the compiled step instead of compiling one for their own shapes.
 
 On CPU the engine's work runs on the threads its ThreadChoosers pick (blt/cpu_threads.py):
 one for the prefill's entropy-model blocks, one for its byte blocks, one for the steps.
@@ -65,6 +67,21 @@ from blt.sampling import sample_next
 from blt.step_layers import Block, Cross, HashStep, Norm, Proj, block_step, cross, cross_kv, rope_step
 
 _STEP_OBJECTS = (KVCache, Norm, Proj, Block, HashStep, Cross)  # hold tensors the step reads
+
+# A compiled step (its dynamo guards, inductor's code, its CUDA graphs) is specific to the
+# shapes of the caches it reads, so a compiled engine rounds every capacity that depends on
+# the prompt or max_new up to a bucket: the next power of two, at least CAPACITY_FLOOR.
+# Prompts and max_new within a bucket then reuse one compiled step (in the process, and from
+# inductor's on-disk cache in the next); there are log2 buckets, each at most twice the slots
+# needed. Under CUDA graphs a step attends over every slot (masked), so the floor is what the
+# local stacks' 512-byte windows cost already; it holds the CLI's usual runs (a short prompt
+# and --max-new up to ~500: one slot per byte and patch) in one bucket.
+CAPACITY_FLOOR = 512
+
+
+def bucket(n: int) -> int:
+    """The capacity a compiled engine allocates for n slots: max(CAPACITY_FLOOR, next power of 2)."""
+    return max(CAPACITY_FLOOR, 1 << (n - 1).bit_length())
 
 
 def _step_tensors(obj, prefix=""):
@@ -202,7 +219,10 @@ class Engine:
     def _allocate(self, rows: list[Patched]) -> None:
         cfg, B, dev, dt = self.cfg, self.B, self.device, self.dtype
         Lmax = max(r.L for r in rows)
-        full_cap = Lmax + self.max_new + 1  # local stacks without a window: one slot per position
+        # compiled: capacities rounded up to a bucket (one compiled step for the prompts and
+        # max_new of a bucket); eager steps read only the slots filled so far: exact sizes
+        size = bucket if self.compiled else int
+        full_cap = size(Lmax + self.max_new + 1)  # local stacks without a window: one slot per position
 
         def stack(c, n_layers):
             return KVCache(n_layers, B, c.kv_heads, c.head_dim, c.window, full_cap, dev, dt)
@@ -217,7 +237,7 @@ class Engine:
         # as many as growing the cache (a copy beside the old one: a long prompt's is large)
         # would cost anyway, an eighth of the prompt's, or 256
         extra = self.max_new + 1 if self.fuse else min(self.max_new, max(256, pmax // 8)) + 1
-        self.glob = KVCache(g.n_layers, B, g.kv_heads, g.head_dim, g.window, pmax + extra, dev, dt)
+        self.glob = KVCache(g.n_layers, B, g.kv_heads, g.head_dim, g.window, size(pmax + extra), dev, dt)
 
         # per-row scalars, updated in place by the step functions
         self.pos = torch.tensor([r.L for r in rows], dtype=torch.long, device=dev)
@@ -241,7 +261,7 @@ class Engine:
         D = cfg.encoder.dim
         need = max(r.L - r.recent_starts(self.ew)[0] + 1 for r in rows)
         base = self.ew * (self.pc.max_patch_length or (64 if self.fuse else 16))  # fused: graphs keep it
-        C = max(base, 1 << (need - 1).bit_length())
+        C = max(base, 1 << (need - 1).bit_length())  # a power of two: few shapes for compiled steps
         self.buf = [torch.zeros(B, C, D, device=dev, dtype=dt) for _ in self.enc_cross]
         self.buf_pos = torch.full((B, C), -1, dtype=torch.long, device=dev)
         self.buf_patch = torch.full((B, C), -1, dtype=torch.long, device=dev)

@@ -531,6 +531,60 @@ def test_compiled_step_is_one_graph():
     assert _run_engine(eng, 24) == ref.ids
 
 
+def _shapes(model, prompt: str, max_new: int, compiled: bool) -> dict:
+    """The shape of every tensor the (compiled) step reads, after the prefill."""
+    eng = E.Engine(model, [encode(prompt)], max_new)
+    eng.compiled = eng.fuse = compiled  # what compile=True sets on CUDA
+    eng.prefill()
+    return {name: tuple(t.shape) for name, t in E._step_tensors(eng)}
+
+
+@pytest.mark.parametrize("config", ["tiny", "variant"])
+def test_compiled_caches_are_bucketed(config):
+    """A compiled engine's tensors have the same shapes for prompts of different lengths and
+    different max_new within a bucket (one compiled step for all of them); an eager engine's
+    caches stay sized to the run."""
+    model = make_model(config, "entropy")
+    runs = [("Hi", 100), ("Once upon a time, in a land far away", 300), ("", 450)]
+    shapes = [_shapes(model, p, n, compiled=True) for p, n in runs]
+    assert shapes[1] == shapes[0] and shapes[2] == shapes[0]
+    glob = shapes[0]["glob__pos"][1]
+    assert glob == (E.CAPACITY_FLOOR if model.cfg.global_model.window is None else model.cfg.global_model.window)
+    if model.cfg.global_model.window is None:  # past the floor: the next power of two
+        assert _shapes(model, "Hi", 600, compiled=True)["glob__pos"][1] == 1024
+        assert _shapes(model, "Hi", 100, compiled=False)["glob__pos"][1] < E.CAPACITY_FLOOR
+    assert [E.bucket(n) for n in (1, 512, 513, 1024, 1025)] == [512, 512, 1024, 1024, 2048]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports under dynamo
+def test_bucketed_step_compiles_once():
+    """Two prompts of different lengths and two max_new in one bucket: the compiled step
+    (dynamo, as compile=True but with a backend that runs the traced graph as it is) is traced
+    once, its bytes are the eager engine's, and its logits are the eager engine's to float
+    noise (the spare slots are masked)."""
+    torch._dynamo.reset()  # other tests' compiled steps (cache entries of the same code) aside
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    model = make_model("tiny", "entropy")
+    for prompt, n in [("Hi", 24), ("Once upon a time, in a land far away", 40)]:
+        ref = G.generate_ids(model, [encode(prompt)], n, stop=None, return_logits=True)
+        eng = E.Engine(model, [encode(prompt)], n)
+        eng.compiled = eng.fuse = True  # what compile=True sets on CUDA
+        eng._compile(backend=backend, fullgraph=True)
+        logits, ids = eng.prefill(), []
+        for s in range(n):
+            assert (logits[0] - ref.logits[0][s]).abs().max() < TOL
+            ids.append(int(S.sample_next(logits)[0]))
+            if s < n - 1:
+                logits = eng.step(torch.tensor(ids[-1:]))
+        assert ids == ref.ids[0]
+    assert len(traced) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_compiled_generation_equals_eager_on_cuda(temperature):
