@@ -4,6 +4,7 @@
     python bench/generate_speed.py --device cpu --streams 1 --max-new 100
     python bench/generate_speed.py --checkpoint checkpoints --device cpu   # the shipped model
     python bench/generate_speed.py --checkpoint checkpoints --cpu-load     # CPU threads, idle and busy
+    python bench/generate_speed.py --checkpoint checkpoints --device cuda --compile --calls  # as the CLI
 
 Greedy decoding from "Once upon a time" (stop strings off, so every stream makes max-new
 bytes). The random-init `bench` model gets θ calibrated to ~4.5 bytes/patch on random text
@@ -17,6 +18,11 @@ whether its step really ran as CUDA graphs, from inductor's counters (a skip is 
 0.7, prefill included, as `--stats` reports) on 1 CPU thread, 2, and its default (1 or 2,
 chosen while running), on idle cores and with one busy-looping process per core beside it
 (another job on the machine).
+
+--calls: `generate` as the CLI calls it (temperature 0.7, prefill and any compiling included, as
+`--stats` reports), once per prompt length and max-new, all in one process: eager, and with
+--compile (CUDA) compiled too, each call saying how many step graphs dynamo traced for it (0:
+it reused the compiled step of an earlier call, its caches' shapes in the same bucket).
 """
 
 import argparse
@@ -225,6 +231,30 @@ def cpu_load_table(model, repeats: int, max_new: int) -> None:
         print(f"{label:20s} " + " ".join(f"{v:12.1f}" for v in row), flush=True)
 
 
+STORY = ("Once upon a time, there was a little girl named Lily. She loved to play in the park with her dog, Max. "
+         "One day, Lily saw a big red ball under a tree. She ran to get it, but Max got there first. ")
+
+
+def cli_calls(model, device, compile: bool, lengths: list[int], max_news: list[int]) -> None:
+    """One generate() call per (max_new, prompt of `length` bytes), as the CLI makes it: its
+    bytes/s as --stats reports it, and compiled, the step graphs dynamo traced for the call."""
+    from torch._dynamo.utils import counters
+
+    print(f"{'compiled' if compile else 'eager'}:")
+    print(f"{'prompt bytes':>12s} {'max-new':>7s} {'bytes':>5s} {'bytes/s':>9s}" + "  traced graphs" * compile)
+    for max_new in max_news:
+        for n in lengths:
+            prompt = (STORY * (n // len(STORY) + 1))[:n]
+            traced, graphs = counters["stats"]["unique_graphs"], cudagraph_counters()
+            _, stats = generate(model, prompt, max_new=max_new, temperature=0.7, seed=0, stop=None, compile=compile,
+                                return_stats=True)  # fmt: skip
+            row = f"{n:12d} {max_new:7d} {stats.bytes:5d} {stats.bytes_per_s:9.1f}"
+            if compile:
+                new = counters["stats"]["unique_graphs"] - traced
+                row += f"  {new} ({'compiled' if new else 'reused'}) {cudagraph_note(graphs, cudagraph_counters())}"
+            print(row, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -238,6 +268,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="profile 50 steps of each cached run")
     ap.add_argument("--cpu-load", action="store_true", help="only the CPU table: threads x idle / busy cores")
     ap.add_argument("--repeats", type=int, default=5, help="runs per cell of the --cpu-load table (best)")
+    ap.add_argument("--calls", action="store_true", help="only generate() as the CLI calls it, per prompt and max-new")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16, 100, 300, 600], help="--calls: prompt bytes")
+    ap.add_argument("--max-news", type=int, nargs="+", default=[300, 500], help="--calls: max-new values")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,6 +278,10 @@ def main():
     model = from_pretrained(args.checkpoint, device) if args.checkpoint else bench_model(device)
     if args.cpu_load:
         cpu_load_table(model, args.repeats, args.max_new)
+        return
+    if args.calls:
+        for compiled in [False, True] if args.compile and device.type == "cuda" else [False]:
+            cli_calls(model, device, compiled, args.lengths, args.max_news)
         return
     prompt = encode("Once upon a time")
     name = args.checkpoint or "bench preset (random init)"
