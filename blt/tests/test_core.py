@@ -40,10 +40,13 @@ def text_tokens(batch: int, T: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class StubEntropyModel:
-    """A causal, exactly row-independent stand-in: H[t] depends on tokens t-1 and t only."""
+    """A causal, exactly row-independent stand-in: H[t] depends on tokens t-1 and t only (on t
+    alone where t opens a document, with doc_mask)."""
 
-    def entropies(self, tokens):
+    def entropies(self, tokens, doc_mask=False):
         prev = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+        if doc_mask:
+            prev = torch.where(prev == EOS_ID, 0, prev)
         return ((tokens * 7919 + prev * 104729) % 1009).float() / 1009 * 6.0
 
 
@@ -597,12 +600,15 @@ def test_mask_cases_include_empty_rows():
     assert empty_dec > 0 and empty_enc > 0
 
 
+@pytest.mark.parametrize("doc_mask", [False, True])
 @pytest.mark.parametrize("variant", ["entropy", "static-windows", "given-lengths"])
 @torch.no_grad()
-def test_full_model_dense_vs_flex(variant):
+def test_full_model_dense_vs_flex(variant, doc_mask):
     gen = torch.Generator().manual_seed(5)
     tokens = text_tokens(2, 150, gen)
+    tokens[0, 60], tokens[0, 61] = EOS_ID, BOS_ID  # two documents in row 0
     model = tiny_model("entropy" if variant == "entropy" else "static", seed=2, calibrate_on=tokens).eval()
+    model.cfg.doc_mask = doc_mask
     kwargs = {}
     if variant == "static-windows":
         model.cfg.encoder.cross_attn_window = 2
