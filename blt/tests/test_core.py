@@ -362,11 +362,11 @@ def _mask_case(seed):
     return pl, nsp, T, args
 
 
-def _build(pl, nsp, T, args, backend):
+def _build(pl, nsp, T, args, backend, docs=None):
     pid = M.patch_ids_from_lengths(pl, T)
     did = M.decoder_patch_ids(pid, nsp)
     return M.build_masks(pid, did, pl.shape[1], args["k"], args["enc_window"], args["dec_window"], args["patch_window"],
-                         args["enc_cross_window"], args["dec_cross_window"], backend)  # fmt: skip
+                         args["enc_cross_window"], args["dec_cross_window"], backend, docs)  # fmt: skip
 
 
 def test_rotary_tables_match_positions():
@@ -577,12 +577,15 @@ def test_mask_graphs_hold_no_sort(monkeypatch):
     pl, nsp, T, args = _long_mask_case("random-a")
     monkeypatch.setattr(M, "_causal_cache", {})
 
-    def masks(doc, first, pl, nsp):
+    tokens = torch.full((2, T), OFFSET + 97)
+    tokens[:, 40::70] = EOS_ID  # document masks too (computed in the graph, as --one-graph does)
+
+    def masks(doc, first, pl, nsp, tokens):
         packed = M.packed_patch_mask(doc, first, None, "flex", aligned=True)
-        return packed, _build(pl, nsp, T, args, "flex")
+        return packed, _build(pl, nsp, T, args, "flex"), _build(pl, nsp, T, args, "flex", M.document_ids(tokens))
 
     torch._dynamo.reset()
-    torch.compile(masks, backend=record, fullgraph=True)(plan.doc, plan.first, pl, nsp)
+    torch.compile(masks, backend=record, fullgraph=True)(plan.doc, plan.first, pl, nsp, tokens)
     torch._dynamo.reset()
     assert any("scatter" in op for op in seen)
     assert not [op for op in seen if "sort" in op]
