@@ -225,8 +225,8 @@ def packed_patch_mask(
     bounds: torch.Tensor | None = None,
 ):  # fmt: skip
     """Causal (sliding-window) self-attention over packed patch slots (blt.packing), within each
-    slot's own row only. doc (N,): row of each slot (non-decreasing); first (N,): first slot of
-    that row. aligned: every row starts on a multiple of BLOCK (packing_plan's align), so no
+    slot's own row only. doc (N,): row of each slot (non-decreasing; with document masking, its
+    row's document: packing.document_segments); first (N,): first slot of that row. aligned: every row starts on a multiple of BLOCK (packing_plan's align), so no
     block holds two rows' slots and the flex mask lists only blocks inside a row; in a compiled
     graph its mask_mod is then plain causality, with no lookup of any slot's row. bounds: the
     rows' cumulative slot ends (PatchPacking.bounds), for FlashAttention-4's kernels (set_fa4),
