@@ -226,11 +226,12 @@ def packed_patch_mask(
 ):  # fmt: skip
     """Causal (sliding-window) self-attention over packed patch slots (blt.packing), within each
     slot's own row only. doc (N,): row of each slot (non-decreasing; with document masking, its
-    row's document: packing.document_segments); first (N,): first slot of that row. aligned: every row starts on a multiple of BLOCK (packing_plan's align), so no
-    block holds two rows' slots and the flex mask lists only blocks inside a row; in a compiled
-    graph its mask_mod is then plain causality, with no lookup of any slot's row. bounds: the
-    rows' cumulative slot ends (PatchPacking.bounds), for FlashAttention-4's kernels (set_fa4),
-    which then get the mask as CausalRows."""
+    row's document: packing.document_segments); first (N,): first slot of that row. aligned:
+    every row starts on a multiple of BLOCK (packing_plan's align), so no block holds two rows'
+    slots and the flex mask lists only blocks inside a row; in a compiled graph its mask_mod is
+    then plain causality, with no lookup of any slot's row. bounds: the rows' cumulative slot
+    ends (PatchPacking.bounds), for FlashAttention-4's kernels (set_fa4), which then get the
+    mask as CausalRows."""
     if backend == "flex" and _fa4 and bounds is not None:
         return CausalRows(window, bounds, lambda: packed_patch_mask(doc, first, window, backend, aligned))
     N = doc.shape[0]

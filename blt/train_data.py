@@ -53,7 +53,8 @@ def precomputed_entropies(raw: BLT, data, args, rank: int, world: int) -> np.nda
         em.eval()
         with tqdm(total=len(tokens), unit="B", unit_scale=True, desc="entropies (once per data and entropy model)") as bar:
             dtype = torch.bfloat16 if args.dtype == "bf16" else None
-            stream_entropies(em, tokens, out, context, ENTROPY_CHUNK, dtype=dtype, progress=bar.update, doc_mask=doc_mask)
+            stream_entropies(em, tokens, out, context, ENTROPY_CHUNK, dtype=dtype, progress=bar.update,
+                             doc_mask=doc_mask)  # fmt: skip
         em.train(was_training)
 
     if rank == 0:

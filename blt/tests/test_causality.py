@@ -399,7 +399,8 @@ def document_check(model: BLT, tokens: torch.Tensor, trials: int = 8, backend: s
                 inside = ((docs[b] == d) & (tokens[b] != EOS_ID)).nonzero().flatten()
                 s = int(inside[torch.randint(0, len(inside), (), generator=gen)])
                 end = int(inside[-1]) + 1 if b > 0 else s + 1
-                toks[b, s:end] = OFFSET + (tokens[b, s:end] - OFFSET + 1 + torch.randint(0, 255, (end - s,), generator=gen)) % 256
+                shift = 1 + torch.randint(0, 255, (end - s,), generator=gen)  # another byte, never a special id
+                toks[b, s:end] = OFFSET + (tokens[b, s:end] - OFFSET + shift) % 256
                 where.append((s, int((docs[b] > d).nonzero()[0])))  # the byte changed, the next document's start
             logits, starts, _ = _run_fixed_shape(model, toks, backend)
             for b, (s, later) in enumerate(where):
