@@ -551,7 +551,7 @@ def blt_cfg(p, args, mode: str, entropy_dir: Path | None, patch_size: int | None
     """The exact config blt.train will build for these flags (its own code)."""
     ns = argparse.Namespace(config=args.config, patch_mode=mode, patch_size=patch_size, max_patch_length=None,
                             dropout=args.dropout, entropy_model=str(entropy_dir) if entropy_dir else None,
-                            threshold=args.threshold if entropy_dir else None)  # fmt: skip
+                            threshold=args.threshold if entropy_dir else None, doc_mask=False)  # fmt: skip
     return blt_config(p, ns)[0]
 
 
@@ -654,7 +654,10 @@ def contender_job(c: Contender, args, entropy_dir: Path) -> Job:
             **learning_settings(args)}  # fmt: skip
     tail = (["--dropout", str(args.dropout)] if args.dropout is not None else []) + args.extra_train_args
     if c.kind == "blt":
-        head = [sys.executable, "-m", "blt.train", "--config", args.config, "--patch-mode", c.cfg.patcher.mode]
+        # --no-doc-mask: like the byte and BPE LMs, which have no document masking, a BLT reads
+        # across the documents of its window
+        head = [sys.executable, "-m", "blt.train", "--config", args.config, "--patch-mode", c.cfg.patcher.mode,
+                "--no-doc-mask"]  # fmt: skip
         if c.cfg.patcher.mode == "static":
             head += ["--patch-size", str(c.cfg.patcher.patch_size)]
         if c.cfg.patcher.needs_entropy:

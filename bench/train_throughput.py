@@ -243,8 +243,9 @@ def main():
     B, T = args.batch_size, args.seq_len
     torch.manual_seed(0)
     cfg = bench()
-    # the layout of the released weights, so that the same weights load into BltForCausalLM
-    cfg.cross_attn_double_residual, cfg.hash_embed_mean = True, False
+    # the layout of the released weights, so that the same weights load into BltForCausalLM; and,
+    # as that port, no document masking (nor is there a document boundary in random_batch's rows)
+    cfg.cross_attn_double_residual, cfg.hash_embed_mean, cfg.doc_mask = True, False, False
     entropy_model = EntropyModel(cfg.entropy_model).to(dev)
     x, y = random_batch(B, T, dev)
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):

@@ -8,10 +8,10 @@ field of every component must be present, no unknown key, each value of its fiel
 type, numbers finite, and the whole must pass `validate`. Anything else is a one-line
 ConfigError naming the dotted key. A missing key never takes the dataclass default: the
 default can describe a different model (a missing `patcher.threshold` would patch with the
-HF port's 1.335 instead of the calibrated value). The set of fields has not changed since
-the first saved config, so every config this project wrote loads. A field added later must
-come with the value that reproduces what older files meant without it, given explicitly
-where the file is read, not taken from the dataclass default.
+HF port's 1.335 instead of the calibrated value). A field added after the first saved
+config comes with the value that reproduces what older files meant without it, given
+explicitly where the file is read (`ADDED_LATER`), not taken from the dataclass default: so
+every config this project wrote loads, as the model it was.
 """
 
 import dataclasses
@@ -180,6 +180,10 @@ class BLTConfig:
     # Where the released weights and the HF port differ from the paper (BLT_LLM.md, deviations):
     cross_attn_double_residual: bool = False  # True: x + (x + attn(x)), as the released code
     hash_embed_mean: bool = True  # True: paper eq. 6 divides the sum by (#tables + 1); code: plain sum
+    # Document masking (BLT_LLM.md §8.1): no attention, patch or hash n-gram crosses the end of a
+    # document (an EOS) in a packed window, as the official training's block-causal masks.
+    # On for new configs; configs saved before the field existed read False (ADDED_LATER).
+    doc_mask: bool = True
 
     def validate(self) -> "BLTConfig":
         self.entropy_model.validate("entropy_model")
@@ -231,15 +235,22 @@ class BLTConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+# Fields added after the first saved config -> the value that reproduces what a file without
+# them meant. A missing key of any other field is an error.
+ADDED_LATER = {"doc_mask": False}
+
 _JSON_TYPES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
                list[int]: "a list of integers", type(None): "null"}  # fmt: skip
 
 
 def _strict(klass, d, prefix: str):
     """Build dataclass `klass` from a JSON object holding exactly its fields (nested for
-    dataclass-typed fields). `prefix` is the dotted path of `d`, for the messages."""
+    dataclass-typed fields; a BLTConfig's ADDED_LATER fields may be missing). `prefix` is the
+    dotted path of `d`, for the messages."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix[:-1] or 'the config'} must be a JSON object, got {_json_name(d)}")
+    if klass is BLTConfig:
+        d = {**ADDED_LATER, **d}
     hints = typing.get_type_hints(klass)
     names = [f.name for f in dataclasses.fields(klass)]
     unknown = [prefix + k for k in d if k not in hints]

@@ -30,6 +30,10 @@ What the HF port computes, and how our flags express it:
     next_starts_patch=False); a trailing zero-length patch (what HF's own entropy patcher
     emits when byte T would open a patch) makes it visible at the last byte (ours: True).
   * both RoPEs rotate interleaved pairs (x[2m], x[2m+1]): no q/k permutation is needed.
+  * no document masking: attention crosses the EOS between packed documents
+                                                -> doc_mask=False. A config with doc_mask=True
+    exports with a warning: on an input that holds one document (a prompt) both compute the
+    same; on packed documents they differ.
 """
 
 from __future__ import annotations
@@ -141,6 +145,9 @@ def hf_config_from_ours(cfg: BLTConfig, patch_in_forward: bool = True, strict_pa
         problems.append("global_model.window other than None (HF's global transformer is fully causal)")
     if problems:
         raise ValueError("cannot express this BLT config as a transformers BltConfig: " + "; ".join(problems))
+    if cfg.doc_mask:
+        warnings.warn("transformers' BLT port has no document masking: it computes the same as this model on "
+                      "inputs of one document only", stacklevel=2)  # fmt: skip
     mode = p.mode
     if mode not in _HF_PATCH_MODES:
         msg = f"HF's BltModel patches only by entropy or per byte, not {mode!r}"
@@ -275,6 +282,7 @@ def our_config_from_hf(hf_cfg) -> BLTConfig:
         cross_attn_k=k,
         cross_attn_double_residual=True,
         hash_embed_mean=False,
+        doc_mask=False,
     )
     return cfg.validate()
 

@@ -12,7 +12,7 @@ from torch import nn
 from blt import patch_runs
 from blt.config import BLTConfig
 from blt.layers import CrossAttention, Rotary, TransformerBlock, init_block, init_linear, trunc_normal_
-from blt.masks import PatchRuns
+from blt.masks import PatchRuns, document_starts
 from blt.ngram_hash import HashNgramEmbedding
 from blt.tokens import VOCAB_SIZE
 
@@ -59,9 +59,13 @@ class LocalEncoder(nn.Module):
             init_block(m)
         init_linear(self.patch_proj)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,T) -> (B,T,D): byte embedding plus its hash n-gram embeddings (eq. 6)."""
-        h = self.tok_embeddings(tokens) + self.hash_embeddings(tokens)
+    def embed(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,T) -> (B,T,D): byte embedding plus its hash n-gram embeddings (eq. 6). docs: (B,T)
+        document ids (document masking): no n-gram reaches into an earlier document."""
+        doc_pos = None
+        if docs is not None:
+            doc_pos = torch.arange(tokens.shape[1], device=tokens.device) - document_starts(docs)
+        h = self.tok_embeddings(tokens) + self.hash_embeddings(tokens, doc_pos)
         if self.hash_mean:
             h = h / (self.hash_embeddings.num_tables + 1)
         return h
@@ -80,11 +84,12 @@ class LocalEncoder(nn.Module):
         B, _, D = h.shape
         return self.patch_proj(max_pool_patches(h, patch_ids, num_patches, runs)).view(B, num_patches * self.k, D)
 
-    def forward(self, tokens, patch_ids, num_patches, self_mask, cross_mask, positions=None, caches=None):
-        """tokens (B,T), patch_ids (B,T) -> byte states (B,T,D), patch states (B,P,k·D)."""
+    def forward(self, tokens, patch_ids, num_patches, self_mask, cross_mask, positions=None, caches=None, docs=None):
+        """tokens (B,T), patch_ids (B,T) -> byte states (B,T,D), patch states (B,P,k·D).
+        docs: (B,T) document ids, with document masking (the masks say the rest)."""
         B, T = tokens.shape
         rope = self.rope.table(T) if positions is None else self.rope(positions)
-        h = self.embed(tokens)
+        h = self.embed(tokens, docs)
         if self.autocast_residual and torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))
         h = self.dropout(h)

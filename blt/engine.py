@@ -45,6 +45,12 @@ step t. The host's counters lag a step, which the capacity checks allow for. The
 capacities are rounded up to buckets (`bucket`), so that prompts of other lengths and other
 max_new reuse the compiled step instead of compiling one for their own shapes.
 
+Document masking (cfg.doc_mask): nothing before a document reaches it, so a prompt is cut to
+its last document (`last_document`) and the engine sees one document, which generation never
+leaves (EOS ends a row). The continuation is the full forward's over the whole prompt: only
+the rotary positions differ, by a shift that leaves every relative position, and so the
+logits to float noise.
+
 On CPU the engine's work runs on the threads its ThreadChoosers pick (blt/cpu_threads.py):
 one for the prefill's entropy-model blocks, one for its byte blocks, one for the steps.
 """
@@ -65,6 +71,7 @@ from blt.patcher import _is_word_byte
 from blt.prefill import Patched, RowPrefill, patch_prompt
 from blt.sampling import sample_next
 from blt.step_layers import Block, Cross, HashStep, Norm, Proj, block_step, cross, cross_kv, rope_step
+from blt.tokens import EOS_ID
 
 _STEP_OBJECTS = (KVCache, Norm, Proj, Block, HashStep, Cross)  # hold tensors the step reads
 
@@ -128,6 +135,16 @@ class _StepModule(nn.Module):
         return self.engine._step_impl(ids)
 
 
+def last_document(ids: list[int]) -> list[int]:
+    """A prompt's last document (after its last EOS): under document masking, all that the
+    continuation reads. A prompt ending with EOS is refused: the next byte would open a document
+    without its BOS."""
+    if ids[-1] == EOS_ID:
+        raise ValueError("with document masking a prompt may not end with EOS (the next byte would open a new "
+                         "document without BOS): end it with BOS to start a document")  # fmt: skip
+    return ids[max((i + 1 for i, t in enumerate(ids) if t == EOS_ID), default=0) :]
+
+
 class Engine:
     """Incremental BLT inference for B rows. `prefill()` -> (B,V) logits for each row's next
     byte; `step(ids)` feeds one byte per row and returns the logits for the byte after it."""
@@ -143,7 +160,7 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.B = len(prompts)
-        self.prompts = [list(p) for p in prompts]
+        self.prompts = [last_document(p) if cfg.doc_mask else list(p) for p in prompts]
         # CPU threads: `threads`, or None: 1 or up to MAX_AUTO_THREADS, chosen while running by
         # timing the work (ThreadChooser), separately for the prefill's entropy-model blocks, its
         # byte blocks and the steps (the caller applies the steps' choice: timed_step).

@@ -1,5 +1,7 @@
 """The entropy model (paper §2.3): a small causal byte-level transformer whose next-byte
 entropy H(x_i | x_<i) decides where patches start. It is trained separately, then frozen.
+Patching for a BLT with document masking, it reads within documents (doc_mask), as the official
+entropy model's block-causal local attention does.
 """
 
 import numpy as np
@@ -9,7 +11,7 @@ from torch import nn
 
 from blt.config import EntropyModelConfig
 from blt.layers import RMSNorm, Rotary, TransformerBlock, init_block, init_linear, trunc_normal_
-from blt.masks import causal_mask, default_backend
+from blt.masks import causal_mask, default_backend, document_ids
 from blt.tokens import VOCAB_SIZE
 
 
@@ -40,15 +42,17 @@ class EntropyModel(nn.Module):
         nn.init.ones_(self.norm.weight)
         init_linear(self.output)
 
-    def forward(self, tokens, positions=None, mask=None, caches=None):
+    def forward(self, tokens, positions=None, mask=None, caches=None, doc_mask: bool = False):
         """tokens (B,T) -> logits (B,T,vocab_size); logits[:, t] predict token t+1 (a byte).
 
         positions/mask/caches let the generator run it incrementally; by default the
-        whole window is processed with a sliding-window causal mask.
+        whole window is processed with a sliding-window causal mask, within each document
+        (masks.document_ids) with doc_mask.
         """
         B, T = tokens.shape
         if mask is None:
-            mask = causal_mask(T, self.cfg.window, default_backend(tokens.device), tokens.device)
+            docs = document_ids(tokens) if doc_mask else None
+            mask = causal_mask(T, self.cfg.window, default_backend(tokens.device), tokens.device, docs)
         rope = self.rope.table(T) if positions is None else self.rope(positions)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
@@ -56,9 +60,10 @@ class EntropyModel(nn.Module):
         return self.output(self.norm(h))
 
     @torch.no_grad()
-    def entropies(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,T) -> (B,T) entropy of the prediction made at each position (for the next byte)."""
-        return entropy(self(tokens))
+    def entropies(self, tokens: torch.Tensor, doc_mask: bool = False) -> torch.Tensor:
+        """(B,T) -> (B,T) entropy of the prediction made at each position (for the next byte);
+        doc_mask: reading within documents."""
+        return entropy(self(tokens, doc_mask=doc_mask))
 
     @property
     def receptive_field(self) -> int | None:
@@ -71,7 +76,7 @@ class EntropyModel(nn.Module):
 @torch.no_grad()
 def stream_entropies(
     model: EntropyModel, tokens, out, context: int, chunk: int = 8192, batch: int = 8,
-    dtype: torch.dtype | None = None, progress=None,
+    dtype: torch.dtype | None = None, progress=None, doc_mask: bool = False,
 ) -> None:  # fmt: skip
     """Entropies of a whole token stream (a numpy array, e.g. a memory-mapped shard) into `out`
     (same length): out[i] is the entropy of the prediction the model makes at position i when
@@ -81,6 +86,8 @@ def stream_entropies(
     before it; `batch` pieces per forward. With context >= model.receptive_field this is what
     one forward over the whole stream would give (up to float rounding). dtype: autocast to it
     (e.g. torch.bfloat16 on CUDA). progress(n): called with the positions done after each forward.
+    doc_mask: within documents (a piece's documents are numbered from its start; only equality
+    matters, so this too is what one forward over the stream gives).
     """
     device = next(model.parameters()).device
     n = len(tokens)
@@ -89,7 +96,7 @@ def stream_entropies(
     def run(windows: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(windows.astype(np.int64)).to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model.entropies(x).float().cpu()
+            return model.entropies(x, doc_mask).float().cpu()
 
     # Pieces whose context and chunk are both whole share one shape and are batched; the ones
     # at either end of the stream (shorter context or chunk) run alone.

@@ -10,6 +10,8 @@ EOS (and the BOS that opens the next document) are targets and count as bytes; t
 padding of the last window is not. DIR is a BLT model folder (blt.train's out/model) or a
 byte-LM folder (blt.train_entropy's out/model, the byte-level transformer baseline).
 The last line printed is exactly `bpb=<float> bytes=<int> bytes_per_patch=<float>`.
+A BLT is evaluated with the document masking its config says (`--doc-mask`/`--no-doc-mask`
+override it): with it, each document is predicted from its own bytes only, as one alone.
 
 `eval_sums` is also what blt.train uses for its held-out evaluations.
 """
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from blt.checkpoint import CONFIG, ENTROPY_CONFIG, CheckpointError, load_entropy_model, load_model
 from blt.data import DataError, encode_documents, iter_eval_batches, load_documents
-from blt.model import BLTOutput
+from blt.model import BLT, BLTOutput
 from blt.tokens import BOE_ID
 
 
@@ -70,11 +72,17 @@ def eval_sums(model, batches, device, amp_dtype: torch.dtype | None = None, byte
     return sums
 
 
-def load_any(path: Path, device):
-    """A BLT folder (config.json) or a byte-LM folder (entropy_config.json)."""
+def load_any(path: Path, device, doc_mask: bool | None = None):
+    """A BLT folder (config.json) or a byte-LM folder (entropy_config.json). doc_mask: the BLT's
+    document masking (None: as its config says)."""
     if path.is_dir() and not (path / CONFIG).exists() and (path / ENTROPY_CONFIG).exists():
+        if doc_mask is not None:
+            raise CheckpointError(f"{path} holds a byte LM: --doc-mask and --no-doc-mask apply to BLT folders")
         return load_entropy_model(path, device)
-    return load_model(path, device)
+    model = load_model(path, device)
+    if doc_mask is not None:
+        model.cfg.doc_mask = doc_mask
+    return model
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +92,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="bytes per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="a BLT's document masking: each document read alone in a window (default: as the "
+                        "checkpoint's config says)")  # fmt: skip
 
 
 def eval_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
@@ -103,7 +114,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = eval_device(p, args)
     try:
-        model = load_any(Path(args.checkpoint), device)
+        model = load_any(Path(args.checkpoint), device, args.doc_mask)
         tokens = encode_documents(list(load_documents(args.data)))
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -115,7 +126,9 @@ def main(argv=None):
     )  # fmt: skip
     # fp32 throughout: the number is a measurement, not a training signal.
     nats, targets, inputs, patches = eval_sums(model, batches, device).tolist()
-    print(f"model {args.checkpoint}, data {args.data}: {len(tokens)} tokens in {n_windows} windows of {args.seq_len}")
+    masking = f", document masking {'on' if model.cfg.doc_mask else 'off'}" if isinstance(model, BLT) else ""
+    print(f"model {args.checkpoint}{masking}, data {args.data}: {len(tokens)} tokens in {n_windows} windows "
+          f"of {args.seq_len}")  # fmt: skip
     print(f"bpb={nats / math.log(2) / targets} bytes={int(targets)} bytes_per_patch={inputs / patches}")
 
 

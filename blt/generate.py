@@ -20,7 +20,8 @@ decoder, and the global model once per completed patch. Where each piece lives:
 
 Prompts: text is encoded as BOS + UTF-8 bytes; an empty prompt generates from BOS alone.
 Id lists are used as given (an empty one becomes [BOS]). There is no length limit
-(blt/prefill.py).
+(blt/prefill.py). A model with document masking continues a prompt's last document, which
+is all it reads (blt/engine.py); a prompt may then not end with EOS.
 
 Rows finish independently (EOS or a stop string) and are then dropped from the batch
 (compiled: they keep stepping, ignored). Compiled, the engine samples inside its graph and
@@ -401,11 +402,12 @@ def generate_uncached(
 
 def _patch(model, t, backend):
     """BLT.patch(t) with the entropy model's causal mask built for `backend`."""
-    pc, H = model.cfg.patcher, None
+    pc, doc_mask, H = model.cfg.patcher, model.cfg.doc_mask, None
     if pc.needs_entropy:
         em = model.entropy_model
-        H = entropy(em(t, mask=M.causal_mask(t.shape[1], em.cfg.window, backend, t.device)))
-    starts = patch_starts(t, pc, H)
+        docs = M.document_ids(t) if doc_mask else None
+        H = entropy(em(t, mask=M.causal_mask(t.shape[1], em.cfg.window, backend, t.device, docs)))
+    starts = patch_starts(t, pc, H, doc_mask)
     return lengths_from_starts(starts[:, : t.shape[1]]), starts[:, t.shape[1]]
 
 

@@ -23,6 +23,14 @@ Four masks (True = may attend):
     patch_self (P, P)      causal over patches (global transformer)
     dec_cross  (T, P·k)    byte t sees patch dec_id[t] (or dec_id[t]-w+1..dec_id[t])
 
+Document masking (config doc_mask): a window packs documents end to end (BOS, bytes, EOS, BOS,
+...), and a document ends with its EOS, as the official code's block-causal masks split them.
+`document_ids` numbers them per byte; the self-attentions then also require the same document
+(a patch's document is its first byte's: the patcher never lets a patch span two), and so do
+the cross-attentions with windows wider than one patch. One-patch cross-attentions need
+nothing: a patch lies inside one document, and so does the latest complete patch of a byte
+(each document's first byte is a patch of its own).
+
 Two backends with identical semantics: dense boolean tensors for SDPA (CPU, reference) and
 FlexAttention BlockMasks (CUDA; no T×T tensor is materialised). With the cross-attention
 windows at their default (one patch), the flex backend gives the two cross-attentions as
@@ -36,6 +44,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from blt import patch_runs
+from blt.tokens import EOS_ID
 
 BLOCK = 128  # FlexAttention's block size
 _causal_cache: dict = {}  # (T, window, device) -> BlockMask; these depend on shapes only
@@ -114,6 +123,31 @@ def decoder_patch_ids(patch_ids: torch.Tensor, next_starts_patch: torch.Tensor |
     return patch_ids - 1 + last.long()
 
 
+def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,T) token ids -> (B,T) document of each byte within its row: the number of EOS before
+    it. A document ends with its EOS (the official code's tokens_to_seqlen), so the byte after
+    an EOS (normally BOS) opens the next one. It depends on earlier bytes only: whether byte t
+    starts a document is known before byte t is read."""
+    ends = (tokens == EOS_ID).long()
+    return ends.cumsum(1) - ends
+
+
+def document_starts(docs: torch.Tensor) -> torch.Tensor:
+    """(B,N) non-decreasing document (or segment) ids -> (B,N) index of the first position of
+    each position's document."""
+    n = torch.arange(docs.shape[1], device=docs.device)
+    opens = torch.ones_like(docs, dtype=torch.bool)
+    opens[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return torch.where(opens, n, 0).cummax(1).values
+
+
+def patch_documents(docs: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B,T) documents, (B,T) patch ids -> (B,P) document of each patch: its first byte's; an
+    empty (padding) patch gets the row's last document, so the ids stay non-decreasing."""
+    last = docs[:, -1:].expand(-1, num_patches).contiguous()
+    return last.scatter_reduce(1, patch_ids.clamp(0, num_patches - 1), docs, reduce="amin")
+
+
 @dataclass
 class BLTMasks:
     enc_self: object
@@ -135,8 +169,11 @@ def _causal_mod(window):
     return mod
 
 
-def causal_mask(T: int, window: int | None, backend: str, device):
-    """Causal (sliding-window) self-attention over T positions."""
+def causal_mask(T: int, window: int | None, backend: str, device, docs: torch.Tensor | None = None):
+    """Causal (sliding-window) self-attention over T positions; with docs ((B,T) document ids),
+    also within each position's document."""
+    if docs is not None:
+        return document_causal_mask(docs, window, backend)
     if backend == "flex" and _fa4:
         return CausalRows(window, None, lambda: _causal_block_mask(T, window, device))
     if backend == "flex":
@@ -144,6 +181,23 @@ def causal_mask(T: int, window: int | None, backend: str, device):
     q = torch.arange(T, device=device)[:, None]
     kv = torch.arange(T, device=device)[None, :]
     return ((kv <= q) & _window_ok(q - kv, window))[None, None]
+
+
+def document_causal_mask(docs: torch.Tensor, window: int | None, backend: str):
+    """Causal (sliding-window) self-attention within each document: docs (B,N) non-decreasing
+    ids -> dense (B,1,N,N) or a BlockMask over (B, N). Never CausalRows: FlashAttention-4's
+    kernels (set_fa4) would need each row's documents as variable-length sequences, whose count
+    changes with every batch, so document masks run on FlexAttention's kernels."""
+    N = docs.shape[1]
+
+    def mod(b, h, q, kv):
+        return (kv <= q) & (docs[b, q] == docs[b, kv]) & _window_ok(q - kv, window)
+
+    if backend != "flex":
+        n = torch.arange(N, device=docs.device)
+        return ((n[None, None, :] <= n[None, :, None]) & (docs[:, :, None] == docs[:, None, :])
+                & _window_ok(n[:, None] - n[None, :], window))[:, None]  # fmt: skip
+    return block_mask(*_segment_blocks(document_starts(docs), window), mask_mod=mod, seq_lengths=(N, N))
 
 
 def _causal_block_mask(T: int, window: int | None, device) -> BlockMask:
@@ -171,12 +225,13 @@ def packed_patch_mask(
     bounds: torch.Tensor | None = None,
 ):  # fmt: skip
     """Causal (sliding-window) self-attention over packed patch slots (blt.packing), within each
-    slot's own row only. doc (N,): row of each slot (non-decreasing); first (N,): first slot of
-    that row. aligned: every row starts on a multiple of BLOCK (packing_plan's align), so no
-    block holds two rows' slots and the flex mask lists only blocks inside a row; in a compiled
-    graph its mask_mod is then plain causality, with no lookup of any slot's row. bounds: the
-    rows' cumulative slot ends (PatchPacking.bounds), for FlashAttention-4's kernels (set_fa4),
-    which then get the mask as CausalRows."""
+    slot's own row only. doc (N,): row of each slot (non-decreasing; with document masking, its
+    row's document: packing.document_segments); first (N,): first slot of that row. aligned:
+    every row starts on a multiple of BLOCK (packing_plan's align), so no block holds two rows'
+    slots and the flex mask lists only blocks inside a row; in a compiled graph its mask_mod is
+    then plain causality, with no lookup of any slot's row. bounds: the rows' cumulative slot
+    ends (PatchPacking.bounds), for FlashAttention-4's kernels (set_fa4), which then get the
+    mask as CausalRows."""
     if backend == "flex" and _fa4 and bounds is not None:
         return CausalRows(window, bounds, lambda: packed_patch_mask(doc, first, window, backend, aligned))
     N = doc.shape[0]
@@ -190,28 +245,37 @@ def packed_patch_mask(
     if backend != "flex":
         q = torch.arange(N, device=doc.device)
         return mod(None, None, q[:, None], q[None, :])[None, None]
-    # Query block [q0, q1] reads keys from its first query's row start (or window) up to q1.
-    # Key blocks wholly before q0, inside q1's row and within the window of q1 are full: every
-    # pair is visible. What stays partial is the range below those, and the diagonal block.
-    nb = -(-N // BLOCK)
-    i = torch.arange(nb, device=doc.device)
-    q0, q1 = i * BLOCK, (i * BLOCK + BLOCK - 1).clamp(max=N - 1)
-    lo = first[q0] if window is None else torch.maximum(first[q0], q0 - window + 1)
-    lo_b = lo // BLOCK
-    full_lo = torch.maximum(-(-first[q1] // BLOCK), lo_b)  # first full key block
-    if window is not None:
-        full_lo = torch.maximum(full_lo, -(-(q1 - window + 1) // BLOCK))
-    n_full = (i - full_lo).clamp(min=0)
-    part_end = torch.where(n_full > 0, full_lo, i)  # partial: lo_b .. part_end-1, then i
-    t = torch.arange(nb, device=doc.device)
-    part_idx = torch.where(t[None] < (part_end - lo_b)[:, None], lo_b[:, None] + t[None], i[:, None])
-    full_idx = (full_lo[:, None] + t[None]).clamp(max=nb - 1)
-    blocks = [x[None, None].int() for x in (part_end - lo_b + 1, part_idx, n_full, full_idx)]  # (B, H) = (1, 1)
+    blocks = _segment_blocks(first[None], window)
     # Aligned rows: inside the listed blocks, plain causality is the whole mask. Only a compiled
     # kernel reads the block lists (eager FlexAttention applies mask_mod to every pair), so the
     # mask_mod without the row test is for graphs being compiled only.
     mask_mod = causal if aligned and torch.compiler.is_compiling() else mod
     return block_mask(*blocks, mask_mod=mask_mod, seq_lengths=(N, N))
+
+
+def _segment_blocks(first: torch.Tensor, window: int | None) -> list[torch.Tensor]:
+    """The block lists of causal (sliding-window) attention within segments: first (B,N), the
+    first position of each position's segment (a row of packed patches, a document) ->
+    kv_num, kv_idx, full_num, full_idx for masks.block_mask, each (B, 1, ...)."""
+    N = first.shape[1]
+    # Query block [q0, q1] reads keys from its first query's segment start (or window) up to q1.
+    # Key blocks wholly before q0, inside q1's segment and within the window of q1 are full:
+    # every pair is visible. What stays partial is the range below those, and the diagonal block.
+    nb = -(-N // BLOCK)
+    i = torch.arange(nb, device=first.device)
+    q0, q1 = i * BLOCK, (i * BLOCK + BLOCK - 1).clamp(max=N - 1)
+    lo = first[:, q0] if window is None else torch.maximum(first[:, q0], q0 - window + 1)
+    lo_b = lo // BLOCK
+    full_lo = torch.maximum(-(-first[:, q1] // BLOCK), lo_b)  # first full key block
+    if window is not None:
+        full_lo = torch.maximum(full_lo, -(-(q1 - window + 1) // BLOCK))
+    n_full = (i - full_lo).clamp(min=0)
+    part_end = torch.where(n_full > 0, full_lo, i)  # partial: lo_b .. part_end-1, then i
+    t = torch.arange(nb, device=first.device)
+    below = t < (part_end - lo_b)[..., None]
+    part_idx = torch.where(below, lo_b[..., None] + t, i[:, None])
+    full_idx = (full_lo[..., None] + t).clamp(max=nb - 1)
+    return [x[:, None].int() for x in (part_end - lo_b + 1, part_idx, n_full, full_idx)]  # (B, H=1, ...)
 
 
 def _dense_to_lists(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,15 +326,20 @@ def build_masks(
     enc_cross_window: int | None,
     dec_cross_window: int | None,
     backend: str,
+    docs: torch.Tensor | None = None,
 ) -> BLTMasks:
-    """All masks of one BLT forward. patch_ids/dec_ids: (B,T); backend 'dense' or 'flex'."""
+    """All masks of one BLT forward. patch_ids/dec_ids: (B,T); backend 'dense' or 'flex';
+    docs: (B,T) document_ids for document masking (None: none)."""
     B, T = patch_ids.shape
     device = patch_ids.device
     ew = enc_cross_window or 1
     dw = dec_cross_window or 1
-    enc_self = causal_mask(T, enc_window, backend, device)
-    dec_self = enc_self if dec_window == enc_window else causal_mask(T, dec_window, backend, device)
-    patch_self = causal_mask(num_patches, patch_window, backend, device)
+    pdocs = None if docs is None else patch_documents(docs, patch_ids, num_patches)
+    enc_self = causal_mask(T, enc_window, backend, device, docs)
+    dec_self = enc_self if dec_window == enc_window else causal_mask(T, dec_window, backend, device, docs)
+    patch_self = causal_mask(num_patches, patch_window, backend, device, pdocs)
+    # Wider cross windows reach earlier patches, which may hold earlier documents.
+    cross_docs = pdocs is not None and (ew > 1 or dw > 1)
     if backend == "flex" and ew == 1 and dw == 1 and _patch_kernels and patch_runs.available(device):
         enc = PatchRuns(*runs(patch_ids, num_patches), queries="patches")
         dec = PatchRuns(*runs(dec_ids, num_patches), queries="bytes")
@@ -278,19 +347,25 @@ def build_masks(
 
         def enc_mod(b, h, q, kv):
             d = q // k - patch_ids[b, kv]
-            return (d >= 0) & (d < ew)
+            ok = (d >= 0) & (d < ew)
+            return ok & (pdocs[b, q // k] == docs[b, kv]) if cross_docs else ok
 
         def dec_mod(b, h, q, kv):
             d = dec_ids[b, q] - kv // k
-            return (d >= 0) & (d < dw)
+            ok = (d >= 0) & (d < dw)
+            return ok & (docs[b, q] == pdocs[b, kv // k]) if cross_docs else ok
 
         enc, dec = _cross_block_masks(enc_mod, dec_mod, patch_ids, dec_ids, num_patches, k, ew, dw)
     else:
         qp = torch.arange(num_patches * k, device=device) // k  # (P·k,)
         d = qp[None, :, None] - patch_ids[:, None, :]  # (B, P·k, T)
-        enc = ((d >= 0) & (d < ew))[:, None]
+        enc = (d >= 0) & (d < ew)
         d = dec_ids[:, :, None] - qp[None, None, :]  # (B, T, P·k)
-        dec = ((d >= 0) & (d < dw))[:, None]
+        dec = (d >= 0) & (d < dw)
+        if cross_docs:
+            same = pdocs[:, qp][:, :, None] == docs[:, None, :]  # (B, P·k, T)
+            enc, dec = enc & same, dec & same.transpose(1, 2)
+        enc, dec = enc[:, None], dec[:, None]
     return BLTMasks(enc_self, enc, patch_self, dec, dec_self)
 
 

@@ -41,12 +41,13 @@ class BLTOutput:
         return self.loss.item() / LN2
 
 
-def packing_align(backend: str) -> int:
+def packing_align(backend: str, doc_mask: bool = False) -> int:
     """Packed rows (blt.packing) start on FlexAttention's block boundaries, so that the packed
     mask needs no lookup of each slot's row (masks.packed_patch_mask): its kernels then run as
     fast as on the padded layout's plain causal mask. Dense masks need no alignment, nor
-    FlashAttention-4's own kernels (masks.set_fa4), which take the rows' bounds."""
-    return M.BLOCK if backend == "flex" and not M.uses_fa4() else 1
+    FlashAttention-4's own kernels (masks.set_fa4), which take the rows' bounds, nor document
+    masks, which look up each slot's document anyway."""
+    return M.BLOCK if backend == "flex" and not M.uses_fa4() and not doc_mask else 1
 
 
 class BLT(nn.Module):
@@ -93,7 +94,7 @@ class BLT(nn.Module):
 
     @torch.no_grad()
     def patch(self, tokens: torch.Tensor) -> Patching:
-        return patch(tokens, self.cfg.patcher, self.entropy_model)
+        return patch(tokens, self.cfg.patcher, self.entropy_model, self.cfg.doc_mask)
 
     def forward(
         self,
@@ -111,7 +112,10 @@ class BLT(nn.Module):
         sequence of this many slots (blt.packing; at least their total, each row's padded to
         packing_align(backend)), not on the padded (B, P) layout: the same outputs, without
         computing the padding. With pack_patches set and no packed_slots, the fewest slots;
-        packed_slots=0: the padded layout even so."""
+        packed_slots=0: the padded layout even so.
+
+        With cfg.doc_mask, nothing crosses the end of a document (an EOS) in the window: given
+        patch_lengths must then not let a patch span two (the patcher's never do)."""
         B, T = tokens.shape
         if patch_lengths is None:
             patching = self.patch(tokens)
@@ -122,20 +126,23 @@ class BLT(nn.Module):
         dec_ids = M.decoder_patch_ids(patch_ids, patching.next_starts_patch)
         P = patching.patch_lengths.shape[1]
         c = self.cfg
+        docs = M.document_ids(tokens) if c.doc_mask else None
         masks = M.build_masks(
             patch_ids, dec_ids, P, c.cross_attn_k,
             enc_window=c.encoder.window, dec_window=c.decoder.window, patch_window=c.global_model.window,
             enc_cross_window=c.encoder.cross_attn_window, dec_cross_window=c.decoder.cross_attn_window,
-            backend=backend,
+            backend=backend, docs=docs,
         )  # fmt: skip
-        h, patches = self.encoder(tokens, patch_ids, P, masks.enc_self, masks.enc_cross)
-        align = packing_align(backend)
+        h, patches = self.encoder(tokens, patch_ids, P, masks.enc_self, masks.enc_cross, docs=docs)
+        align = packing_align(backend, c.doc_mask)
         if packed_slots is None and self.pack_patches:
             packed_slots = packed_patch_count(patching.patch_lengths, align)
         if not packed_slots:
             patch_out = self.global_model(patches, masks.patch_self)
         else:  # a way to run the same computation (blt.packing)
-            patch_out = run_packed(self.global_model, patches, patching.patch_lengths, packed_slots, backend, align)
+            pdocs = None if docs is None else M.patch_documents(docs, patch_ids, P)
+            patch_out = run_packed(self.global_model, patches, patching.patch_lengths, packed_slots, backend, align,
+                                   pdocs)  # fmt: skip
         logits = self.decoder(h, patch_out, masks.dec_self, masks.dec_cross)
         loss = None
         if targets is not None:

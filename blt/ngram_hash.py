@@ -8,6 +8,10 @@ with 0 = BOE) are hashed with a rolling polynomial hash,
 and reduced modulo the number of rows. Each (hash function f, n) pair owns a table; like the
 HF port we store them as one fused table with row offsets, so an n-gram of table i looks up
 row i * rows + hash. The hash values equal the official code's for the same input.
+
+With document masking (BLT_LLM.md §8.1) an n-gram does not reach back across the start of its
+document: the ids before it count as 0, as before a row's start (the official code hashes
+across; then the last bytes of one document would change the next one's first embeddings).
 """
 
 import torch
@@ -28,11 +32,15 @@ PRIMES = (
 )
 
 
-def ngram_hash(ids: torch.Tensor, n: int, prime: int, rows: int) -> torch.Tensor:
-    """(B,T) token ids -> (B,T) hash of the n-gram ending at each position, in [0, rows)."""
+def ngram_hash(ids: torch.Tensor, n: int, prime: int, rows: int, doc_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,T) token ids -> (B,T) hash of the n-gram ending at each position, in [0, rows).
+    doc_pos: (B,T) position of each byte within its document; ids before it count as 0."""
     ids = ids.long()
     pad = torch.zeros(ids.shape[0], n - 1, dtype=torch.long, device=ids.device)
     windows = torch.cat([pad, ids], dim=1).unfold(1, n, 1)  # (B,T,n), oldest first
+    if doc_pos is not None:  # element j of a window lies n-1-j positions back
+        back = torch.arange(n - 1, -1, -1, device=ids.device)
+        windows = torch.where(back <= doc_pos[..., None], windows, 0)
     powers = torch.tensor(prime, dtype=torch.long, device=ids.device) ** torch.arange(n, device=ids.device)
     return (windows * powers).sum(-1) % rows  # torch's % is non-negative for positive rows
 
@@ -44,15 +52,15 @@ class HashNgramEmbedding(nn.Module):
         self.num_tables = functions * len(self.ngram_sizes)
         self.weight = nn.Parameter(torch.empty(self.num_tables * rows, dim))
 
-    def indices(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B,T) -> (B,T,num_tables) rows of the fused table."""
+    def indices(self, ids: torch.Tensor, doc_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,T) -> (B,T,num_tables) rows of the fused table (doc_pos: as ngram_hash)."""
         out = []
         for f in range(self.functions):
             prime = PRIMES[f % len(PRIMES)]
             for n in self.ngram_sizes:
-                out.append(ngram_hash(ids, n, prime, self.rows) + len(out) * self.rows)
+                out.append(ngram_hash(ids, n, prime, self.rows, doc_pos) + len(out) * self.rows)
         return torch.stack(out, dim=-1)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, doc_pos: torch.Tensor | None = None) -> torch.Tensor:
         """(B,T) -> (B,T,D): the sum over all tables of each position's n-gram embedding."""
-        return nn.functional.embedding(self.indices(ids), self.weight).sum(dim=-2)
+        return nn.functional.embedding(self.indices(ids, doc_pos), self.weight).sum(dim=-2)

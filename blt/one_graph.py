@@ -56,7 +56,7 @@ class OneGraph:
         patch_pad: int = PATCH_PAD, inductor: dict | None = None,
     ):  # fmt: skip
         self.raw, self.cuda, self.accumulate, self.patch_pad = raw, device.type == "cuda", accumulate, patch_pad
-        self.align = packing_align(default_backend(device))
+        self.align = packing_align(default_backend(device), raw.cfg.doc_mask)
         # CUDA graphs ("reduce-overhead"). tune_kernels: block sizes of the fused pointwise and
         # reduction kernels tuned at compile time (coordinate descent), a few percent off the step
         # for minutes more compilation per padded patch count; autotune (max-autotune) also
@@ -97,11 +97,12 @@ class OneGraph:
     def _starts(self, inputs, entropies=None):
         """-> the (B, T+1) patch starts, and the counts the host reads: the longest row's
         patches, and the slots of all rows packed (each row aligned as the model packs)."""
+        cfg = self.raw.cfg
         with torch.no_grad():
             if entropies is not None:  # --precomputed-entropies
-                starts = patch_starts(inputs, self.raw.cfg.patcher, entropies)
+                starts = patch_starts(inputs, cfg.patcher, entropies, cfg.doc_mask)
             else:
-                starts = model_patch_starts(inputs, self.raw.cfg.patcher, self.raw.entropy_model)[0]
+                starts = model_patch_starts(inputs, cfg.patcher, self.raw.entropy_model, cfg.doc_mask)[0]
             per_row = starts[:, : inputs.shape[1]].sum(1)
             return starts, torch.stack((per_row.max(), aligned_slot_count(per_row, self.align)))
 

@@ -21,6 +21,11 @@ starts on a multiple of it. Aligned to FlexAttention's block size, no block of t
 two rows: the blocks a row may read are listed, and inside them plain causality is the whole
 mask, so the attention kernels need not look up any slot's row (masks.packed_patch_mask).
 
+With document masking (pdocs given), a patch attends only within its own document of its row:
+each (row, document) is a segment of its own, found by a lookup of each slot's segment, as the
+documents do not start on block boundaries; FlashAttention-4's kernels, which would need their
+bounds, are not used then (masks.document_causal_mask says why).
+
 Replaces: the global transformer on rows padded to the longest (model.BLT.forward's plain
 path). Equal to it: test_core.py: test_packed_global_transformer_matches_padded,
 test_packed_patch_mask; test_train.py: test_packed_training_matches_padded.
@@ -114,13 +119,27 @@ def unpack(y: torch.Tensor, plan: PatchPacking) -> torch.Tensor:
     return torch.where(plan.kept[..., None], y[0][plan.dest], 0)
 
 
+def document_segments(plan: PatchPacking, pdocs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) document of each patch -> (N,) segment of each slot, one per (row, document), and
+    (N,) its first slot. Padding slots form segments of their own."""
+    P = pdocs.shape[1]
+    row = plan.doc.long() * (P + 1)
+    segment = torch.where(plan.valid, row + pdocs.reshape(-1)[plan.src], row + P)
+    return segment, M.document_starts(segment[None])[0]
+
+
 def run_packed(global_model, patches: torch.Tensor, patch_lengths: torch.Tensor, slots: int, backend: str,
-               align: int = 1) -> torch.Tensor:  # fmt: skip
+               align: int = 1, pdocs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The global transformer on the rows' patches (B, P, D) packed into `slots` slots, each row
     aligned to `align` -> (B, P, D_global): what it gives on the padded (B, P) layout, without
-    computing the padding. Each patch keeps its rotary position within its row."""
+    computing the padding. Each patch keeps its rotary position within its row. pdocs: (B, P)
+    document of each patch (masks.patch_documents), for document masking."""
     plan = packing_plan(patch_lengths, slots, align)
-    mask = M.packed_patch_mask(plan.doc, plan.first, global_model.cfg.window, backend, aligned=align == M.BLOCK,
-                               bounds=plan.bounds)  # fmt: skip
+    window = global_model.cfg.window
+    if pdocs is None:
+        aligned = align == M.BLOCK
+        mask = M.packed_patch_mask(plan.doc, plan.first, window, backend, aligned=aligned, bounds=plan.bounds)
+    else:
+        mask = M.packed_patch_mask(*document_segments(plan, pdocs), window, backend)
     cos, sin = global_model.rope.table(patches.shape[1])
     return unpack(global_model(pack(patches, plan), mask, rope=(cos[plan.pos], sin[plan.pos])), plan)

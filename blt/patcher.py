@@ -10,6 +10,12 @@ Rows are patched independently (the official patcher flattens a batch into one s
 so rows change each other's entropies). Positions 0 (BOS) and 1 always open patches, so
 BOS is a patch of its own, as in the official code.
 
+Document masking (doc_mask, BLT_LLM.md §8.1): a document ends with its EOS, and each document
+is patched as a row is: its first two bytes (after an EOS: normally BOS and the first byte of
+text) open patches, static patching counts from its first byte, and the entropies come from
+the entropy model run within documents. So no patch spans two documents, and a document is cut
+as it would be alone. Both depend on byte p-1 and p-2 being EOS: bytes < p, as every rule.
+
 Rules, with H[q] = entropy of the prediction made at q (that is, of byte q+1):
     entropy    p opens a patch iff H[p-1] > θ                         (global, eq. 2)
     monotonic  iff H[p-1] - H[p-2] > θ                                (eq. 3)
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from blt.config import PatcherConfig
-from blt.tokens import OFFSET
+from blt.tokens import EOS_ID, OFFSET
 
 
 @dataclass
@@ -61,15 +67,27 @@ def _is_word_byte(tokens: torch.Tensor) -> torch.Tensor:
     return alnum | (b >= 128)  # non-ASCII bytes belong to words (letters of other scripts)
 
 
-def patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropies: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,T) tokens -> (B,T+1) bool, True where byte p opens a patch (p = T: the next byte)."""
+def _document_opens(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,T) -> (B,T+1) bool: byte p opens a document (p = 0, or byte p-1 is EOS)."""
+    opens = torch.ones(tokens.shape[0], tokens.shape[1] + 1, dtype=torch.bool, device=tokens.device)
+    opens[:, 1:] = tokens == EOS_ID
+    return opens
+
+
+def patch_starts(
+    tokens: torch.Tensor, cfg: PatcherConfig, entropies: torch.Tensor | None = None, doc_mask: bool = False
+) -> torch.Tensor:
+    """(B,T) tokens -> (B,T+1) bool, True where byte p opens a patch (p = T: the next byte).
+    doc_mask: each document is patched as a row (entropies, if any, computed within documents)."""
     B, T = tokens.shape
     starts = torch.zeros(B, T + 1, dtype=torch.bool, device=tokens.device)
+    p = torch.arange(T + 1, device=tokens.device)
+    opens = _document_opens(tokens) if doc_mask else None
     if cfg.mode == "byte":
         starts[:] = True
     elif cfg.mode == "static":
-        p = torch.arange(T + 1, device=tokens.device)
-        starts[:] = ((p - 1) % cfg.patch_size == 0)[None]
+        first = torch.where(opens, p, 0).cummax(1).values if doc_mask else torch.zeros_like(p)[None]
+        starts[:] = (p - first - 1) % cfg.patch_size == 0
     elif cfg.mode == "space":
         space = ~_is_word_byte(tokens)
         starts[:, 2:] = space[:, 1:] & ~space[:, :-1]
@@ -86,6 +104,9 @@ def patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropies: torch.Tens
         else:  # combined
             starts[:, 2:] = (H[:, 1:] > cfg.threshold) & (dH[:, 1:] > cfg.threshold_add)
     starts[:, : min(2, T + 1)] = True
+    if doc_mask:  # a document's first two bytes, as a row's
+        starts |= opens
+        starts[:, 1:] |= opens[:, :-1]
     if cfg.max_patch_length is not None:
         starts |= _forced_splits(starts, cfg.max_patch_length)
     return starts
@@ -110,16 +131,16 @@ def lengths_from_starts(starts: torch.Tensor, num_patches: int | None = None) ->
     return ends.diff(dim=1, prepend=torch.zeros_like(ends[:, :1]))
 
 
-def model_patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None):
+def model_patch_starts(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None, doc_mask: bool = False):
     """(B,T) -> ((B,T+1) starts, entropies or None). Entropy-based modes run `entropy_model`
-    (frozen, no grad) on the window. All on the device, no host sync (one compiled graph in
-    train --one-graph)."""
+    (frozen, no grad) on the window, within documents with doc_mask. All on the device, no host
+    sync (one compiled graph in train --one-graph)."""
     entropies = None
     if cfg.needs_entropy:
         if entropy_model is None:
             raise ValueError(f"patching mode {cfg.mode!r} needs an entropy model")
-        entropies = entropy_model.entropies(tokens)
-    return patch_starts(tokens, cfg, entropies), entropies
+        entropies = entropy_model.entropies(tokens, doc_mask)
+    return patch_starts(tokens, cfg, entropies, doc_mask), entropies
 
 
 def patching_from_starts(starts: torch.Tensor, entropies: torch.Tensor | None = None, num_patches: int | None = None) -> Patching:
@@ -156,9 +177,10 @@ class StartsPatching(Patching):
         return covered / self.starts[:, :T].sum().clamp(min=1)
 
 
-def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None) -> Patching:
-    """Patch a batch. Entropy-based modes run `entropy_model` (frozen, no grad) on the window."""
-    return patching_from_starts(*model_patch_starts(tokens, cfg, entropy_model))
+def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None, doc_mask: bool = False) -> Patching:
+    """Patch a batch. Entropy-based modes run `entropy_model` (frozen, no grad) on the window.
+    doc_mask: each document as a row (see the module docstring)."""
+    return patching_from_starts(*model_patch_starts(tokens, cfg, entropy_model, doc_mask))
 
 
 def mean_bytes_per_patch(entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig) -> float:

@@ -158,7 +158,7 @@ def main(argv=None):
     if args.max_bytes < 1 or args.max_repeats < 1:
         p.error("--max-bytes and --max-repeats must be >= 1")
     try:
-        model = load_any(Path(args.checkpoint), device)
+        model = load_any(Path(args.checkpoint), device, args.doc_mask)
         docs = take_bytes(load_documents(args.data), args.max_bytes)
         if not docs:
             raise DataError(f"no documents in {args.data}")

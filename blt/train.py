@@ -66,7 +66,7 @@ from blt.checkpoint import (
     read_safetensors,
     save_model,
 )
-from blt.config import BLTConfig, ConfigError, load_json
+from blt.config import ADDED_LATER, BLTConfig, ConfigError, load_json
 from blt.data import Batcher, DataError, iter_eval_batches
 from blt.distributed import (
     agreed_signal,
@@ -109,7 +109,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per
 
 def build_blt(cfg: BLTConfig, entropy_dir: Path | None, checkpoint: Path | None, init_from: str | None = None) -> BLT:
     if checkpoint is not None:
-        check_same_config(cfg.to_dict(), load_json(checkpoint / CONFIG, "checkpoint config"), checkpoint)
+        saved = {**ADDED_LATER, **load_json(checkpoint / CONFIG, "checkpoint config")}  # as load_model reads it
+        check_same_config(cfg.to_dict(), saved, checkpoint)
         return load_model(checkpoint)
     entropy_model = load_entropy_model(entropy_dir) if entropy_dir else None
     model = BLT(cfg)
@@ -266,12 +267,13 @@ def run(args, build, export, data=prepare) -> None:
         sys.exit(code)
 
 
-def loss_and_patching(model, batch, patcher=None):
+def loss_and_patching(model, batch, cfg: BLTConfig | None = None):
     """(B, T+1) batch -> (mean next-byte loss, Patching or None): the model run as it is. A batch
-    (tokens, entropies) is patched from those entropies by the `patcher` config."""
+    (tokens, entropies) is patched from those entropies as the BLT config `cfg` says."""
     if isinstance(batch, tuple):
         batch, entropies = batch
-        patching = patching_from_starts(patch_starts(batch[:, :-1], patcher, entropies), entropies)
+        starts = patch_starts(batch[:, :-1], cfg.patcher, entropies, cfg.doc_mask)
+        patching = patching_from_starts(starts, entropies)
         logits = model(batch[:, :-1], None, patching.patch_lengths, patching.next_starts_patch).logits
     else:
         logits, patching = logits_and_patching(model, batch[:, :-1])
@@ -292,7 +294,7 @@ def train_step(model, raw, optimizer, batcher, args, device, amp_dtype, executio
         with grad_sync(model, sync):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if one_graph is None:
-                    loss, patching = loss_and_patching(model, batch, raw.cfg.patcher if isinstance(raw, BLT) else None)
+                    loss, patching = loss_and_patching(model, batch, raw.cfg if isinstance(raw, BLT) else None)
                 else:
                     loss, patching = one_graph(batch, batcher.peek() if isinstance(batcher, Lookahead) else None)
             (loss / args.grad_accum).backward()
@@ -484,7 +486,8 @@ def train(args, build, export, prepare_data=prepare) -> int:
 
 def describe(model: nn.Module) -> str:
     if isinstance(model, BLT):
-        return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items())
+        params = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items())
+        return f"{params}, document masking {'on' if model.cfg.doc_mask else 'off'}"
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
 
 
@@ -529,7 +532,7 @@ def main(argv=None) -> None:
     for flag in ("patch_size", "max_patch_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    forced_precomputed = args.precomputed_entropies
+    forced_precomputed, forced_attention = args.precomputed_entropies, args.attention
     choices = execution_choices(args)
     if args.one_graph and (args.dist == "fsdp" or args.activation_checkpointing):
         parser.error("--one-graph runs in one process or under --dist ddp, without --activation-checkpointing")
@@ -545,12 +548,20 @@ def main(argv=None) -> None:
         parser.error("--attention flash runs inside --one-graph on CUDA (its kernels need static shapes)")
     if args.attention == "fa4" and args.device != "cuda":
         parser.error("--attention fa4 runs on CUDA")
+    cfg, entropy_dir = blt_config(parser, args)
+    if cfg.doc_mask and args.attention in ("fa4", "flash"):
+        # FlashAttention-4's kernels would need each row's documents as variable-length
+        # sequences (blt.masks.document_causal_mask); FlexAttention's Triton kernels run them.
+        if forced_attention:
+            parser.error(f"--attention {args.attention}: FlashAttention-4's kernels do not run document masks; "
+                         "pass --attention triton, or --no-doc-mask")  # fmt: skip
+        choices = replace(choices, attention="triton")
+        args.attention = "triton"
     try:
         set_flex_backend(args.attention)
     except ValueError as err:
         parser.error(f"--attention: {err}")
     set_fused_products(args.fused_products)
-    cfg, entropy_dir = blt_config(parser, args)
     if not cfg.patcher.needs_entropy and args.precomputed_entropies:
         if forced_precomputed:
             parser.error(f"--precomputed-entropies: patching mode {cfg.patcher.mode!r} uses no entropies")

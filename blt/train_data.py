@@ -36,12 +36,14 @@ ENTROPY_CHUNK = 8192  # positions per piece when precomputing a shard's entropie
 def precomputed_entropies(raw: BLT, data, args, rank: int, world: int) -> np.ndarray:
     """--precomputed-entropies: the entropy of every training token, computed once by the frozen
     entropy model (rank 0, the others wait) and cached beside the shard. The file name holds a
-    hash of what the entropies depend on: the entropy model's config and weights, its context
-    and the dtype. Each piece of the stream is run with the model's whole receptive field before
-    it, so every entropy is what a run over the unbroken stream would give."""
-    em = raw.entropy_model
+    hash of what the entropies depend on: the entropy model's config and weights, its context,
+    the dtype and whether it reads within documents (the BLT's doc_mask). Each piece of the
+    stream is run with the model's whole receptive field before it, so every entropy is what a
+    run over the unbroken stream would give."""
+    em, doc_mask = raw.entropy_model, raw.cfg.doc_mask
     context = em.receptive_field or args.seq_len  # a full-attention model: a training window's worth
-    key = hashlib.sha256(json.dumps([asdict(em.cfg), context, ENTROPY_CHUNK, args.dtype], sort_keys=True).encode())
+    record = [asdict(em.cfg), context, ENTROPY_CHUNK, args.dtype] + (["doc_mask"] if doc_mask else [])
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
     for name, tensor in sorted(em.state_dict().items()):
         key.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     path = data.directory / f"train.entropies-{key.hexdigest()[:16]}.f16"
@@ -51,7 +53,8 @@ def precomputed_entropies(raw: BLT, data, args, rank: int, world: int) -> np.nda
         em.eval()
         with tqdm(total=len(tokens), unit="B", unit_scale=True, desc="entropies (once per data and entropy model)") as bar:
             dtype = torch.bfloat16 if args.dtype == "bf16" else None
-            stream_entropies(em, tokens, out, context, ENTROPY_CHUNK, dtype=dtype, progress=bar.update)
+            stream_entropies(em, tokens, out, context, ENTROPY_CHUNK, dtype=dtype, progress=bar.update,
+                             doc_mask=doc_mask)  # fmt: skip
         em.train(was_training)
 
     if rank == 0:

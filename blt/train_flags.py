@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from blt.checkpoint import ENTROPY_CONFIG, THRESHOLD, CheckpointError
+from blt.checkpoint import CONFIG, ENTROPY_CONFIG, THRESHOLD, CheckpointError
 from blt.config import (
+    ADDED_LATER,
     PATCH_MODES,
     PRESETS,
     BLTConfig,
@@ -24,6 +25,7 @@ from blt.config import (
 )
 from blt.layers import FLEX_BACKENDS
 from blt.one_graph import PATCH_PAD
+from blt.train_state import CHECKPOINT, PREVIOUS
 
 
 def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
@@ -112,6 +114,11 @@ def blt_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-mode", choices=PATCH_MODES, help="override the config's patching mode")
     g.add_argument("--patch-size", type=int, help="static patching: bytes per patch")
     g.add_argument("--max-patch-length", type=int, help="split longer patches")
+    g.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="document masking: no attention, patch or hash n-gram crosses the end of a document (EOS) "
+                        "in a training window, as the official training's block-causal masks. Default: the "
+                        "config's (on for the presets; a JSON config saved without the key: off); with --resume, "
+                        "the run's own")  # fmt: skip
     g.add_argument("--init-from", metavar="DIR",
                    help="start from the weights of this model folder (e.g. a run on other data), not from a random "
                         "init; same architecture; optimizer and schedule start fresh")  # fmt: skip
@@ -173,6 +180,10 @@ def blt_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[BL
         pc.max_patch_length = args.max_patch_length if args.max_patch_length is not None else pc.max_patch_length
         if args.dropout is not None:
             cfg.encoder.dropout = cfg.global_model.dropout = cfg.decoder.dropout = args.dropout
+        if args.doc_mask is not None:
+            cfg.doc_mask = args.doc_mask
+        elif getattr(args, "resume", False):
+            cfg.doc_mask = resumed_doc_mask(Path(args.out), cfg.doc_mask)
         cfg.validate()
     except ConfigError as e:
         p.error(str(e))
@@ -191,6 +202,18 @@ def blt_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[BL
     except (CheckpointError, ConfigError) as e:
         p.error(str(e))
     return cfg, folder
+
+
+def resumed_doc_mask(out: Path, default: bool) -> bool:
+    """--resume without --doc-mask/--no-doc-mask: the run's own document masking, as its
+    checkpoint's config says (one saved before the field existed: off); `default` if no
+    checkpoint config reads (the resume then says what is wrong)."""
+    for folder in (out / CHECKPOINT, out / PREVIOUS):
+        try:
+            return {**ADDED_LATER, **load_json(folder / CONFIG, "checkpoint config")}["doc_mask"]
+        except ConfigError:
+            continue
+    return default
 
 
 def calibrated_threshold(folder: Path, mode: str) -> float:

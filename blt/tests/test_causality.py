@@ -20,8 +20,19 @@ bitwise invariant to the number of (fully masked) keys/queries, so a perturbatio
 the batch's patch count moves unrelated logits by ~1e-6 without any information flow. With
 the shapes fixed, any bit that changes is a real dependency.
 
+Document masking (config doc_mask) adds a third contract: nothing of an earlier document in
+the window reaches a later one. Seed 1's rows pack three documents each (BOS ... EOS BOS ...)
+under document masking, and both checks also look across documents: the gradient of a later
+document's logits w.r.t. an earlier document's embeddings must be exactly zero, and changing
+an earlier document's bytes (not its EOS) must leave a later document's patch starts bitwise
+unchanged, and its logits too (bitwise where the earlier document keeps its patch count; else
+every later patch moves to another index, and the global model's rotary positions shift
+without changing a relative position: then to float rounding, 1e-5). Seed 0 runs without
+document masking (the shipped model's setting) on one document per row.
+
 Runs over every patch mode x 2 seeds (seed 1 also: max_patch_length, cross-attention windows,
-double residual, plain-sum hash embeddings, T not a power of two), B=2, T in {256, 288}.
+double residual, plain-sum hash embeddings, T not a power of two, documents), B=2, T in
+{256, 288}.
 `python -m blt.tests.test_causality` runs everything and prints a summary table (exit status
 1 if any check fails). BLT_TEST_THREADS sets torch's thread count (default 1, as conftest.py).
 """
@@ -41,13 +52,14 @@ from blt.config import PATCH_MODES, tiny
 from blt.entropy_model import EntropyModel
 from blt.model import BLT
 from blt.patcher import calibrate_threshold
-from blt.tokens import BOS_ID, OFFSET, VOCAB_SIZE
+from blt.tokens import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
 
 MODES = PATCH_MODES  # entropy, monotonic, combined, static, space, byte
 SEEDS = (0, 1)
 B = 2
 TARGET_BYTES_PER_PATCH = 3.0
 MAX_EXAMPLES = 8  # violations kept per check (the count is always exact)
+SHIFT_TOLERANCE = 1e-5  # a later document's logits when an earlier one's patch count changed (see above)
 
 
 # ---- building a test case --------------------------------------------------------------------
@@ -61,13 +73,14 @@ class Variant:
     cross_window: int | None  # encoder and decoder cross_attn_window
     double_residual: bool
     hash_embed_mean: bool
+    doc_mask: bool  # and three documents per row
 
 
 VARIANTS = {
     0: Variant(T=256, max_patch_length=None, patch_size=4, cross_window=None,
-               double_residual=False, hash_embed_mean=True),
+               double_residual=False, hash_embed_mean=True, doc_mask=False),
     1: Variant(T=288, max_patch_length=5, patch_size=6, cross_window=2,
-               double_residual=True, hash_embed_mean=False),
+               double_residual=True, hash_embed_mean=False, doc_mask=True),
 }
 
 
@@ -89,6 +102,28 @@ def text_like_tokens(batch: int, T: int, gen: torch.Generator) -> torch.Tensor:
     return tokens
 
 
+def packed_documents(tokens: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The rows cut into three documents each: an EOS, then the next one's BOS, at two places
+    that differ between rows."""
+    T = tokens.shape[1]
+    tokens = tokens.clone()
+    for b in range(tokens.shape[0]):
+        for e in (torch.tensor([T // 3, 2 * T // 3]) + torch.randint(-20, 20, (2,), generator=gen)).tolist():
+            tokens[b, e], tokens[b, e + 1] = EOS_ID, BOS_ID
+    return tokens
+
+
+def documents_of(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,T) document of each byte (masks.document_ids), read from the tokens independently."""
+    docs = torch.zeros_like(tokens)
+    for b in range(tokens.shape[0]):
+        d = 0
+        for t in range(tokens.shape[1]):
+            docs[b, t] = d
+            d += int(tokens[b, t] == EOS_ID)
+    return docs
+
+
 def build_case(mode: str, seed: int) -> tuple[BLT, torch.Tensor]:
     """A tiny BLT with a randomly initialised entropy model attached, patching `mode`, and a
     (B, T) batch. Entropy thresholds are calibrated to ~3 bytes/patch on this batch (random
@@ -103,10 +138,14 @@ def build_case(mode: str, seed: int) -> tuple[BLT, torch.Tensor]:
     cfg.decoder.cross_attn_window = v.cross_window
     cfg.cross_attn_double_residual = v.double_residual
     cfg.hash_embed_mean = v.hash_embed_mean
+    cfg.doc_mask = v.doc_mask
     em = EntropyModel(cfg.entropy_model)
-    tokens = text_like_tokens(B, v.T, torch.Generator().manual_seed(1000 + seed))
+    gen = torch.Generator().manual_seed(1000 + seed)
+    tokens = text_like_tokens(B, v.T, gen)
+    if v.doc_mask:
+        tokens = packed_documents(tokens, gen)
     if cfg.patcher.needs_entropy:
-        H = em.entropies(tokens)
+        H = em.entropies(tokens, cfg.doc_mask)
         cfg.patcher.threshold, _ = calibrate_threshold(H, tokens, cfg.patcher, TARGET_BYTES_PER_PATCH)
     model = BLT(cfg, em).eval()
     return model, tokens
@@ -176,8 +215,8 @@ def peeking_entropies(entropy_model):
     depends on byte p itself (an off-by-one in the entropy rule)."""
     real = entropy_model.entropies
 
-    def entropies(tokens):
-        H = real(tokens)
+    def entropies(tokens, doc_mask=False):
+        H = real(tokens, doc_mask)
         return torch.cat([H[:, 1:], H[:, -1:]], dim=1)
 
     return entropies
@@ -196,7 +235,8 @@ def planted_patcher_leak(model: BLT):
 
 
 def gradient_check(model: BLT, tokens: torch.Tensor, chunk: int = 32, seed: int = 0) -> CheckResult:
-    """d <logits[:, t], w_t> / d emb[:, s] == 0 exactly for all s > t, all t; no cross-row flow.
+    """d <logits[:, t], w_t> / d emb[:, s] == 0 exactly for all s > t, all t (and, with document
+    masking, for all s in an earlier document than t); no cross-row flow.
 
     The patching is computed once from the tokens and held fixed. The encoder's embedding
     output (byte + hash n-gram embeddings) is replaced by a leaf tensor with the same values.
@@ -207,8 +247,9 @@ def gradient_check(model: BLT, tokens: torch.Tensor, chunk: int = 32, seed: int 
     patching = model.patch(tokens)
     pl, nsp = patching.patch_lengths, patching.next_starts_patch
     patch_ids = M.patch_ids_from_lengths(pl, T)
-    leaf = model.encoder.embed(tokens).detach().requires_grad_(True)
-    model.encoder.embed = lambda toks: leaf  # instance attribute shadows the method
+    docs = documents_of(tokens) if model.cfg.doc_mask else torch.zeros_like(tokens)
+    leaf = model.encoder.embed(tokens, docs if model.cfg.doc_mask else None).detach().requires_grad_(True)
+    model.encoder.embed = lambda toks, docs=None: leaf  # instance attribute shadows the method
     try:
         logits = model(tokens, patch_lengths=pl, next_starts_patch=nsp).logits
     finally:
@@ -216,7 +257,8 @@ def gradient_check(model: BLT, tokens: torch.Tensor, chunk: int = 32, seed: int 
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(Bn, T, VOCAB_SIZE, generator=gen)
     t_idx = torch.arange(T)
-    future = t_idx[None, :] > t_idx[:, None]  # (t, s): s > t
+    future = (t_idx[None, :] > t_idx[:, None])[:, None, :]  # (t, 1, s): s > t
+    earlier = docs[None, :, :] < docs.T[:, :, None]  # (t, b, s): s in an earlier document of row b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vmap fallbacks warn about performance
         for c0 in range(0, T, chunk):
@@ -225,9 +267,13 @@ def gradient_check(model: BLT, tokens: torch.Tensor, chunk: int = 32, seed: int 
             go[torch.arange(len(ts)), :, ts] = w[:, ts].transpose(0, 1)
             (g,) = torch.autograd.grad(logits, leaf, go, retain_graph=True, is_grads_batched=True)
             nz = (g != 0).any(-1)  # (n, B, T): NaN counts as nonzero
-            res.checked += int(future[ts].sum()) * Bn
-            for i, b, s in (nz & future[ts][:, None, :]).nonzero().tolist():
+            forbidden = future[ts] | earlier[ts]
+            res.checked += int(forbidden.expand(-1, Bn, -1).sum())
+            for i, b, s in (nz & forbidden).nonzero().tolist():
                 t = int(ts[i])
+                if s < t:
+                    res.add(("earlier document", b, t, s))
+                    continue
                 same = bool(patch_ids[b, s] == patch_ids[b, t])
                 res.add(("future", b, t, s, "same patch" if same else "later patch"))
             # Not vacuous: the output at t depends on the byte at t itself.
@@ -330,6 +376,61 @@ def perturbation_check(
     return res
 
 
+# ---- check 3: documents ----------------------------------------------------------------------
+
+
+def document_check(model: BLT, tokens: torch.Tensor, trials: int = 8, backend: str | None = None,
+                   seed: int = 0) -> CheckResult:  # fmt: skip
+    """With document masking: change bytes of an earlier document (row 0: one byte; row 1: every
+    byte from there to its EOS, which stays), recompute entropies, patches and logits; every
+    later document's patch starts must not move, nor its logits (bitwise where the earlier
+    documents keep their patch count, else to SHIFT_TOLERANCE: see the module docstring)."""
+    res = CheckResult("documents" + (f"[{backend}]" if backend else ""))
+    Bn, T = tokens.shape
+    docs = documents_of(tokens)
+    gen = torch.Generator().manual_seed(seed)
+    shifted = 0
+    with torch.no_grad(), deterministic_algorithms():
+        base, base_starts, _ = _run_fixed_shape(model, tokens, backend)
+        for _ in range(trials):
+            toks, where = tokens.clone(), []
+            for b in range(Bn):
+                d = int(torch.randint(0, int(docs[b, -1]), (), generator=gen))  # not the last document
+                inside = ((docs[b] == d) & (tokens[b] != EOS_ID)).nonzero().flatten()
+                s = int(inside[torch.randint(0, len(inside), (), generator=gen)])
+                end = int(inside[-1]) + 1 if b > 0 else s + 1
+                shift = 1 + torch.randint(0, 255, (end - s,), generator=gen)  # another byte, never a special id
+                toks[b, s:end] = OFFSET + (tokens[b, s:end] - OFFSET + shift) % 256
+                where.append((s, int((docs[b] > d).nonzero()[0])))  # the byte changed, the next document's start
+            logits, starts, _ = _run_fixed_shape(model, toks, backend)
+            for b, (s, later) in enumerate(where):
+                res.checked += 1
+                if torch.equal(logits[b, s], base[b, s]):
+                    res.problems.append(f"row {b}: changing byte {s} left its own logits unchanged")
+                moved = (starts[b, later:] != base_starts[b, later:]).nonzero().flatten()
+                if len(moved):
+                    res.add(("patch_starts", b, s, later + int(moved[0])))
+                diff = float((logits[b, later:] - base[b, later:]).abs().max())
+                same_count = bool(starts[b, :later].sum() == base_starts[b, :later].sum())
+                shifted += not same_count
+                if diff > (0.0 if same_count else SHIFT_TOLERANCE):
+                    res.add(("logits", b, s, later, diff))
+    res.info = f"{trials} trials x {Bn} rows, {shifted} with an earlier patch count changed"
+    return res
+
+
+@contextlib.contextmanager
+def planted_document_leak():
+    """The BLT's stacks without document masks (every byte in document 0): its attentions and
+    hash n-grams cross documents; the patcher (entropy model included) still splits them."""
+    original = M.document_ids
+    M.document_ids = torch.zeros_like
+    try:
+        yield
+    finally:
+        M.document_ids = original
+
+
 # ---- pytest ----------------------------------------------------------------------------------
 
 CASES = [(m, s) for m in MODES for s in SEEDS]
@@ -364,6 +465,30 @@ def test_perturbation_causality_flex(mode):
     model, tokens = build_case(mode, 1)
     res = perturbation_check(model, tokens, n_random=6, backend="flex", seed=1)
     assert res.ok, res.summary()
+
+
+@pytest.mark.parametrize("mode", ["entropy", "monotonic", "static", "space"])
+def test_document_causality(mode):
+    """Document masking: an earlier document of the window reaches no later one."""
+    model, tokens = build_case(mode, 1)
+    assert model.cfg.doc_mask and int(documents_of(tokens)[:, -1].min()) == 2  # three documents a row
+    res = document_check(model, tokens, seed=1)
+    assert res.ok, res.summary()
+
+
+def test_document_causality_flex():
+    model, tokens = build_case("entropy", 1)
+    res = document_check(model, tokens, trials=3, backend="flex", seed=1)
+    assert res.ok, res.summary()
+
+
+def test_gate_detects_planted_document_leak():
+    model, tokens = build_case("space", 1)
+    with planted_document_leak():
+        res = document_check(model, tokens, trials=4, seed=1)
+    assert not res.problems, res.summary()
+    assert res.kinds.get("logits", 0) > 0, res.summary()
+    assert document_check(model, tokens, trials=4, seed=1).ok  # removed again
 
 
 @pytest.mark.parametrize("mode", ["entropy", "static"])
@@ -428,6 +553,15 @@ def main() -> int:
         model, tokens = build_case(mode, 1)
         record(mode, 1, "perturbation[flex]",
                lambda: perturbation_check(model, tokens, n_random=6, backend="flex", seed=1))
+    for mode in ("entropy", "monotonic", "static", "space"):
+        model, tokens = build_case(mode, 1)
+        record(mode, 1, "documents", lambda: document_check(model, tokens, seed=1))
+    model, tokens = build_case("entropy", 1)
+    record("entropy", 1, "documents[flex]", lambda: document_check(model, tokens, trials=3, backend="flex", seed=1))
+    model, tokens = build_case("space", 1)
+    with planted_document_leak():
+        record("space", 1, "planted-document-leak", lambda: document_check(model, tokens, trials=4, seed=1),
+               expect_fail=True)  # fmt: skip
     for mode in ("entropy", "static"):
         model, tokens = build_case(mode, 0)
         with planted_leak():

@@ -40,10 +40,13 @@ def text_tokens(batch: int, T: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class StubEntropyModel:
-    """A causal, exactly row-independent stand-in: H[t] depends on tokens t-1 and t only."""
+    """A causal, exactly row-independent stand-in: H[t] depends on tokens t-1 and t only (on t
+    alone where t opens a document, with doc_mask)."""
 
-    def entropies(self, tokens):
+    def entropies(self, tokens, doc_mask=False):
         prev = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+        if doc_mask:
+            prev = torch.where(prev == EOS_ID, 0, prev)
         return ((tokens * 7919 + prev * 104729) % 1009).float() / 1009 * 6.0
 
 
@@ -359,11 +362,11 @@ def _mask_case(seed):
     return pl, nsp, T, args
 
 
-def _build(pl, nsp, T, args, backend):
+def _build(pl, nsp, T, args, backend, docs=None):
     pid = M.patch_ids_from_lengths(pl, T)
     did = M.decoder_patch_ids(pid, nsp)
     return M.build_masks(pid, did, pl.shape[1], args["k"], args["enc_window"], args["dec_window"], args["patch_window"],
-                         args["enc_cross_window"], args["dec_cross_window"], backend)  # fmt: skip
+                         args["enc_cross_window"], args["dec_cross_window"], backend, docs)  # fmt: skip
 
 
 def test_rotary_tables_match_positions():
@@ -574,12 +577,15 @@ def test_mask_graphs_hold_no_sort(monkeypatch):
     pl, nsp, T, args = _long_mask_case("random-a")
     monkeypatch.setattr(M, "_causal_cache", {})
 
-    def masks(doc, first, pl, nsp):
+    tokens = torch.full((2, T), OFFSET + 97)
+    tokens[:, 40::70] = EOS_ID  # document masks too (computed in the graph, as --one-graph does)
+
+    def masks(doc, first, pl, nsp, tokens):
         packed = M.packed_patch_mask(doc, first, None, "flex", aligned=True)
-        return packed, _build(pl, nsp, T, args, "flex")
+        return packed, _build(pl, nsp, T, args, "flex"), _build(pl, nsp, T, args, "flex", M.document_ids(tokens))
 
     torch._dynamo.reset()
-    torch.compile(masks, backend=record, fullgraph=True)(plan.doc, plan.first, pl, nsp)
+    torch.compile(masks, backend=record, fullgraph=True)(plan.doc, plan.first, pl, nsp, tokens)
     torch._dynamo.reset()
     assert any("scatter" in op for op in seen)
     assert not [op for op in seen if "sort" in op]
@@ -597,12 +603,15 @@ def test_mask_cases_include_empty_rows():
     assert empty_dec > 0 and empty_enc > 0
 
 
+@pytest.mark.parametrize("doc_mask", [False, True])
 @pytest.mark.parametrize("variant", ["entropy", "static-windows", "given-lengths"])
 @torch.no_grad()
-def test_full_model_dense_vs_flex(variant):
+def test_full_model_dense_vs_flex(variant, doc_mask):
     gen = torch.Generator().manual_seed(5)
     tokens = text_tokens(2, 150, gen)
+    tokens[0, 60], tokens[0, 61] = EOS_ID, BOS_ID  # two documents in row 0
     model = tiny_model("entropy" if variant == "entropy" else "static", seed=2, calibrate_on=tokens).eval()
+    model.cfg.doc_mask = doc_mask
     kwargs = {}
     if variant == "static-windows":
         model.cfg.encoder.cross_attn_window = 2

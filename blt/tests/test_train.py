@@ -613,7 +613,7 @@ def test_given_entropies_patch_as_the_entropy_model_would():
     og = one_graph.OneGraph(model, torch.device("cpu"), accumulate=False)
     og.loss, og.starts = og._loss, og._starts  # eager: this test is about what is patched
     live_loss, live = train.loss_and_patching(model, batch)
-    for run in (lambda b: train.loss_and_patching(model, b, cfg.patcher), og):
+    for run in (lambda b: train.loss_and_patching(model, b, cfg), og):
         loss, patching = run((batch, H))
         assert torch.equal(patching.patch_lengths, live.patch_lengths)
         assert loss.item() == pytest.approx(live_loss.item(), abs=1e-6)
@@ -636,18 +636,20 @@ def test_train_with_precomputed_entropies(work, entropy_dir):
     entropies = np.memmap(cached, dtype=np.float16, mode="r")
     assert len(entropies) == len(tokens)
     em = load_entropy_model(entropy_dir / "model")
+    cfg = load_model(out / "model").cfg
+    assert cfg.doc_mask  # a new config: the entropy model reads within documents
     start = 1000  # a window long past the stream's start: its first receptive field is context only
-    live = em.entropies(torch.from_numpy(tokens[start : start + 400].astype(np.int64))[None])[0]
+    live = em.entropies(torch.from_numpy(tokens[start : start + 400].astype(np.int64))[None], cfg.doc_mask)[0]
     reach = em.receptive_field
     assert np.abs(entropies[start + reach : start + 400] - live[reach:].numpy()).max() < 1e-2
     assert np.abs(entropies[start : start + 10] - live[:10].numpy()).max() > 1e-2  # context the window lacks
     # step 1 (two micro-batches) patched from the cached entropies
-    patcher = load_model(out / "model").cfg.patcher
     batcher = Batcher(tokens, 4, 64, seed=0, entropies=entropies)
     means = []
     for micro in range(2):
         batch, H = batcher.batch_at(micro)
-        means.append(patching_from_starts(patch_starts(batch[:, :-1], patcher, H)).mean_patch_length().item())
+        starts = patch_starts(batch[:, :-1], cfg.patcher, H, cfg.doc_mask)
+        means.append(patching_from_starts(starts).mean_patch_length().item())
     assert rows(out)[0]["bytes_per_patch"] == pytest.approx(sum(means) / 2, abs=1e-6)
     with pytest.raises(SystemExit):
         train.main(blt_argv(work, entropy_dir, work / "bad", 2, 4, "--precomputed-entropies", "--patch-mode", "static"))
