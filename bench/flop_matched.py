@@ -17,9 +17,9 @@ Five contenders get the same training-FLOP budget (--flops); --contenders picks 
     bpe-baseline   a Llama-style transformer over byte-level BPE tokens (blt.train_bpe, blt.bpe),
                    --bpe-dim/-layers/-heads (default: the byte baseline's), vocabulary
                    --bpe-vocab-size (default 4096, justified in blt.bpe), its tokenizer trained on
-                   the training text into RUNS/bpe-tokenizer; seq_len (and attention window) in
-                   tokens = --seq-len / measured bytes per token, rounded, at least 16, so a window
-                   covers about the same text as the others'
+                   the training text into RUNS/bpe-tokenizer (or --bpe-tokenizer); seq_len (and
+                   attention window) in tokens = --seq-len / measured bytes per token, rounded, at
+                   least 16, so a window covers about the same text as the others'
 
 How the budget is split. Each contender's training FLOPs per byte come from blt.flops: a BLT's
 blt_flops_per_byte(cfg, bytes_per_patch, seq_len).train (forward + backward of the BLT and the
@@ -38,17 +38,24 @@ as blt.eval counts them). Each contender then trains
 so every contender spends the budget to within half a step, and sees a different number of bytes.
 Training the entropy model itself is not charged to the budget (as in the paper).
 
-Runs. Each contender trains in a subprocess (`python -m blt.train` / `python -m blt.train_entropy`,
---out RUNS/<name>), then is evaluated with `python -m blt.eval --checkpoint RUNS/<name>/model
---data VALID` (fp32, the whole held-out file); the BPE baseline in this process with
-blt.bpe.bpe_bits_per_byte (fp32, the same file, windows of its seq_len tokens): token nats / ln 2
-/ the same bytes blt.eval scores. The comparison is resumable: a contender whose
-model folder exists is skipped, one with only a checkpoint (interrupted) continues with --resume,
-and a finished evaluation is kept in RUNS/<name>/eval.json. RUNS/<name>/plan.json records the
-settings a contender was started with; re-running with different settings (another budget,
-batch, shape, data, learning rate, ...) stops with an error instead of mixing runs.
---extra-train-args are appended to every contender's training command and are not checked.
-Ctrl-C lets the running training save a checkpoint; run the same command again to continue.
+Runs. Each contender trains in a subprocess (`python -m blt.train` / `python -m blt.train_entropy` /
+`python -m blt.train_bpe`, --out RUNS/<name>), then is evaluated in this process on the whole
+held-out file in fp32: a BLT or the byte baseline with blt.eval's own functions (load_any,
+eval_sums over iter_eval_batches: the number `python -m blt.eval --checkpoint RUNS/<name>/model
+--data VALID` prints), the BPE baseline with blt.bpe.bpe_bits_per_byte (windows of its seq_len
+tokens): token nats / ln 2 / the same bytes blt.eval scores. The comparison is resumable: a
+contender whose model folder exists is skipped, one with only a checkpoint (interrupted) continues
+with --resume, and a finished evaluation is kept in RUNS/<name>/eval.json. RUNS/<name>/plan.json
+records the settings a contender was started with; re-running with different settings (another
+budget, batch, shape, data, learning rate, ...) stops with an error naming the first setting that
+differs, instead of mixing runs. --extra-train-args are appended to every contender's training
+command and are not checked. Ctrl-C lets the running training save a checkpoint; run the same
+command again to continue. --bpe-tokenizer DIR keeps the BPE tokenizer elsewhere than
+RUNS/bpe-tokenizer (bench/patch_scaling.py shares one across budgets).
+
+Other studies import the pieces: add_comparison_args and check_args (the flags), prepare
+(contenders, their FLOP-matched steps and jobs, every plan checked before any training),
+train_all, evaluate, fit_budget, Measurer, rows.
 
 Output: a Markdown table (printed, and RUNS/table.md) and RUNS/table.json. Parameters: total
 counts the trained model (a BLT's entropy model is listed apart); non-embedding leaves out the
@@ -64,7 +71,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -86,9 +92,9 @@ from blt.checkpoint import (  # noqa: E402
     CONFIG, ENTROPY_CONFIG, THRESHOLD, TOKEN_LM_WEIGHTS, CheckpointError, load_entropy_model,
 )
 from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig  # noqa: E402
-from blt.data import DataConfig, DataError, iter_eval_batches, load_documents, prepare_data  # noqa: E402
+from blt.data import DataConfig, DataError, encode_documents, iter_eval_batches, load_documents, prepare_data  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
-from blt.eval import real_patches  # noqa: E402
+from blt.eval import eval_sums, load_any, real_patches  # noqa: E402
 from blt.flops import blt_flops_per_byte, token_lm_flops_per_byte, transformer_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import patch  # noqa: E402
@@ -98,7 +104,6 @@ from blt.train_flags import blt_config, blt_parser, entropy_model_dir  # noqa: E
 
 NAMES = ("blt-entropy", "blt-space", "blt-static", "byte-baseline", "bpe-baseline")
 MIN_BPE_SEQ_LEN = 16  # tokens per window of the BPE baseline, at least
-EVAL_LINE = re.compile(r"^bpb=(\S+) bytes=(\d+) bytes_per_patch=(\S+)$")
 TRAIN_DEFAULTS = {k: blt_parser().get_default(k) for k in ("lr", "min_lr", "warmup")}
 MEASURE_BATCH = 16  # windows per patcher forward while measuring bytes/patch (does not change the result)
 
@@ -118,10 +123,21 @@ def parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("budget and output")
     g.add_argument("--flops", type=float, required=True, help="training-FLOP budget of every contender, e.g. 1e16")
-    g.add_argument("--runs", default="runs/flop_matched", help="folder of the runs, table.md and table.json")
+    add_run_args(g, "runs/flop_matched")
+    add_comparison_args(p)
+    return p
+
+
+def add_run_args(g, runs: str) -> None:
+    """--runs, --dry-run and --parallel (a study's output folder and how its runs go)."""
+    g.add_argument("--runs", default=runs, help="folder of the runs and the tables")
     g.add_argument("--dry-run", action="store_true", help="print the plan (steps, bytes, FLOPs) and stop")
     g.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="train up to N contenders at once (on one GPU: small runs leave it mostly idle)")
+                   help="train up to N runs at once (on one GPU: small runs leave it mostly idle)")  # fmt: skip
+
+
+def add_comparison_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of the comparison but the budget and the output (bench/patch_scaling.py has them too)."""
     g = p.add_argument_group("data (as blt.train)")
     g.add_argument("--data", default="tinystories", help="training source (see blt.data)")
     g.add_argument("--valid-data", required=True, help="held-out source: patch-size measurement and blt.eval")
@@ -164,9 +180,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bpe-heads", type=int, help="heads (default: --baseline-heads)")
     g.add_argument("--bpe-vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help="BPE vocabulary, specials included (default: blt.bpe's, justified there)")  # fmt: skip
+    g.add_argument("--bpe-tokenizer", metavar="DIR",
+                   help="folder of the BPE tokenizer: trained there on the training text, or reused while its "
+                        "settings are the same (default: RUNS/bpe-tokenizer)")  # fmt: skip
     g.add_argument("--contenders", default=",".join(NAMES),
                    help=f"comma-separated contenders to run (default: all, {','.join(NAMES)})")  # fmt: skip
-    return p
 
 
 def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyModelConfig, EntropyModelConfig | None]:
@@ -321,15 +339,25 @@ class Job:
         return (self.out / "model" / self.model_file).is_file()
 
 
+def first_difference(old, new, name: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, old value, new value) of the first setting that differs, nested dicts descended."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            found = first_difference(old.get(k), new.get(k), f"{name}.{k}" if name else k)
+            if found:
+                return found
+        return None
+    return None if old == new else (name, old, new)
+
+
 def check_plan(job: Job, write: bool) -> None:
     """Check a run's settings against its out/plan.json; record them if there is none and `write`."""
     path = job.out / "plan.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [k for k in sorted(set(old) | set(job.plan)) if old.get(k) != job.plan.get(k)]
+        diff = first_difference(json.loads(path.read_text()), job.plan)
         if diff:
-            k = diff[0]
-            raise Fail(f"{job.out} was started with other settings ({k}: {old.get(k)!r} there, {job.plan.get(k)!r} now); "
+            k, old, new = diff
+            raise Fail(f"{job.out} was started with other settings ({k}: {old!r} there, {new!r} now); "
                        f"delete {job.out} or choose another --runs")  # fmt: skip
     elif write:
         job.out.mkdir(parents=True, exist_ok=True)
@@ -400,66 +428,56 @@ def train_parallel(jobs: list[Job], args) -> None:
         check_finished(job)
 
 
-def evaluate(out: Path, model_file: str, args) -> dict:
-    """blt.eval of out/model on the held-out data; kept in out/eval.json while the model is unchanged."""
-    model = out / "model"
-    key = {"data": args.valid_data, "seq_len": args.seq_len, "model_mtime_ns": (model / model_file).stat().st_mtime_ns}
-    cache = out / "eval.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["result"]
-    cmd = [sys.executable, "-m", "blt.eval", "--checkpoint", str(model), "--data", args.valid_data,
-           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    done = subprocess.run(cmd, env=child_env(args), capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    match = EVAL_LINE.match(lines[-1]) if lines else None
-    if done.returncode != 0 or match is None:
-        tail = (done.stderr.strip().splitlines() or lines or ["no output"])[-1]
-        raise Fail(f"evaluating {model} failed (exit code {done.returncode}): {tail}")
-    result = {"bpb": float(match[1]), "bytes": int(match[2]), "bytes_per_patch": float(match[3])}
-    print(f"{out.name}: held-out bpb {result['bpb']:.4f} ({result['bytes']} bytes)", flush=True)
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
-    return result
-
-
-def evaluate_bpe(out: Path, seq_len: int, args, device) -> dict:
-    """The BPE baseline's held-out bits per byte (blt.bpe.bpe_bits_per_byte, fp32, windows of its
-    seq_len tokens) over the bytes blt.eval scores; kept in out/eval.json as evaluate() keeps its."""
+def evaluate(out: Path, model_file: str, source: str, seq_len: int, args, device, cache: str = "eval.json") -> dict:
+    """Bits per byte of out/model on every document of `source`, fp32, in this process: a BLT or a
+    byte LM exactly as blt.eval computes it (windows of seq_len bytes), a BPE token LM
+    (model_file TOKEN_LM_WEIGHTS) with blt.bpe.bpe_bits_per_byte over the same bytes (windows of
+    seq_len tokens). Kept in out/<cache> while the source, windows and model are unchanged."""
     model_dir = out / "model"
-    key = {"data": args.valid_data, "seq_len": seq_len, "model_mtime_ns": (model_dir / TOKEN_LM_WEIGHTS).stat().st_mtime_ns}
-    cache = out / "eval.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
+    key = {"data": source, "seq_len": seq_len, "model_mtime_ns": (model_dir / model_file).stat().st_mtime_ns}
+    path = out / cache
+    if path.is_file():
+        saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["result"]
-    model, tokenizer = load_token_lm(model_dir, device)
-    r = bpe_bits_per_byte(model, tokenizer, list(load_documents(args.valid_data)), seq_len, args.batch_size, device)
-    result = {"bpb": r.bpb, "bytes": r.bytes, "bytes_per_patch": r.bytes / r.tokens}
-    print(f"{out.name}: held-out bpb {result['bpb']:.4f} ({result['bytes']} bytes, {r.tokens} tokens)", flush=True)
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    docs = list(load_documents(source))
+    if model_file == TOKEN_LM_WEIGHTS:
+        model, tokenizer = load_token_lm(model_dir, device)
+        r = bpe_bits_per_byte(model, tokenizer, docs, seq_len, args.batch_size, device)
+        result = {"bpb": r.bpb, "bytes": r.bytes, "bytes_per_patch": r.bytes / r.tokens}
+    else:
+        model = load_any(model_dir, device)
+        batches = iter_eval_batches(encode_documents(docs), args.batch_size, seq_len)
+        nats, targets, inputs, patches = eval_sums(model, batches, device).tolist()
+        result = {"bpb": nats / math.log(2) / targets, "bytes": int(targets), "bytes_per_patch": inputs / patches}
+    del model
+    print(f"{out.name}: bpb {result['bpb']:.4f} on {source} ({result['bytes']} bytes)", flush=True)
+    path.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return result
 
 
 # ---- the entropy model -------------------------------------------------------------------
 
 
+def entropy_job(args, cfg: EntropyModelConfig, out: Path, steps: int, target: float, extra: list[str]) -> Job:
+    """blt.train_entropy of an entropy model of shape cfg into out, θ calibrated to `target` bytes/patch."""
+    head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(cfg.dim), "--layers", str(cfg.n_layers),
+            "--heads", str(cfg.n_heads), "--window", str(cfg.window or 0), "--target-bytes-per-patch", str(target)]  # fmt: skip
+    plan = {"model": "entropy model", "shape": dataclasses.asdict(cfg), "steps": steps, "target_bytes_per_patch": target,
+            **learning_settings(args)}  # fmt: skip
+    return Job("entropy model", out, head, extra, steps, ENTROPY_CONFIG, plan)
+
+
 def entropy_folder(args, entropy_cfg: EntropyModelConfig | None) -> Path:
     """--entropy-model's folder, or train one into RUNS/entropy (--train-entropy) and return its model/."""
     if args.entropy_model is not None:
         return entropy_model_dir(args.entropy_model)
-    out = Path(args.runs) / "entropy"
-    head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(entropy_cfg.dim), "--layers", str(entropy_cfg.n_layers),
-            "--heads", str(entropy_cfg.n_heads), "--window", str(entropy_cfg.window or 0),
-            "--target-bytes-per-patch", str(args.entropy_target_bytes_per_patch)]  # fmt: skip
-    plan = {"model": "entropy model", "shape": dataclasses.asdict(entropy_cfg), "steps": args.train_entropy,
-            "target_bytes_per_patch": args.entropy_target_bytes_per_patch, **learning_settings(args)}  # fmt: skip
-    job = Job("entropy model", out, head, args.extra_entropy_args, args.train_entropy, ENTROPY_CONFIG, plan)
+    job = entropy_job(args, entropy_cfg, Path(args.runs) / "entropy", args.train_entropy,
+                      args.entropy_target_bytes_per_patch, args.extra_entropy_args)  # fmt: skip
     if args.dry_run and not job.finished:
         raise Fail("--dry-run needs a trained entropy model to measure patch sizes: drop --dry-run or give --entropy-model")
     train_or_skip(job, args)
-    return out / "model"
+    return job.out / "model"
 
 
 # ---- planning ----------------------------------------------------------------------------
@@ -481,6 +499,8 @@ class Contender:
     steps: int = 0
     params: dict = field(default_factory=dict)
     eval: dict | None = None
+    config_arg: str | None = None  # a BLT's blt.train --config (default: --config)
+    entropy_dir: Path | None = None  # a BLT's entropy model, for entropy patching
 
 
 @torch.no_grad()
@@ -499,29 +519,32 @@ class Measurer:
     """Mean bytes/patch of each BLT contender's patcher on the held-out text; every result is kept
     in RUNS/measure.json and reused while its inputs (data, windows, patcher, entropy model) are the same."""
 
-    def __init__(self, args, entropy_dir: Path, valid: np.ndarray, device):
-        self.args, self.entropy_dir, self.device = args, entropy_dir, device
+    def __init__(self, args, valid: np.ndarray, device):
+        self.args, self.device = args, device
         self.tokens = np.asarray(valid[: args.measure_bytes] if args.measure_bytes else valid)
         self.path = Path(args.runs) / "measure.json"
         self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.entropy_model = None
+        self.entropy_models = {}  # folder -> loaded model
 
-    def __call__(self, name: str, cfg: BLTConfig) -> float:
+    def __call__(self, name: str, cfg: BLTConfig, entropy_dir: Path | None = None) -> float:
+        """cfg's mean bytes/patch; entropy_dir: the entropy model of an entropy-based patcher."""
         key = {"valid_data": self.args.valid_data, "valid_tokens": len(self.tokens), "seq_len": self.args.seq_len,
                "patcher": dataclasses.asdict(cfg.patcher)}  # fmt: skip
         if cfg.patcher.needs_entropy:
             key["entropy_model"] = dataclasses.asdict(cfg.entropy_model)
-            key["entropy_model_mtime_ns"] = (self.entropy_dir / "entropy_model.safetensors").stat().st_mtime_ns
+            key["entropy_model_mtime_ns"] = (entropy_dir / "entropy_model.safetensors").stat().st_mtime_ns
         entry = self.saved.get(name)
         if entry and entry["key"] == key:
             return entry["bytes_per_patch"]
-        if cfg.patcher.needs_entropy and self.entropy_model is None:
-            try:
-                self.entropy_model = load_entropy_model(self.entropy_dir, self.device)
-            except CheckpointError as e:
-                raise Fail(str(e)) from None
+        model = None
+        if cfg.patcher.needs_entropy:
+            if entropy_dir not in self.entropy_models:
+                try:
+                    self.entropy_models[entropy_dir] = load_entropy_model(entropy_dir, self.device)
+                except CheckpointError as e:
+                    raise Fail(str(e)) from None
+            model = self.entropy_models[entropy_dir]
         t0 = time.perf_counter()
-        model = self.entropy_model if cfg.patcher.needs_entropy else None
         value = measure_bytes_per_patch(self.tokens, cfg, model, self.args.seq_len, self.device)
         print(f"{name}: {value:.3f} bytes/patch on {len(self.tokens)} held-out tokens "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)  # fmt: skip
@@ -555,11 +578,18 @@ def blt_cfg(p, args, mode: str, entropy_dir: Path | None, patch_size: int | None
     return blt_config(p, ns)[0]
 
 
+def tokenizer_dir(args) -> Path:
+    return Path(args.bpe_tokenizer) if args.bpe_tokenizer else Path(args.runs) / "bpe-tokenizer"
+
+
 def bpe_tokenizer(args, data):
     """The BPE baseline's tokenizer: trained (blt.train_bpe's way) on the training text into
-    RUNS/bpe-tokenizer, or reused from there while its settings are the same."""
+    tokenizer_dir, or reused from there while its settings are the same."""
     record = {"vocab_size": args.bpe_vocab_size, "data": args.data, "tokenizer_bytes": TOKENIZER_BYTES}
-    return folder_tokenizer(Path(args.runs) / "bpe-tokenizer", record, data.train)
+    try:
+        return folder_tokenizer(tokenizer_dir(args), record, data.train)
+    except ConfigError as e:
+        raise Fail(str(e)) from None
 
 
 def measure_bytes_per_token(args, tokenizer, valid: np.ndarray) -> float:
@@ -584,14 +614,15 @@ def measure_bytes_per_token(args, tokenizer, valid: np.ndarray) -> float:
 
 def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device) -> list[Contender]:
     """The chosen contenders (--contenders) with their FLOPs per byte and FLOP-matched step counts."""
-    measure = Measurer(args, entropy_dir, data.valid, device)
+    measure = Measurer(args, data.valid, device)
     ent_cfg = blt_cfg(p, args, "entropy", entropy_dir)
     space_cfg = blt_cfg(p, args, "space", None)
-    ent_bpp = measure("blt-entropy", ent_cfg)
+    ent_bpp = measure("blt-entropy", ent_cfg, entropy_dir)
     k = max(1, math.floor(ent_bpp + 0.5))
     static_cfg = blt_cfg(p, args, "static", None, patch_size=k)
     contenders = [
-        Contender("blt-entropy", "BLT", f"entropy θ={ent_cfg.patcher.threshold:.3f}", "blt", ent_cfg, ent_bpp),
+        Contender("blt-entropy", "BLT", f"entropy θ={ent_cfg.patcher.threshold:.3f}", "blt", ent_cfg, ent_bpp,
+                  entropy_dir=entropy_dir),
         Contender("blt-space", "BLT", "space", "blt", space_cfg, measure("blt-space", space_cfg)),
         # Measured too: the BOS patch and each window's last, shorter patch make it a little below k.
         Contender("blt-static", "BLT", f"static, {k} bytes", "blt", static_cfg, measure("blt-static", static_cfg)),
@@ -607,25 +638,32 @@ def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device)
                                     vocab_size=tokenizer.vocab_size))  # fmt: skip
     contenders = [c for c in contenders if c.name in args.contenders]
     for c in contenders:
-        c.seq_len = c.seq_len or args.seq_len
-        c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.bytes_per_patch if c.kind == "bpe" else 1)
-        if c.kind == "blt":
-            f = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len)
-            c.train_flops_per_byte, c.inference_flops_per_byte = f.train, f.forward
-        elif c.kind == "bpe":
-            c.inference_flops_per_byte = token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.bytes_per_patch)
-            c.train_flops_per_byte = 3 * c.inference_flops_per_byte
-        else:
-            c.inference_flops_per_byte = transformer_flops_per_byte(c.cfg, args.seq_len)
-            c.train_flops_per_byte = 3 * c.inference_flops_per_byte
-        step_flops = c.bytes_per_step * c.train_flops_per_byte
-        if args.flops < step_flops:
-            raise Fail(f"--flops {args.flops:.3g} is less than one training step of {c.name} ({step_flops:.3g} FLOPs = "
-                       f"{c.bytes_per_step:.6g} bytes x {c.train_flops_per_byte:.3g} FLOPs/byte); raise --flops or lower "
-                       f"--batch-size/--grad-accum/--seq-len")  # fmt: skip
-        c.steps = max(1, round(args.flops / step_flops))
-        c.params = count_params(c)
+        fit_budget(c, args)
     return contenders
+
+
+def fit_budget(c: Contender, args, charge_entropy: bool = True) -> None:
+    """Set c's bytes per step, training and inference FLOPs per byte, its share of --flops in
+    steps, and its parameter counts. charge_entropy=False leaves a BLT's entropy-model forward out
+    of its training FLOPs (FlopCount.train_blt)."""
+    c.seq_len = c.seq_len or args.seq_len
+    c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.bytes_per_patch if c.kind == "bpe" else 1)
+    if c.kind == "blt":
+        f = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len)
+        c.train_flops_per_byte, c.inference_flops_per_byte = f.train if charge_entropy else f.train_blt, f.forward
+    elif c.kind == "bpe":
+        c.inference_flops_per_byte = token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.bytes_per_patch)
+        c.train_flops_per_byte = 3 * c.inference_flops_per_byte
+    else:
+        c.inference_flops_per_byte = transformer_flops_per_byte(c.cfg, args.seq_len)
+        c.train_flops_per_byte = 3 * c.inference_flops_per_byte
+    step_flops = c.bytes_per_step * c.train_flops_per_byte
+    if args.flops < step_flops:
+        raise Fail(f"--flops {args.flops:.3g} is less than one training step of {c.name} ({step_flops:.3g} FLOPs = "
+                   f"{c.bytes_per_step:.6g} bytes x {c.train_flops_per_byte:.3g} FLOPs/byte); raise --flops or lower "
+                   f"--batch-size/--grad-accum/--seq-len")  # fmt: skip
+    c.steps = max(1, round(args.flops / step_flops))
+    c.params = count_params(c)
 
 
 def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
@@ -649,21 +687,21 @@ def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
     print(flush=True)
 
 
-def contender_job(c: Contender, args, entropy_dir: Path) -> Job:
+def contender_job(c: Contender, args) -> Job:
     plan = {"model": c.name, "config": dataclasses.asdict(c.cfg), "steps": c.steps, "dropout": args.dropout,
             **learning_settings(args)}  # fmt: skip
     tail = (["--dropout", str(args.dropout)] if args.dropout is not None else []) + args.extra_train_args
     if c.kind == "blt":
-        head = [sys.executable, "-m", "blt.train", "--config", args.config, "--patch-mode", c.cfg.patcher.mode]
+        head = [sys.executable, "-m", "blt.train", "--config", c.config_arg or args.config, "--patch-mode", c.cfg.patcher.mode]
         if c.cfg.patcher.mode == "static":
             head += ["--patch-size", str(c.cfg.patcher.patch_size)]
         if c.cfg.patcher.needs_entropy:
-            # patched live from the entropy model, whose forward the budget charges each step
-            head += ["--entropy-model", str(entropy_dir), "--threshold", repr(c.cfg.patcher.threshold),
+            # patched live from the entropy model, as the measurement and the evaluation patch
+            head += ["--entropy-model", str(c.entropy_dir), "--threshold", repr(c.cfg.patcher.threshold),
                      "--no-precomputed-entropies"]  # fmt: skip
         return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, CONFIG, plan)
     if c.kind == "bpe":
-        tokenizer = Path(args.runs) / "bpe-tokenizer"
+        tokenizer = tokenizer_dir(args)
         plan |= {"vocab_size": c.vocab_size, "seq_len_tokens": c.seq_len, "tokenizer": str(tokenizer)}
         head = [sys.executable, "-m", "blt.train_bpe", "--tokenizer", str(tokenizer), "--dim", str(c.cfg.dim),
                 "--layers", str(c.cfg.n_layers), "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip
@@ -720,33 +758,54 @@ def markdown(table: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_of(args) -> torch.device:
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def load_data(args):
+    """The training and held-out byte shards of --data and --valid-data (blt.data's cache)."""
+    data = prepare_data(DataConfig(source=args.data, valid_source=args.valid_data, cache_dir=args.cache_dir))
+    if len(data.valid) < 2:
+        raise Fail(f"--valid-data {args.valid_data}: no held-out bytes")
+    return data
+
+
+def prepare(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device) -> tuple[list[Contender], list[Job]]:
+    """The contenders (plan, printed) and their training jobs, every job's recorded settings
+    checked against its plan.json before any compute is spent."""
+    contenders = plan(p, args, baseline, entropy_dir, data, device)
+    print_plan(contenders, args, len(data.train))
+    jobs = [contender_job(c, args) for c in contenders]
+    for job in jobs:
+        check_plan(job, write=False)
+    return contenders, jobs
+
+
+def train_all(jobs: list[Job], args) -> None:
+    """Train every job that has no model folder yet (continuing interrupted ones), --parallel at a time."""
+    if args.parallel > 1:
+        train_parallel(jobs, args)
+    for job in jobs:
+        train_or_skip(job, args)  # after train_parallel: only says "skip"
+
+
 def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     _, baseline, entropy_cfg = check_args(p, args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = device_of(args)
     runs = Path(args.runs)
     try:
-        data = prepare_data(DataConfig(source=args.data, valid_source=args.valid_data, cache_dir=args.cache_dir))
-        if len(data.valid) < 2:
-            raise Fail(f"--valid-data {args.valid_data}: no held-out bytes")
+        data = load_data(args)
         entropy_dir = entropy_folder(args, entropy_cfg)
-        contenders = plan(p, args, baseline, entropy_dir, data, device)
-        print_plan(contenders, args, len(data.train))
-        jobs = [contender_job(c, args, entropy_dir) for c in contenders]
-        for job in jobs:  # every run's settings, before any compute is spent
-            check_plan(job, write=False)
+        contenders, jobs = prepare(p, args, baseline, entropy_dir, data, device)
         if args.dry_run:
             return
-        if args.parallel > 1:
-            train_parallel(jobs, args)
+        train_all(jobs, args)
         for c, job in zip(contenders, jobs):
-            if args.parallel == 1:
-                train_or_skip(job, args)
-            bpe = c.kind == "bpe"
-            c.eval = evaluate_bpe(job.out, c.seq_len, args, device) if bpe else evaluate(job.out, job.model_file, args)
+            c.eval = evaluate(job.out, job.model_file, args.valid_data, c.seq_len, args, device)
     except (Fail, DataError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
