@@ -416,7 +416,7 @@ def train_parallel(jobs: list[Job], args) -> None:
                     print(f"{name}: {'finished' if job.finished else 'stopped'}", flush=True)
             if stopping and not running:
                 raise Fail("stopped by a signal; run the same command again to continue")
-            time.sleep(1.0)
+            time.sleep(0.25)
     except KeyboardInterrupt:
         print("\ninterrupted: waiting for the runs to save their checkpoints", flush=True)
         for _, proc, _ in running.values():
@@ -498,7 +498,8 @@ class Contender:
     inference_flops_per_byte: float = 0.0
     steps: int = 0
     params: dict = field(default_factory=dict)
-    eval: dict | None = None
+    eval: dict | None = None  # on --valid-data
+    eval_extra: dict | None = None  # on a second held-out set (bench/patch_scaling.py's --extra-valid)
     config_arg: str | None = None  # a BLT's blt.train --config (default: --config)
     entropy_dir: Path | None = None  # a BLT's entropy model, for entropy patching
 
