@@ -27,10 +27,15 @@ forward of the frozen entropy model, for entropy patching), the baseline's
 3 x transformer_flops_per_byte, the BPE baseline's 3 x token_lm_flops_per_byte at its measured
 bytes per token (a token is its "patch"). Mean bytes/patch is measured before training by running the
 contender's patcher (entropy model included) on the held-out text, cut into --seq-len windows
-exactly as blt.eval cuts it (the first --measure-bytes tokens; 0 = all); the measurement is kept
-in RUNS/measure.json and reused while its inputs are unchanged; so is the BPE tokenizer's bytes
-per token on the held-out documents within the first --measure-bytes tokens (BOS and EOS counted
-as blt.eval counts them). Each contender then trains
+exactly as blt.eval cuts it (the first --measure-bytes tokens; 0 = all): the inference FLOPs per
+byte, and what the evaluation sees. The training FLOPs per byte take the mean patch size on a
+sample of the training text instead (--measure-bytes tokens in --seq-len windows spread evenly
+over the training stream: the text the FLOPs are spent on, which differs from the held-out text
+when the training data is a mixture). The measurements are kept in RUNS/measure.json and reused
+while their inputs are unchanged; so is the BPE tokenizer's bytes per token on the held-out
+documents within the first --measure-bytes tokens (BOS and EOS counted as blt.eval counts them;
+its training FLOPs do not depend on it: a token costs the same whatever it holds). Each contender
+then trains
 
     steps = round(budget / (bytes_per_step x train_FLOPs_per_byte)),
     bytes_per_step = batch_size x grad_accum x seq_len (the BPE baseline: x bytes per token),
@@ -91,13 +96,13 @@ from blt.bpe import (  # noqa: E402
 from blt.checkpoint import (  # noqa: E402
     CONFIG, ENTROPY_CONFIG, THRESHOLD, TOKEN_LM_WEIGHTS, CheckpointError, load_entropy_model,
 )
-from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig  # noqa: E402
+from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig, PatcherConfig  # noqa: E402
 from blt.data import DataConfig, DataError, encode_documents, iter_eval_batches, load_documents, prepare_data  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
 from blt.eval import eval_sums, load_any, real_patches  # noqa: E402
 from blt.flops import blt_flops_per_byte, token_lm_flops_per_byte, transformer_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
-from blt.patcher import patch  # noqa: E402
+from blt.patcher import calibrate_threshold, patch  # noqa: E402
 from blt.tokens import BOE_ID  # noqa: E402
 from blt.train_bpe import TOKENIZER_BYTES, documents, folder_tokenizer  # noqa: E402
 from blt.train_flags import blt_config, blt_parser, entropy_model_dir  # noqa: E402
@@ -490,7 +495,8 @@ class Contender:
     patching: str
     kind: str  # "blt" | "byte" | "bpe"
     cfg: object  # BLTConfig | EntropyModelConfig
-    bytes_per_patch: float = 1.0  # the BPE baseline: bytes per token
+    bytes_per_patch: float = 1.0  # on the held-out text (the BPE baseline: bytes per token)
+    train_bytes_per_patch: float = 1.0  # on the training sample (the BPE baseline: its held-out value)
     seq_len: int = 0  # tokens per window (bytes, but the BPE baseline's)
     bytes_per_step: float = 0.0
     vocab_size: int = 0  # the BPE baseline's
@@ -516,43 +522,101 @@ def measure_bytes_per_patch(tokens: np.ndarray, cfg: BLTConfig, entropy_model, s
     return n_bytes / n_patches
 
 
-class Measurer:
-    """Mean bytes/patch of each BLT contender's patcher on the held-out text; every result is kept
-    in RUNS/measure.json and reused while its inputs (data, windows, patcher, entropy model) are the same."""
+def training_sample(train: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:
+    """About n_tokens of the training stream (0: all of it): windows of seq_len tokens at evenly
+    spaced places, end to end, so that iter_eval_batches cuts exactly those windows back out. A
+    mixture of sources is sampled across all of them, not only in the first file."""
+    if n_tokens == 0 or n_tokens >= len(train) - seq_len:
+        return np.asarray(train)
+    starts = np.linspace(0, len(train) - seq_len, max(1, n_tokens // seq_len)).astype(np.int64)
+    return np.concatenate([np.asarray(train[s : s + seq_len]) for s in starts])
 
-    def __init__(self, args, valid: np.ndarray, device):
+
+@dataclass
+class PatchSizes:
+    heldout: float  # mean bytes/patch on --valid-data's first --measure-bytes tokens: inference FLOPs
+    train: float  # on the training sample: the FLOPs a training byte costs
+
+
+class Measurer:
+    """Mean bytes/patch of each BLT contender's patcher on the held-out text (its inference FLOPs,
+    and what blt.eval sees) and on a training sample (training_sample: its training FLOPs), and
+    entropy thresholds calibrated on that sample; every result is kept in RUNS/measure.json and
+    reused while its inputs (data, windows, patcher, entropy model) are the same."""
+
+    def __init__(self, args, data, device):
         self.args, self.device = args, device
-        self.tokens = np.asarray(valid[: args.measure_bytes] if args.measure_bytes else valid)
+        self.valid = data.valid
+        self.heldout = np.asarray(data.valid[: args.measure_bytes] if args.measure_bytes else data.valid)
+        self.train = training_sample(data.train, args.measure_bytes, args.seq_len)
         self.path = Path(args.runs) / "measure.json"
         self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.entropy_models = {}  # folder -> loaded model
 
-    def __call__(self, name: str, cfg: BLTConfig, entropy_dir: Path | None = None) -> float:
-        """cfg's mean bytes/patch; entropy_dir: the entropy model of an entropy-based patcher."""
-        key = {"valid_data": self.args.valid_data, "valid_tokens": len(self.tokens), "seq_len": self.args.seq_len,
-               "patcher": dataclasses.asdict(cfg.patcher)}  # fmt: skip
-        if cfg.patcher.needs_entropy:
-            key["entropy_model"] = dataclasses.asdict(cfg.entropy_model)
+    def key(self, entropy_dir: Path | None) -> dict:
+        key = {"valid_data": self.args.valid_data, "valid_tokens": len(self.heldout), "data": self.args.data,
+               "train_tokens": len(self.train), "seq_len": self.args.seq_len}  # fmt: skip
+        if entropy_dir is not None:
             key["entropy_model_mtime_ns"] = (entropy_dir / "entropy_model.safetensors").stat().st_mtime_ns
+        return key
+
+    def cached(self, name: str, key: dict, compute):
         entry = self.saved.get(name)
         if entry and entry["key"] == key:
-            return entry["bytes_per_patch"]
-        model = None
-        if cfg.patcher.needs_entropy:
-            if entropy_dir not in self.entropy_models:
-                try:
-                    self.entropy_models[entropy_dir] = load_entropy_model(entropy_dir, self.device)
-                except CheckpointError as e:
-                    raise Fail(str(e)) from None
-            model = self.entropy_models[entropy_dir]
+            return entry["value"]
         t0 = time.perf_counter()
-        value = measure_bytes_per_patch(self.tokens, cfg, model, self.args.seq_len, self.device)
-        print(f"{name}: {value:.3f} bytes/patch on {len(self.tokens)} held-out tokens "
-              f"({time.perf_counter() - t0:.1f}s)", flush=True)  # fmt: skip
-        self.saved[name] = {"key": key, "bytes_per_patch": value}
+        value = compute()
+        print(f"{name}: {value} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        self.saved[name] = {"key": key, "value": value}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.saved, indent=2) + "\n")
         return value
+
+    def entropy_model(self, entropy_dir: Path):
+        if entropy_dir not in self.entropy_models:
+            try:
+                self.entropy_models[entropy_dir] = load_entropy_model(entropy_dir, self.device)
+            except CheckpointError as e:
+                raise Fail(str(e)) from None
+        return self.entropy_models[entropy_dir]
+
+    def __call__(self, name: str, cfg: BLTConfig, entropy_dir: Path | None = None) -> PatchSizes:
+        """cfg's mean bytes/patch on both texts; entropy_dir: the entropy model of an entropy-based patcher."""
+        entropy_dir = entropy_dir if cfg.patcher.needs_entropy else None
+        key = {**self.key(entropy_dir), "patcher": dataclasses.asdict(cfg.patcher)}
+
+        def compute():
+            model = self.entropy_model(entropy_dir) if entropy_dir else None
+            return [measure_bytes_per_patch(tokens, cfg, model, self.args.seq_len, self.device)
+                    for tokens in (self.heldout, self.train)]  # fmt: skip
+
+        return PatchSizes(*self.cached(f"{name} bytes/patch (held-out, training)", key, compute))
+
+    def bytes_per_token(self, tokenizer) -> float:
+        """Bytes per token of a BPE tokenizer on the held-out documents within the first
+        --measure-bytes tokens (as blt.eval counts bytes: BOS and EOS included)."""
+        key = {**self.key(None), "tokenizer": hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()}
+
+        def compute():
+            docs = list(documents(self.valid, self.args.measure_bytes or None))
+            return eval_byte_count(docs) / (len(tokenizer.encode_documents(docs)) - 1)
+
+        return self.cached("bpe-baseline bytes/token (held-out)", key, compute)
+
+    @torch.no_grad()
+    def calibrate(self, entropy_dir: Path, target: float) -> float:
+        """θ for which entropy patching gives `target` mean bytes/patch on the training sample
+        (blt.patcher.calibrate_threshold over the entropy model's entropies of its windows)."""
+        key = {**self.key(entropy_dir), "target": target}
+
+        def compute():
+            rows = torch.from_numpy(self.train[: len(self.train) // self.args.seq_len * self.args.seq_len].astype(np.int64))
+            rows = rows.view(-1, self.args.seq_len)
+            model = self.entropy_model(entropy_dir)
+            entropies = torch.cat([model.entropies(r.to(self.device)).cpu() for r in rows.split(MEASURE_BATCH)])
+            return calibrate_threshold(entropies, rows, PatcherConfig(mode="entropy"), target)[0]
+
+        return self.cached(f"θ of {entropy_dir} for {target:g} bytes/patch", key, compute)
 
 
 def count_params(c: Contender) -> dict:
@@ -593,49 +657,30 @@ def bpe_tokenizer(args, data):
         raise Fail(str(e)) from None
 
 
-def measure_bytes_per_token(args, tokenizer, valid: np.ndarray) -> float:
-    """Bytes per token of the tokenizer on the held-out documents within the first
-    --measure-bytes tokens (as blt.eval counts bytes: BOS and EOS included); kept in
-    RUNS/measure.json while its inputs are the same."""
-    path = Path(args.runs) / "measure.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    key = {"valid_data": args.valid_data, "measure_bytes": args.measure_bytes, "tokenizer": tokenizer.tokenizer.to_str()}
-    key = {**key, "tokenizer": hashlib.sha256(key["tokenizer"].encode()).hexdigest()}
-    entry = saved.get("bpe-baseline")
-    if entry and entry["key"] == key:
-        return entry["bytes_per_token"]
-    docs = list(documents(valid, args.measure_bytes or None))
-    value = eval_byte_count(docs) / (len(tokenizer.encode_documents(docs)) - 1)
-    print(f"bpe-baseline: {value:.3f} bytes/token on {len(docs)} held-out documents", flush=True)
-    saved["bpe-baseline"] = {"key": key, "bytes_per_token": value}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(saved, indent=2) + "\n")
-    return value
-
-
 def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device) -> list[Contender]:
     """The chosen contenders (--contenders) with their FLOPs per byte and FLOP-matched step counts."""
-    measure = Measurer(args, data.valid, device)
+    measure = Measurer(args, data, device)
     ent_cfg = blt_cfg(p, args, "entropy", entropy_dir)
     space_cfg = blt_cfg(p, args, "space", None)
-    ent_bpp = measure("blt-entropy", ent_cfg, entropy_dir)
-    k = max(1, math.floor(ent_bpp + 0.5))
+    ent = measure("blt-entropy", ent_cfg, entropy_dir)
+    k = max(1, math.floor(ent.heldout + 0.5))
     static_cfg = blt_cfg(p, args, "static", None, patch_size=k)
+    space, static = measure("blt-space", space_cfg), measure("blt-static", static_cfg)
     contenders = [
-        Contender("blt-entropy", "BLT", f"entropy θ={ent_cfg.patcher.threshold:.3f}", "blt", ent_cfg, ent_bpp,
-                  entropy_dir=entropy_dir),
-        Contender("blt-space", "BLT", "space", "blt", space_cfg, measure("blt-space", space_cfg)),
+        Contender("blt-entropy", "BLT", f"entropy θ={ent_cfg.patcher.threshold:.3f}", "blt", ent_cfg, ent.heldout,
+                  ent.train, entropy_dir=entropy_dir),
+        Contender("blt-space", "BLT", "space", "blt", space_cfg, space.heldout, space.train),
         # Measured too: the BOS patch and each window's last, shorter patch make it a little below k.
-        Contender("blt-static", "BLT", f"static, {k} bytes", "blt", static_cfg, measure("blt-static", static_cfg)),
-        Contender("byte-baseline", "byte transformer", "none (1 byte)", "byte", baseline, 1.0),
+        Contender("blt-static", "BLT", f"static, {k} bytes", "blt", static_cfg, static.heldout, static.train),
+        Contender("byte-baseline", "byte transformer", "none (1 byte)", "byte", baseline),
     ]
     if "bpe-baseline" in args.contenders:
         tokenizer = bpe_tokenizer(args, data)
-        bpt = measure_bytes_per_token(args, tokenizer, data.valid)
+        bpt = measure.bytes_per_token(tokenizer)
         seq_len = max(MIN_BPE_SEQ_LEN, round(args.seq_len / bpt))  # a window covers about --seq-len bytes
         cfg = dataclasses.replace(args.bpe_shape, window=seq_len)
         patching = f"BPE, {tokenizer.vocab_size} ids, {seq_len}-token windows"
-        contenders.append(Contender("bpe-baseline", "BPE transformer", patching, "bpe", cfg, bpt, seq_len,
+        contenders.append(Contender("bpe-baseline", "BPE transformer", patching, "bpe", cfg, bpt, bpt, seq_len,
                                     vocab_size=tokenizer.vocab_size))  # fmt: skip
     contenders = [c for c in contenders if c.name in args.contenders]
     for c in contenders:
@@ -649,9 +694,10 @@ def fit_budget(c: Contender, args, charge_entropy: bool = True) -> None:
     of its training FLOPs (FlopCount.train_blt)."""
     c.seq_len = c.seq_len or args.seq_len
     c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.bytes_per_patch if c.kind == "bpe" else 1)
-    if c.kind == "blt":
-        f = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len)
-        c.train_flops_per_byte, c.inference_flops_per_byte = f.train if charge_entropy else f.train_blt, f.forward
+    if c.kind == "blt":  # a training byte costs what the training text's patches cost
+        f = blt_flops_per_byte(c.cfg, c.train_bytes_per_patch, args.seq_len)
+        c.train_flops_per_byte = f.train if charge_entropy else f.train_blt
+        c.inference_flops_per_byte = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len).forward
     elif c.kind == "bpe":
         c.inference_flops_per_byte = token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.bytes_per_patch)
         c.train_flops_per_byte = 3 * c.inference_flops_per_byte
@@ -672,12 +718,12 @@ def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
     print(f"\nbudget {args.flops:.3g} training FLOPs per contender; {bytes_per_step} bytes per step "
           f"(batch {args.batch_size} x grad-accum {args.grad_accum} x seq-len {args.seq_len}); "
           f"{train_tokens} training tokens")  # fmt: skip
-    print(f"{'contender':<14} {'bytes/patch':>11} {'train FLOPs/byte':>16} {'steps':>8} {'train bytes':>12} "
-          f"{'train FLOPs':>11} {'epochs':>7}")  # fmt: skip
+    print(f"{'contender':<16} {'bytes/patch':>11} {'(training)':>10} {'train FLOPs/byte':>16} {'steps':>8} "
+          f"{'train bytes':>12} {'train FLOPs':>11} {'epochs':>7}")  # fmt: skip
     for c in contenders:
         b = c.steps * c.bytes_per_step
-        print(f"{c.name:<14} {c.bytes_per_patch:>11.3f} {c.train_flops_per_byte:>16.4g} {c.steps:>8} {b:>12.0f} "
-              f"{b * c.train_flops_per_byte:>11.4g} {b / max(train_tokens, 1):>7.3g}")  # fmt: skip
+        print(f"{c.name:<16} {c.bytes_per_patch:>11.3f} {c.train_bytes_per_patch:>10.3f} {c.train_flops_per_byte:>16.4g} "
+              f"{c.steps:>8} {b:>12.0f} {b * c.train_flops_per_byte:>11.4g} {b / max(train_tokens, 1):>7.3g}")  # fmt: skip
     warmup = args.warmup if args.warmup is not None else TRAIN_DEFAULTS["warmup"]
     short = [c.name for c in contenders if c.steps <= warmup]
     if short:
@@ -731,6 +777,7 @@ def rows(contenders: list[Contender], args) -> list[dict]:
             "steps": c.steps, "seq_len": c.seq_len, "bytes_per_step": bytes_per_step, "train_bytes": train_bytes,
             "train_flops_per_byte": c.train_flops_per_byte, "train_flops": train_bytes * c.train_flops_per_byte,
             "inference_flops_per_byte": c.inference_flops_per_byte, "bytes_per_patch": c.bytes_per_patch,
+            "train_bytes_per_patch": c.train_bytes_per_patch,
             "eval_bytes_per_patch": c.eval["bytes_per_patch"] if c.eval else None,
             "bpb": c.eval["bpb"] if c.eval else None, "eval_bytes": c.eval["bytes"] if c.eval else None,
         })  # fmt: skip

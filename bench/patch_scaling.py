@@ -14,7 +14,10 @@ one entropy model (--train-entropy: trained once into RUNS/entropy; or --entropy
 tokenizer (RUNS/bpe-tokenizer) shared by every budget. Every contender is then evaluated on both
 held-out sets, --valid-data (the TinyStories development split) and --extra-valid (a held-out slice
 of the English mix), in fp32 over every document (flop_matched.evaluate: blt.eval's number, or
-the BPE baseline's bits per byte over the same bytes).
+the BPE baseline's bits per byte over the same bytes). blt-entropy's θ is --threshold, or else
+calibrated to --entropy-target-bytes-per-patch (default 4.5, the paper's) on flop_matched's
+training sample (windows spread over the whole training stream), not the entropy model's own
+θ: blt.train_entropy calibrates on the first 256 KiB of the training stream, one file of a mixture.
 
 Data. The paper's models never repeat data. Ours train on the English mix and the TinyStories
 training text (39 MB of text), which the larger budgets pass over a few times (the dry run prints
@@ -146,13 +149,13 @@ def budget_name(budget: float) -> str:
     return re.sub(r"e\+?0*(\d)", r"e\1", f"{budget:.3g}")
 
 
-def budget_args(p, raw, budget: float, base: BLTConfig, entropy_dir: Path):
-    """flop_matched's flags for one budget: its own runs folder, the shared entropy model and BPE
+def budget_args(p, raw, budget: float, base: BLTConfig, entropy_dir: Path, threshold: float):
+    """flop_matched's flags for one budget: its own runs folder, the shared entropy model, θ and BPE
     tokenizer, the shapes scaled for the budget (the BLT's as RUNS/<budget>/blt-config.json)."""
     a = copy.copy(raw)
     s = width_scale(raw, budget)
     a.flops, a.runs = budget, str(Path(raw.runs) / budget_name(budget))
-    a.entropy_model, a.train_entropy = str(entropy_dir), None
+    a.entropy_model, a.train_entropy, a.threshold = str(entropy_dir), None, threshold
     a.bpe_tokenizer = raw.bpe_tokenizer or str(Path(raw.runs) / "bpe-tokenizer")
     config = Path(a.runs) / "blt-config.json"
     text = json.dumps(scaled_blt(base, s).to_dict(), indent=2) + "\n"
@@ -336,9 +339,12 @@ def main(argv=None) -> None:
         check_settings(raw, write=False)
         data = fm.load_data(first)
         entropy_dir = fm.entropy_folder(first, entropy_cfg)  # RUNS/entropy with --train-entropy
+        threshold = raw.threshold
+        if threshold is None:
+            threshold = fm.Measurer(first, data, device).calibrate(entropy_dir, raw.entropy_target_bytes_per_patch)
         planned = []
         for budget in budgets:
-            a, baseline = budget_args(p, raw, budget, base, entropy_dir)
+            a, baseline = budget_args(p, raw, budget, base, entropy_dir, threshold)
             planned.append((budget, a, *fm.prepare(p, a, baseline, entropy_dir, data, device)))
         print_estimate(planned, raw)
         if raw.dry_run:
