@@ -143,25 +143,7 @@ def add_run_args(g, runs: str) -> None:
 
 def add_comparison_args(p: argparse.ArgumentParser) -> None:
     """Every flag of the comparison but the budget and the output (bench/patch_scaling.py has them too)."""
-    g = p.add_argument_group("data (as blt.train)")
-    g.add_argument("--data", default="tinystories", help="training source (see blt.data)")
-    g.add_argument("--valid-data", required=True, help="held-out source: patch-size measurement and blt.eval")
-    g.add_argument("--cache-dir", default="data_cache", help="byte-shard cache")
-    g.add_argument("--measure-bytes", type=int, default=256 * 1024,
-                   help="held-out tokens used to measure mean bytes/patch (0: all)")
-    g = p.add_argument_group("training (passed to every run)")
-    g.add_argument("--seq-len", type=int, default=2048, help="bytes per sequence")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-step")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: the training scripts')")
-    g.add_argument("--min-lr", type=float, help="final learning rate (default: the training scripts')")
-    g.add_argument("--warmup", type=int, help="warmup steps (default: the training scripts')")
-    g.add_argument("--dropout", type=float, help="dropout of the contenders (default: their configs')")
-    g.add_argument("--seed", type=int, default=0, help="init and data order")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--compile", action="store_true", help="torch.compile the blocks")
-    g.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the subprocesses and torch threads here")
-    g.add_argument("--extra-train-args", default="", help="string appended to every contender's training command")
+    add_training_args(p)
     g = p.add_argument_group("BLT contenders")
     g.add_argument("--config", default="tinystories", help=f"preset ({', '.join(PRESETS)}) or BLTConfig JSON file")
     g.add_argument("--threshold", type=float, help="blt-entropy's θ (default: the entropy model's patcher_threshold.json)")
@@ -192,21 +174,34 @@ def add_comparison_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated contenders to run (default: all, {','.join(NAMES)})")  # fmt: skip
 
 
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """The data and the training flags every run of a study shares (bench/patch_size_study.py's too)."""
+    g = p.add_argument_group("data (as blt.train)")
+    g.add_argument("--data", default="tinystories", help="training source (see blt.data)")
+    g.add_argument("--valid-data", required=True, help="held-out source: patch-size measurement and blt.eval")
+    g.add_argument("--cache-dir", default="data_cache", help="byte-shard cache")
+    g.add_argument("--measure-bytes", type=int, default=256 * 1024,
+                   help="held-out tokens, and training tokens sampled evenly, that measure mean bytes/patch (0: all)")
+    g = p.add_argument_group("training (passed to every run)")
+    g.add_argument("--seq-len", type=int, default=2048, help="bytes per sequence")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the training scripts')")
+    g.add_argument("--min-lr", type=float, help="final learning rate (default: the training scripts')")
+    g.add_argument("--warmup", type=int, help="warmup steps (default: the training scripts')")
+    g.add_argument("--dropout", type=float, help="dropout of the contenders (default: their configs')")
+    g.add_argument("--seed", type=int, default=0, help="init and data order")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    g.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the subprocesses and torch threads here")
+    g.add_argument("--extra-train-args", default="", help="string appended to every run's training command")
+
+
 def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyModelConfig, EntropyModelConfig | None]:
     """One-line errors for values no comparison can use. Returns the base BLT config, the baseline's
     config and (--train-entropy) the entropy model's."""
     checks = [
         (math.isfinite(args.flops) and args.flops > 0, "--flops must be a positive number of FLOPs"),
-        (args.seq_len >= 2, "--seq-len must be >= 2"),
-        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
-        (args.lr is None or args.lr > 0, "--lr must be > 0"),
-        (args.min_lr is None or args.min_lr >= 0, "--min-lr must be >= 0"),
-        (args.warmup is None or args.warmup >= 0, "--warmup must be >= 0"),
-        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.seed >= 0, "--seed must be >= 0"),
-        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
-        (args.parallel >= 1, "--parallel must be >= 1"),
-        (args.measure_bytes == 0 or args.measure_bytes > args.seq_len, "--measure-bytes must be 0 (all) or > --seq-len"),
         (args.entropy_model is None or args.train_entropy is None, "give --entropy-model DIR or --train-entropy STEPS, not both"),
         (args.entropy_model is not None or args.train_entropy is not None,
          "entropy patching needs an entropy model: --entropy-model DIR (blt.train_entropy's output) or --train-entropy STEPS"),
@@ -215,6 +210,7 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
         (args.baseline_window is None or args.baseline_window >= 1, "--baseline-window must be >= 1"),
         (args.bpe_vocab_size >= 259 and args.bpe_vocab_size <= 65536, "--bpe-vocab-size must be in [259, 65536]"),
     ]  # fmt: skip
+    check_training_args(p, args)
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -222,17 +218,7 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
     unknown = [name for name in args.contenders if name not in NAMES]
     if unknown or not args.contenders:
         p.error(f"--contenders: {unknown[0] if unknown else 'none'} is not one of {', '.join(NAMES)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
-    lr = args.lr if args.lr is not None else TRAIN_DEFAULTS["lr"]
-    min_lr = args.min_lr if args.min_lr is not None else TRAIN_DEFAULTS["min_lr"]
-    if min_lr > lr:
-        p.error(f"--min-lr {min_lr:g} is above --lr {lr:g} (the training scripts' defaults fill in the one not given)")
-    for flag in ("extra_train_args", "extra_entropy_args"):
-        try:
-            setattr(args, flag, shlex.split(getattr(args, flag)))
-        except ValueError as e:
-            p.error(f"--{flag.replace('_', '-')}: {e}")
+    args.extra_entropy_args = split_flag(p, args, "extra_entropy_args")
     if args.entropy_model is not None:
         folder = entropy_model_dir(args.entropy_model)
         if not (folder / ENTROPY_CONFIG).is_file():
@@ -270,6 +256,40 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
     except ConfigError as e:
         p.error(str(e))
     return base, baseline, entropy
+
+
+def split_flag(p: argparse.ArgumentParser, args, flag: str) -> list[str]:
+    """A string flag of extra command-line arguments, split as a shell would split it."""
+    try:
+        return shlex.split(getattr(args, flag))
+    except ValueError as e:
+        p.error(f"--{flag.replace('_', '-')}: {e}")
+
+
+def check_training_args(p: argparse.ArgumentParser, args) -> None:
+    """One-line parser errors for add_training_args's and add_run_args's values; splits --extra-train-args."""
+    checks = [
+        (args.seq_len >= 2, "--seq-len must be >= 2"),
+        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+        (args.lr is None or args.lr > 0, "--lr must be > 0"),
+        (args.min_lr is None or args.min_lr >= 0, "--min-lr must be >= 0"),
+        (args.warmup is None or args.warmup >= 0, "--warmup must be >= 0"),
+        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.seed >= 0, "--seed must be >= 0"),
+        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
+        (args.parallel >= 1, "--parallel must be >= 1"),
+        (args.measure_bytes == 0 or args.measure_bytes > args.seq_len, "--measure-bytes must be 0 (all) or > --seq-len"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    lr = args.lr if args.lr is not None else TRAIN_DEFAULTS["lr"]
+    min_lr = args.min_lr if args.min_lr is not None else TRAIN_DEFAULTS["min_lr"]
+    if min_lr > lr:
+        p.error(f"--min-lr {min_lr:g} is above --lr {lr:g} (the training scripts' defaults fill in the one not given)")
+    args.extra_train_args = split_flag(p, args, "extra_train_args")
 
 
 # ---- subprocesses ------------------------------------------------------------------------
@@ -604,17 +624,18 @@ class Measurer:
         return self.cached("bpe-baseline bytes/token (held-out)", key, compute)
 
     @torch.no_grad()
-    def calibrate(self, entropy_dir: Path, target: float) -> float:
-        """θ for which entropy patching gives `target` mean bytes/patch on the training sample
-        (blt.patcher.calibrate_threshold over the entropy model's entropies of its windows)."""
-        key = {**self.key(entropy_dir), "target": target}
+    def calibrate(self, entropy_dir: Path, target: float, patcher: PatcherConfig) -> float:
+        """θ for which `patcher` (an entropy-based mode; its max_patch_length applies) gives `target`
+        mean bytes/patch on the training sample (blt.patcher.calibrate_threshold over the entropy
+        model's entropies of its windows)."""
+        key = {**self.key(entropy_dir), "target": target, "patcher": dataclasses.asdict(patcher)}
 
         def compute():
             rows = torch.from_numpy(self.train[: len(self.train) // self.args.seq_len * self.args.seq_len].astype(np.int64))
             rows = rows.view(-1, self.args.seq_len)
             model = self.entropy_model(entropy_dir)
             entropies = torch.cat([model.entropies(r.to(self.device)).cpu() for r in rows.split(MEASURE_BATCH)])
-            return calibrate_threshold(entropies, rows, PatcherConfig(mode="entropy"), target)[0]
+            return calibrate_threshold(entropies, rows, patcher, target)[0]
 
         return self.cached(f"θ of {entropy_dir} for {target:g} bytes/patch", key, compute)
 
@@ -833,8 +854,9 @@ def train_all(jobs: list[Job], args) -> None:
     """Train every job that has no model folder yet (continuing interrupted ones), --parallel at a time."""
     if args.parallel > 1:
         train_parallel(jobs, args)
+        return
     for job in jobs:
-        train_or_skip(job, args)  # after train_parallel: only says "skip"
+        train_or_skip(job, args)
 
 
 def main(argv=None) -> None:

@@ -78,6 +78,7 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,10 +159,7 @@ def budget_args(p, raw, budget: float, base: BLTConfig, entropy_dir: Path, thres
     a.entropy_model, a.train_entropy, a.threshold = str(entropy_dir), None, threshold
     a.bpe_tokenizer = raw.bpe_tokenizer or str(Path(raw.runs) / "bpe-tokenizer")
     config = Path(a.runs) / "blt-config.json"
-    text = json.dumps(scaled_blt(base, s).to_dict(), indent=2) + "\n"
-    if not config.is_file() or config.read_text() != text:
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(text)
+    write_config(config, scaled_blt(base, s))
     a.config = str(config)
     for prefix in ("baseline", "bpe"):  # the BPE baseline's shape defaults to the byte baseline's
         shape = TransformerConfig(dim=getattr(raw, f"{prefix}_dim") or raw.baseline_dim,
@@ -234,33 +232,49 @@ def markdown(table: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[dict], path: Path, x: str, xlabel: str, panels: list[tuple[str, str]], line: str,
-         log_x: bool = True, title: str = "") -> None:  # fmt: skip
-    """One panel per (key, title) of `panels`: the key's values against x, one line per value of
-    `line` (points sorted by x), saved as a PNG."""
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    series: dict  # label -> [(x, held-out bits per byte), ...]
+    log_x: bool = True
+
+
+def plot(panels: list[Panel], path: Path, title: str) -> None:
+    """The panels side by side, a line per series (points sorted by x), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (key, panel_title) in zip(axes[0], panels):
-        for name in dict.fromkeys(r[line] for r in table):
-            points = sorted((r[x], r[key]) for r in table if r[line] == name and r[key] is not None)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=str(name))
-        if log_x:
+    for ax, panel in zip(axes[0], panels):
+        for label, points in panel.series.items():
+            points = sorted(points)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        if panel.log_x:
             ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out bits per byte")
-        ax.set_title(panel_title)
+        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel="held-out bits per byte")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_config(path: Path, cfg: BLTConfig) -> None:
+    """Write a run's BLT config (blt.train --config), or keep the same one; another one there was
+    written for other settings: refused, the file left as it is."""
+    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    if path.is_file() and path.read_text() != text:
+        k, old, new = fm.first_difference(json.loads(path.read_text()), cfg.to_dict()) or ("the file", "", "")
+        raise fm.Fail(f"{path} holds a config for other settings ({k}: {old!r} there, {new!r} now); delete "
+                      f"{path.parent} or choose another --runs")  # fmt: skip
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 
 def print_estimate(budgets: list[tuple], args) -> None:
@@ -341,7 +355,8 @@ def main(argv=None) -> None:
         entropy_dir = fm.entropy_folder(first, entropy_cfg)  # RUNS/entropy with --train-entropy
         threshold = raw.threshold
         if threshold is None:
-            threshold = fm.Measurer(first, data, device).calibrate(entropy_dir, raw.entropy_target_bytes_per_patch)
+            patcher = dataclasses.replace(base.patcher, mode="entropy")  # blt-entropy's, the config's max_patch_length
+            threshold = fm.Measurer(first, data, device).calibrate(entropy_dir, raw.entropy_target_bytes_per_patch, patcher)
         planned = []
         for budget in budgets:
             a, baseline = budget_args(p, raw, budget, base, entropy_dir, threshold)
@@ -366,10 +381,11 @@ def main(argv=None) -> None:
     (runs / "scaling.md").write_text(md)
     settings = {k: v for k, v in vars(raw).items() if k != "dry_run"}
     (runs / "scaling.json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2) + "\n")
-    panels = [("bpb_valid", f"held out: {held_out_label(raw.valid_data)}"),
-              ("bpb_extra", f"held out: {held_out_label(raw.extra_valid)}")]  # fmt: skip
-    plot(table, runs / "scaling.png", "train_flops", "training FLOPs", panels, line="name",
-         title="held-out bits per byte at equal training FLOPs")  # fmt: skip
+    panels = [Panel(f"held out: {held_out_label(source)}", "training FLOPs",
+                    {name: [(r["train_flops"], r[key]) for r in table if r["name"] == name]
+                     for name in dict.fromkeys(r["name"] for r in table)})
+              for key, source in (("bpb_valid", raw.valid_data), ("bpb_extra", raw.extra_valid))]  # fmt: skip
+    plot(panels, runs / "scaling.png", "held-out bits per byte at equal training FLOPs")
     print("\n" + md, end="")
     written = [runs / "scaling.md", runs / "scaling.json", runs / "scaling.png"]
     if noise is not None:

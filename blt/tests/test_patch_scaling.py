@@ -6,13 +6,12 @@ test_robustness.py), then: the table and the plot, a re-run that trains
 and evaluates nothing, and a changed setting refused (these call main() in-process).
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -66,14 +65,14 @@ def argv(work: Path, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, split_mod):
+def first(tmp_path_factory, split_mod, ps):
+    """The study run in this process (its trainings are subprocesses, four at a time)."""
     work = tmp_path_factory.mktemp("scaling")
     split_mod.split([str(book(work / "book.txt"))], work / "split", 0.25, 512, 0, [FIXTURE])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "bench" / "patch_scaling.py"), *argv(work, "--parallel", "4")]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return work, done.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ps.main(argv(work, "--parallel", "4"))
+    return work, out.getvalue()
 
 
 def test_table_plot_and_noise_table(first):
