@@ -10,8 +10,8 @@ Five contenders get the same training-FLOP budget (--flops); --contenders picks 
                    entropy model's calibrated θ (its patcher_threshold.json; or --threshold)
     blt-space      the same BLT, space patching
     blt-static     the same BLT, static patching; patch size k = blt-entropy's measured mean
-                   bytes/patch, rounded (its own measured mean is a little below k: BOS is a
-                   patch of its own and a window's last patch is cut short)
+                   bytes/patch on the training text, rounded (its own measured mean is a little
+                   below k: BOS is a patch of its own and a window's last patch is cut short)
     byte-baseline  a plain byte-level transformer (blt.train_entropy), --baseline-dim/-layers/
                    -heads, default 512 x 8 layers x 8 heads, attention window = --seq-len
     bpe-baseline   a Llama-style transformer over byte-level BPE tokens (blt.train_bpe, blt.bpe),
@@ -364,15 +364,18 @@ class Job:
         return (self.out / "model" / self.model_file).is_file()
 
 
-def first_difference(old, new, name: str = "") -> tuple[str, object, object] | None:
-    """(dotted key, old value, new value) of the first setting that differs, nested dicts descended."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            found = first_difference(old.get(k), new.get(k), f"{name}.{k}" if name else k)
-            if found:
-                return found
-        return None
-    return None if old == new else (name, old, new)
+def flat(settings: dict, prefix: str = "") -> dict:
+    """{"config": {"global_model": {"dim": 512}}} -> {"config.global_model.dim": 512}."""
+    out = {}
+    for k, v in settings.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def first_difference(old: dict, new: dict) -> tuple[str, object, object] | None:
+    """(dotted key, old value, new value) of the first setting that differs, in key order."""
+    old, new = flat(old), flat(new)
+    return next(((k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)), None)
 
 
 def check_plan(job: Job, write: bool) -> None:
@@ -678,13 +681,14 @@ def bpe_tokenizer(args, data):
         raise Fail(str(e)) from None
 
 
-def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device) -> list[Contender]:
-    """The chosen contenders (--contenders) with their FLOPs per byte and FLOP-matched step counts."""
-    measure = Measurer(args, data, device)
+def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device, measure=None) -> list[Contender]:
+    """The chosen contenders (--contenders) with their FLOPs per byte and FLOP-matched step counts.
+    measure: a Measurer to use (default: one on RUNS/measure.json)."""
+    measure = measure or Measurer(args, data, device)
     ent_cfg = blt_cfg(p, args, "entropy", entropy_dir)
     space_cfg = blt_cfg(p, args, "space", None)
     ent = measure("blt-entropy", ent_cfg, entropy_dir)
-    k = max(1, math.floor(ent.heldout + 0.5))
+    k = max(1, math.floor(ent.train + 0.5))
     static_cfg = blt_cfg(p, args, "static", None, patch_size=k)
     space, static = measure("blt-space", space_cfg), measure("blt-static", static_cfg)
     contenders = [
@@ -839,10 +843,11 @@ def load_data(args):
     return data
 
 
-def prepare(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device) -> tuple[list[Contender], list[Job]]:
+def prepare(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device,
+            measure=None) -> tuple[list[Contender], list[Job]]:  # fmt: skip
     """The contenders (plan, printed) and their training jobs, every job's recorded settings
     checked against its plan.json before any compute is spent."""
-    contenders = plan(p, args, baseline, entropy_dir, data, device)
+    contenders = plan(p, args, baseline, entropy_dir, data, device, measure)
     print_plan(contenders, args, len(data.train))
     jobs = [contender_job(c, args) for c in contenders]
     for job in jobs:

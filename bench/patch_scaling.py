@@ -353,14 +353,15 @@ def main(argv=None) -> None:
         check_settings(raw, write=False)
         data = fm.load_data(first)
         entropy_dir = fm.entropy_folder(first, entropy_cfg)  # RUNS/entropy with --train-entropy
+        measure = fm.Measurer(first, data, device)  # RUNS/measure.json: the patchers are the same at every budget
         threshold = raw.threshold
         if threshold is None:
             patcher = dataclasses.replace(base.patcher, mode="entropy")  # blt-entropy's, the config's max_patch_length
-            threshold = fm.Measurer(first, data, device).calibrate(entropy_dir, raw.entropy_target_bytes_per_patch, patcher)
+            threshold = measure.calibrate(entropy_dir, raw.entropy_target_bytes_per_patch, patcher)
         planned = []
         for budget in budgets:
             a, baseline = budget_args(p, raw, budget, base, entropy_dir, threshold)
-            planned.append((budget, a, *fm.prepare(p, a, baseline, entropy_dir, data, device)))
+            planned.append((budget, a, *fm.prepare(p, a, baseline, entropy_dir, data, device, measure)))
         print_estimate(planned, raw)
         if raw.dry_run:
             return

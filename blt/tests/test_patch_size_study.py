@@ -7,7 +7,6 @@ flop_matched's entropy_job, run by test_flop_matched.py and test_patch_scaling.p
 three BLT runs train, side by side.
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -19,19 +18,12 @@ from blt.checkpoint import save_entropy_model
 from blt.config import tiny
 from blt.entropy_model import EntropyModel
 from blt.flops import blt_flops_per_byte
+from blt.tests.test_patch_scaling import load
 
-ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = str(Path(__file__).parent / "fixtures" / "stories.txt")
 SHAPES = ["32x1x2", "48x1x2"]
 TARGETS = [2.5, 4.0]  # part (a); part (b) at 4
 TOLERANCE = 0.02  # forward FLOPs per byte against the reference (the FFN width moves in steps of 16)
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
