@@ -1,4 +1,4 @@
-"""Patches vs tokens at equal training FLOPs, over several budgets (paper §5.1, Figure 6, at our scale).
+"""Patches vs tokens at equal training FLOPs, over several budgets (paper §5, Figure 6, at our scale).
 
     python bench/heldout_split.py --out data/mix-split --fraction 0.02 --add data/tinystories/train.txt.xz \\
         --data data/english/{brown_untagged,kjv_bible,nltk_abc,nltk_genesis_english-web,nltk_inaugural}.txt.xz \\
@@ -19,18 +19,18 @@ calibrated to --entropy-target-bytes-per-patch (default 4.5, the paper's) on flo
 training sample (windows spread over the whole training stream), not the entropy model's own
 θ: blt.train_entropy calibrates on the first 256 KiB of the training stream, one file of a mixture.
 
-Data. The paper's models never repeat data. Ours train on the English mix and the TinyStories
+Data. The paper trains on trillions of bytes. Ours train on the English mix and the TinyStories
 training text (39 MB of text), which the larger budgets pass over a few times (the dry run prints
 the epochs). bench/heldout_split.py cuts the English files into ~8 KiB chunks and holds 2% of
 them out by a keyed hash (blt.data.is_heldout): its OUT/train folder is --data (the rest of the
 English and, copied, the TinyStories training text), its OUT/heldout.txt is --extra-valid
 (about 600 kB), so the training runs never see the slice they are scored on. The planned set
 leaves out the 21 MB Linux documentation (4.8 MB compressed): the nine other English files (7.8
-MB compressed, 31 MB of text) and TinyStories train and dev (1.9 MB compressed) fit in the 10 MB
-of data a GPU machine is given beside the repository.
+MB compressed, 31 MB of text) and TinyStories train and dev (1.9 MB compressed): 9.7 MB to copy
+to a GPU box beside the repository.
 
 Model sizes (our rule). The paper trains each size for its compute-optimal number of tokens
-(Llama 3's ratio, §5.1), so its models grow with the budget. Here every contender's widths
+(Llama 3's ratio; paper §5, Figure 6), so its models grow with the budget. Here every contender's widths
 are its reference shape (--config for the BLTs, --baseline-*/--bpe-* for the baselines, all
 meant for --ref-budget) times s = (budget / ref_budget) ** --width-exponent, rounded to whole
 attention heads; depths, head widths, the hash tables and the shared entropy model stay. At a
@@ -38,20 +38,22 @@ fixed depth the parameters grow as width², so the default exponent 0.25 grows t
 budget^0.5, the compute-optimal exponent (Hoffmann et al. 2022), and the bytes each model sees
 grow as budget^0.5 too: bytes per parameter are the same at every budget. That ratio is not the
 compute-optimal one. At 1e16 the reference BLT (the tinystories preset, 21M non-embedding
-parameters) sees about 170M bytes, 8 bytes a parameter, where Llama 3's ratio is about 20 tokens,
-90 bytes, a parameter; a compute-optimal model at 1e16 (about 9M parameters) would need about
-800M bytes, 20 passes over our 39 MB. We keep the largest budget near 4 passes (repeating data up
+parameters) sees about 165M bytes, 8 bytes a parameter, where the compute-optimal ratio is about
+20 tokens a parameter (Hoffmann et al. 2022; the paper takes Llama 3's), about 90 bytes at 4.4
+bytes a token; a compute-optimal model at 1e16 (about 9M parameters) would need about 800M bytes,
+20 passes over our 39 MB. We keep the largest budget near 4 passes (repeating data up
 to about 4 epochs costs little, Muennighoff et al. 2023) and the same ratio at every budget. So
 the plot is a scaling curve of models that grow with compute, like Figure 6, but every point is
 a model larger than compute-optimal: a line shows how its family scales at that ratio, not at
 the optimum. --width-exponent 0 keeps every model at its reference shape and lets the budget set
 only the steps: each line is then one model's learning curve (every point a full cosine schedule).
 
-GPU time (the dry run prints it per budget): train bytes / --bytes-per-second (default 2M: the BLT
-recipe's measured training speed on one H100/H200; we assume the same for the baselines) plus
+GPU time (the dry run prints it per budget): train bytes / --bytes-per-second (default 2M: the BLT's
+measured training speed, 1.7-2.1M bytes/s on one H100 or H200, PROGRESS.md; assumed for the
+baselines too) plus
 --overhead-per-run (default 60 s: start-up, compilation, evaluations), for the runs one after
 another; --parallel overlaps them. With the flags above (flop_matched's defaults for the shapes,
-the tinystories preset for the BLT): 1e15 about 6 minutes, 3e15 about 8, 1e16 about 13.
+the tinystories preset for the BLT): 1e15 about 7 minutes, 3e15 about 8, 1e16 about 12.
 
 Robustness (--robustness; paper §6.1, Table 3, at our scale): every contender of every budget on
 the first --robustness-bytes of --robustness-data (default --valid-data), clean and under each of
@@ -242,13 +244,10 @@ class Panel:
 
 def plot(panels: list[Panel], path: Path, title: str) -> None:
     """The panels side by side, a line per series (points sorted by x), saved as a PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure  # draws with Agg when saved; no pyplot, no GUI
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    fig = Figure(figsize=(5.5 * len(panels), 4.4), layout="constrained")
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, points in panel.series.items():
             points = sorted(points)
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
@@ -258,10 +257,8 @@ def plot(panels: list[Panel], path: Path, title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_config(path: Path, cfg: BLTConfig) -> None:

@@ -1,4 +1,4 @@
-"""Patch size and entropy model at a fixed inference budget (paper §5.3 and Figure 7; §7.1 and
+"""Patch size and entropy model at a fixed inference budget (paper §5 and Figure 7; §7 and
 Figure 8; at our scale).
 
     python bench/patch_size_study.py --flops 1e16 --data data/mix-split/train \\
@@ -18,8 +18,8 @@ The run both parts share (the first entropy model at 4.5 bytes) is trained once.
 two held-out sets are bench/patch_scaling.py's (see there).
 
 The inference budget. The paper holds inference FLOPs fixed and lets larger patches pay for a
-larger latent transformer (§5.3: the global model runs once a patch, so at 8 bytes a patch it
-costs half what it costs at 4, per byte). Ours: the reference is --config (default tinystories)
+larger latent transformer (the global model runs once a patch, so at 8 bytes a patch it costs,
+per byte, half what it costs at 4). Ours: the reference is --config (default tinystories)
 at --ref-bytes-per-patch (default 4.5), F = its forward FLOPs per byte (blt.flops, patcher
 excluded). Each run's global transformer is resized so that its forward FLOPs per byte, at the
 mean patch size its θ gives on the training sample, equal F: first its width times
@@ -32,8 +32,8 @@ FLOPs leave out too.
 
 The training budget. Every run trains on --flops FLOPs at 3 x its forward FLOPs per byte
 (flop_matched.fit_budget, the entropy model's forward not charged), so every run sees the same
-bytes: Figure 8 compares entropy models at equal training data, and charging a 10M-parameter
-entropy model's forward would have cut its BLT's steps.
+bytes and only the patching differs; charging a 10M-parameter entropy model's forward would have
+cut its BLT's steps by 30%.
 
 θ is calibrated (blt.patcher.calibrate_threshold, flop_matched.Measurer.calibrate) on a sample of
 the training text, windows spread evenly over the whole stream, for the target mean patch size;
