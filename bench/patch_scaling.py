@@ -365,7 +365,7 @@ def main(argv=None) -> None:
         check_settings(raw, write=True)
         # every budget's runs in one queue, smallest budget first (the flags they share are the same)
         fm.train_all([job for *_, jobs in planned for job in jobs], planned[0][1])
-        for budget, a, contenders, jobs in planned:
+        for _, a, contenders, jobs in planned:
             for c, job in zip(contenders, jobs):
                 c.eval = fm.evaluate(job.out, job.model_file, a.valid_data, c.seq_len, a, device)
                 c.eval_extra = fm.evaluate(job.out, job.model_file, a.extra_valid, c.seq_len, a, device, "eval-extra.json")
