@@ -431,17 +431,17 @@ def train_parallel(jobs: list[Job], args) -> None:
                 if cmd is not None:
                     log = (job.out / "train.log").open("a")
                     print(f"$ {shlex.join(cmd)}  > {job.out / 'train.log'}", flush=True)
-                    running[job.name] = (job, subprocess.Popen(cmd, env=child_env(args), stdout=log, stderr=log), log)
+                    running[job.out] = (job, subprocess.Popen(cmd, env=child_env(args), stdout=log, stderr=log), log)
             if stopping:
                 for _, proc, _ in running.values():
                     proc.send_signal(signal.SIGTERM)
-            for name, (job, proc, log) in list(running.items()):
+            for out, (job, proc, log) in list(running.items()):  # keyed by folder: names may repeat
                 if proc.poll() is not None:
                     log.close()
-                    del running[name]
+                    del running[out]
                     if proc.returncode != 0 and not stopping:
-                        raise Fail(f"{name} failed (exit code {proc.returncode}); see {job.out / 'train.log'}")
-                    print(f"{name}: {'finished' if job.finished else 'stopped'}", flush=True)
+                        raise Fail(f"{job.name} failed (exit code {proc.returncode}); see {out / 'train.log'}")
+                    print(f"{job.name}: {'finished' if job.finished else 'stopped'}", flush=True)
             if stopping and not running:
                 raise Fail("stopped by a signal; run the same command again to continue")
             time.sleep(0.25)
@@ -478,7 +478,6 @@ def evaluate(out: Path, model_file: str, source: str, seq_len: int, args, device
         batches = iter_eval_batches(encode_documents(docs), args.batch_size, seq_len)
         nats, targets, inputs, patches = eval_sums(model, batches, device).tolist()
         result = {"bpb": nats / math.log(2) / targets, "bytes": int(targets), "bytes_per_patch": inputs / patches}
-    del model
     print(f"{out.name}: bpb {result['bpb']:.4f} on {source} ({result['bytes']} bytes)", flush=True)
     path.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return result
@@ -487,13 +486,15 @@ def evaluate(out: Path, model_file: str, source: str, seq_len: int, args, device
 # ---- the entropy model -------------------------------------------------------------------
 
 
-def entropy_job(args, cfg: EntropyModelConfig, out: Path, steps: int, target: float, extra: list[str]) -> Job:
-    """blt.train_entropy of an entropy model of shape cfg into out, θ calibrated to `target` bytes/patch."""
+def entropy_job(args, cfg: EntropyModelConfig, out: Path, steps: int, target: float, extra: list[str],
+                name: str = "entropy model") -> Job:  # fmt: skip
+    """blt.train_entropy of an entropy model of shape cfg into out, θ calibrated to `target` bytes/patch;
+    `name` tells it from the other jobs (train_parallel keys its runs by name)."""
     head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(cfg.dim), "--layers", str(cfg.n_layers),
             "--heads", str(cfg.n_heads), "--window", str(cfg.window or 0), "--target-bytes-per-patch", str(target)]  # fmt: skip
     plan = {"model": "entropy model", "shape": dataclasses.asdict(cfg), "steps": steps, "target_bytes_per_patch": target,
             **learning_settings(args)}  # fmt: skip
-    return Job("entropy model", out, head, extra, steps, ENTROPY_CONFIG, plan)
+    return Job(name, out, head, extra, steps, ENTROPY_CONFIG, plan)
 
 
 def entropy_folder(args, entropy_cfg: EntropyModelConfig | None) -> Path:

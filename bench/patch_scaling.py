@@ -358,7 +358,10 @@ def main(argv=None) -> None:
         planned = []
         for budget in budgets:
             a, baseline = budget_args(p, raw, budget, base, entropy_dir, threshold)
-            planned.append((budget, a, *fm.prepare(p, a, baseline, entropy_dir, data, device, measure)))
+            contenders, jobs = fm.prepare(p, a, baseline, entropy_dir, data, device, measure)
+            for job in jobs:  # one queue holds every budget's runs
+                job.name = f"{job.name} at {budget_name(budget)}"
+            planned.append((budget, a, contenders, jobs))
         print_estimate(planned, raw)
         if raw.dry_run:
             return

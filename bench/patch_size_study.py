@@ -245,7 +245,7 @@ def main(argv=None) -> None:
     try:
         data = fm.load_data(args)
         entropy_jobs = {s: fm.entropy_job(args, cfg, runs / f"entropy-{s.lower()}", args.entropy_steps,
-                                          args.entropy_patch_size, args.extra_entropy_args)
+                                          args.entropy_patch_size, args.extra_entropy_args, f"entropy-{s.lower()}")
                         for s, cfg in shapes.items()}  # fmt: skip
         for job in entropy_jobs.values():
             fm.check_plan(job, write=False)
