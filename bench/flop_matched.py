@@ -10,16 +10,16 @@ Five contenders get the same training-FLOP budget (--flops); --contenders picks 
                    entropy model's calibrated θ (its patcher_threshold.json; or --threshold)
     blt-space      the same BLT, space patching
     blt-static     the same BLT, static patching; patch size k = blt-entropy's measured mean
-                   bytes/patch, rounded (its own measured mean is a little below k: BOS is a
-                   patch of its own and a window's last patch is cut short)
+                   bytes/patch on the training text, rounded (its own measured mean is a little
+                   below k: BOS is a patch of its own and a window's last patch is cut short)
     byte-baseline  a plain byte-level transformer (blt.train_entropy), --baseline-dim/-layers/
                    -heads, default 512 x 8 layers x 8 heads, attention window = --seq-len
     bpe-baseline   a Llama-style transformer over byte-level BPE tokens (blt.train_bpe, blt.bpe),
                    --bpe-dim/-layers/-heads (default: the byte baseline's), vocabulary
                    --bpe-vocab-size (default 4096, justified in blt.bpe), its tokenizer trained on
-                   the training text into RUNS/bpe-tokenizer; seq_len (and attention window) in
-                   tokens = --seq-len / measured bytes per token, rounded, at least 16, so a window
-                   covers about the same text as the others'
+                   the training text into RUNS/bpe-tokenizer (or --bpe-tokenizer); seq_len (and
+                   attention window) in tokens = --seq-len / measured bytes per token, rounded, at
+                   least 16, so a window covers about the same text as the others'
 
 How the budget is split. Each contender's training FLOPs per byte come from blt.flops: a BLT's
 blt_flops_per_byte(cfg, bytes_per_patch, seq_len).train (forward + backward of the BLT and the
@@ -27,10 +27,15 @@ forward of the frozen entropy model, for entropy patching), the baseline's
 3 x transformer_flops_per_byte, the BPE baseline's 3 x token_lm_flops_per_byte at its measured
 bytes per token (a token is its "patch"). Mean bytes/patch is measured before training by running the
 contender's patcher (entropy model included) on the held-out text, cut into --seq-len windows
-exactly as blt.eval cuts it (the first --measure-bytes tokens; 0 = all); the measurement is kept
-in RUNS/measure.json and reused while its inputs are unchanged; so is the BPE tokenizer's bytes
-per token on the held-out documents within the first --measure-bytes tokens (BOS and EOS counted
-as blt.eval counts them). Each contender then trains
+exactly as blt.eval cuts it (the first --measure-bytes tokens; 0 = all): the inference FLOPs per
+byte, and what the evaluation sees. The training FLOPs per byte take the mean patch size on a
+sample of the training text instead (--measure-bytes tokens in --seq-len windows spread evenly
+over the training stream: the text the FLOPs are spent on, which differs from the held-out text
+when the training data is a mixture). The measurements are kept in RUNS/measure.json and reused
+while their inputs are unchanged; so is the BPE tokenizer's bytes per token on the held-out
+documents within the first --measure-bytes tokens (BOS and EOS counted as blt.eval counts them;
+its training FLOPs do not depend on it: a token costs the same whatever it holds). Each contender
+then trains
 
     steps = round(budget / (bytes_per_step x train_FLOPs_per_byte)),
     bytes_per_step = batch_size x grad_accum x seq_len (the BPE baseline: x bytes per token),
@@ -38,17 +43,24 @@ as blt.eval counts them). Each contender then trains
 so every contender spends the budget to within half a step, and sees a different number of bytes.
 Training the entropy model itself is not charged to the budget (as in the paper).
 
-Runs. Each contender trains in a subprocess (`python -m blt.train` / `python -m blt.train_entropy`,
---out RUNS/<name>), then is evaluated with `python -m blt.eval --checkpoint RUNS/<name>/model
---data VALID` (fp32, the whole held-out file); the BPE baseline in this process with
-blt.bpe.bpe_bits_per_byte (fp32, the same file, windows of its seq_len tokens): token nats / ln 2
-/ the same bytes blt.eval scores. The comparison is resumable: a contender whose
-model folder exists is skipped, one with only a checkpoint (interrupted) continues with --resume,
-and a finished evaluation is kept in RUNS/<name>/eval.json. RUNS/<name>/plan.json records the
-settings a contender was started with; re-running with different settings (another budget,
-batch, shape, data, learning rate, ...) stops with an error instead of mixing runs.
---extra-train-args are appended to every contender's training command and are not checked.
-Ctrl-C lets the running training save a checkpoint; run the same command again to continue.
+Runs. Each contender trains in a subprocess (`python -m blt.train` / `python -m blt.train_entropy` /
+`python -m blt.train_bpe`, --out RUNS/<name>), then is evaluated in this process on the whole
+held-out file in fp32: a BLT or the byte baseline with blt.eval's own functions (load_any,
+eval_sums over iter_eval_batches: the number `python -m blt.eval --checkpoint RUNS/<name>/model
+--data VALID` prints), the BPE baseline with blt.bpe.bpe_bits_per_byte (windows of its seq_len
+tokens): token nats / ln 2 / the same bytes blt.eval scores. The comparison is resumable: a
+contender whose model folder exists is skipped, one with only a checkpoint (interrupted) continues
+with --resume, and a finished evaluation is kept in RUNS/<name>/eval.json. RUNS/<name>/plan.json
+records the settings a contender was started with; re-running with different settings (another
+budget, batch, shape, data, learning rate, ...) stops with an error naming the first setting that
+differs, instead of mixing runs. --extra-train-args are appended to every contender's training
+command and are not checked. Ctrl-C lets the running training save a checkpoint; run the same
+command again to continue. --bpe-tokenizer DIR keeps the BPE tokenizer elsewhere than
+RUNS/bpe-tokenizer (bench/patch_scaling.py shares one across budgets).
+
+Other studies import the pieces: add_comparison_args and check_args (the flags), prepare
+(contenders, their FLOP-matched steps and jobs, every plan checked before any training),
+train_all, evaluate, fit_budget, Measurer, rows.
 
 Output: a Markdown table (printed, and RUNS/table.md) and RUNS/table.json. Parameters: total
 counts the trained model (a BLT's entropy model is listed apart); non-embedding leaves out the
@@ -64,7 +76,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -85,20 +96,19 @@ from blt.bpe import (  # noqa: E402
 from blt.checkpoint import (  # noqa: E402
     CONFIG, ENTROPY_CONFIG, THRESHOLD, TOKEN_LM_WEIGHTS, CheckpointError, load_entropy_model,
 )
-from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig  # noqa: E402
-from blt.data import DataConfig, DataError, iter_eval_batches, load_documents, prepare_data  # noqa: E402
+from blt.config import PRESETS, BLTConfig, ConfigError, EntropyModelConfig, PatcherConfig  # noqa: E402
+from blt.data import DataConfig, DataError, encode_documents, iter_eval_batches, load_documents, prepare_data  # noqa: E402
 from blt.entropy_model import EntropyModel  # noqa: E402
-from blt.eval import real_patches  # noqa: E402
+from blt.eval import eval_sums, load_any, real_patches  # noqa: E402
 from blt.flops import blt_flops_per_byte, token_lm_flops_per_byte, transformer_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
-from blt.patcher import patch  # noqa: E402
+from blt.patcher import calibrate_threshold, patch  # noqa: E402
 from blt.tokens import BOE_ID  # noqa: E402
 from blt.train_bpe import TOKENIZER_BYTES, documents, folder_tokenizer  # noqa: E402
 from blt.train_flags import blt_config, blt_parser, entropy_model_dir  # noqa: E402
 
 NAMES = ("blt-entropy", "blt-space", "blt-static", "byte-baseline", "bpe-baseline")
 MIN_BPE_SEQ_LEN = 16  # tokens per window of the BPE baseline, at least
-EVAL_LINE = re.compile(r"^bpb=(\S+) bytes=(\d+) bytes_per_patch=(\S+)$")
 TRAIN_DEFAULTS = {k: blt_parser().get_default(k) for k in ("lr", "min_lr", "warmup")}
 MEASURE_BATCH = 16  # windows per patcher forward while measuring bytes/patch (does not change the result)
 
@@ -118,29 +128,22 @@ def parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("budget and output")
     g.add_argument("--flops", type=float, required=True, help="training-FLOP budget of every contender, e.g. 1e16")
-    g.add_argument("--runs", default="runs/flop_matched", help="folder of the runs, table.md and table.json")
+    add_run_args(g, "runs/flop_matched")
+    add_comparison_args(p)
+    return p
+
+
+def add_run_args(g, runs: str) -> None:
+    """--runs, --dry-run and --parallel (a study's output folder and how its runs go)."""
+    g.add_argument("--runs", default=runs, help="folder of the runs and the tables")
     g.add_argument("--dry-run", action="store_true", help="print the plan (steps, bytes, FLOPs) and stop")
     g.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="train up to N contenders at once (on one GPU: small runs leave it mostly idle)")
-    g = p.add_argument_group("data (as blt.train)")
-    g.add_argument("--data", default="tinystories", help="training source (see blt.data)")
-    g.add_argument("--valid-data", required=True, help="held-out source: patch-size measurement and blt.eval")
-    g.add_argument("--cache-dir", default="data_cache", help="byte-shard cache")
-    g.add_argument("--measure-bytes", type=int, default=256 * 1024,
-                   help="held-out tokens used to measure mean bytes/patch (0: all)")
-    g = p.add_argument_group("training (passed to every run)")
-    g.add_argument("--seq-len", type=int, default=2048, help="bytes per sequence")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-step")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: the training scripts')")
-    g.add_argument("--min-lr", type=float, help="final learning rate (default: the training scripts')")
-    g.add_argument("--warmup", type=int, help="warmup steps (default: the training scripts')")
-    g.add_argument("--dropout", type=float, help="dropout of the contenders (default: their configs')")
-    g.add_argument("--seed", type=int, default=0, help="init and data order")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--compile", action="store_true", help="torch.compile the blocks")
-    g.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the subprocesses and torch threads here")
-    g.add_argument("--extra-train-args", default="", help="string appended to every contender's training command")
+                   help="train up to N runs at once (on one GPU: small runs leave it mostly idle)")  # fmt: skip
+
+
+def add_comparison_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of the comparison but the budget and the output (bench/patch_scaling.py has them too)."""
+    add_training_args(p)
     g = p.add_argument_group("BLT contenders")
     g.add_argument("--config", default="tinystories", help=f"preset ({', '.join(PRESETS)}) or BLTConfig JSON file")
     g.add_argument("--threshold", type=float, help="blt-entropy's θ (default: the entropy model's patcher_threshold.json)")
@@ -164,9 +167,34 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bpe-heads", type=int, help="heads (default: --baseline-heads)")
     g.add_argument("--bpe-vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help="BPE vocabulary, specials included (default: blt.bpe's, justified there)")  # fmt: skip
+    g.add_argument("--bpe-tokenizer", metavar="DIR",
+                   help="folder of the BPE tokenizer: trained there on the training text, or reused while its "
+                        "settings are the same (default: RUNS/bpe-tokenizer)")  # fmt: skip
     g.add_argument("--contenders", default=",".join(NAMES),
                    help=f"comma-separated contenders to run (default: all, {','.join(NAMES)})")  # fmt: skip
-    return p
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """The data and the training flags every run of a study shares (bench/patch_size_study.py's too)."""
+    g = p.add_argument_group("data (as blt.train)")
+    g.add_argument("--data", default="tinystories", help="training source (see blt.data)")
+    g.add_argument("--valid-data", required=True, help="held-out source: patch-size measurement and blt.eval")
+    g.add_argument("--cache-dir", default="data_cache", help="byte-shard cache")
+    g.add_argument("--measure-bytes", type=int, default=256 * 1024,
+                   help="held-out tokens, and training tokens sampled evenly, that measure mean bytes/patch (0: all)")
+    g = p.add_argument_group("training (passed to every run)")
+    g.add_argument("--seq-len", type=int, default=2048, help="bytes per sequence")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the training scripts')")
+    g.add_argument("--min-lr", type=float, help="final learning rate (default: the training scripts')")
+    g.add_argument("--warmup", type=int, help="warmup steps (default: the training scripts')")
+    g.add_argument("--dropout", type=float, help="dropout of the contenders (default: their configs')")
+    g.add_argument("--seed", type=int, default=0, help="init and data order")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    g.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the subprocesses and torch threads here")
+    g.add_argument("--extra-train-args", default="", help="string appended to every run's training command")
 
 
 def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyModelConfig, EntropyModelConfig | None]:
@@ -174,16 +202,6 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
     config and (--train-entropy) the entropy model's."""
     checks = [
         (math.isfinite(args.flops) and args.flops > 0, "--flops must be a positive number of FLOPs"),
-        (args.seq_len >= 2, "--seq-len must be >= 2"),
-        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
-        (args.lr is None or args.lr > 0, "--lr must be > 0"),
-        (args.min_lr is None or args.min_lr >= 0, "--min-lr must be >= 0"),
-        (args.warmup is None or args.warmup >= 0, "--warmup must be >= 0"),
-        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.seed >= 0, "--seed must be >= 0"),
-        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
-        (args.parallel >= 1, "--parallel must be >= 1"),
-        (args.measure_bytes == 0 or args.measure_bytes > args.seq_len, "--measure-bytes must be 0 (all) or > --seq-len"),
         (args.entropy_model is None or args.train_entropy is None, "give --entropy-model DIR or --train-entropy STEPS, not both"),
         (args.entropy_model is not None or args.train_entropy is not None,
          "entropy patching needs an entropy model: --entropy-model DIR (blt.train_entropy's output) or --train-entropy STEPS"),
@@ -192,6 +210,7 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
         (args.baseline_window is None or args.baseline_window >= 1, "--baseline-window must be >= 1"),
         (args.bpe_vocab_size >= 259 and args.bpe_vocab_size <= 65536, "--bpe-vocab-size must be in [259, 65536]"),
     ]  # fmt: skip
+    check_training_args(p, args)
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -199,17 +218,7 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
     unknown = [name for name in args.contenders if name not in NAMES]
     if unknown or not args.contenders:
         p.error(f"--contenders: {unknown[0] if unknown else 'none'} is not one of {', '.join(NAMES)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
-    lr = args.lr if args.lr is not None else TRAIN_DEFAULTS["lr"]
-    min_lr = args.min_lr if args.min_lr is not None else TRAIN_DEFAULTS["min_lr"]
-    if min_lr > lr:
-        p.error(f"--min-lr {min_lr:g} is above --lr {lr:g} (the training scripts' defaults fill in the one not given)")
-    for flag in ("extra_train_args", "extra_entropy_args"):
-        try:
-            setattr(args, flag, shlex.split(getattr(args, flag)))
-        except ValueError as e:
-            p.error(f"--{flag.replace('_', '-')}: {e}")
+    args.extra_entropy_args = split_flag(p, args, "extra_entropy_args")
     if args.entropy_model is not None:
         folder = entropy_model_dir(args.entropy_model)
         if not (folder / ENTROPY_CONFIG).is_file():
@@ -247,6 +256,40 @@ def check_args(p: argparse.ArgumentParser, args) -> tuple[BLTConfig, EntropyMode
     except ConfigError as e:
         p.error(str(e))
     return base, baseline, entropy
+
+
+def split_flag(p: argparse.ArgumentParser, args, flag: str) -> list[str]:
+    """A string flag of extra command-line arguments, split as a shell would split it."""
+    try:
+        return shlex.split(getattr(args, flag))
+    except ValueError as e:
+        p.error(f"--{flag.replace('_', '-')}: {e}")
+
+
+def check_training_args(p: argparse.ArgumentParser, args) -> None:
+    """One-line parser errors for add_training_args's and add_run_args's values; splits --extra-train-args."""
+    checks = [
+        (args.seq_len >= 2, "--seq-len must be >= 2"),
+        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+        (args.lr is None or args.lr > 0, "--lr must be > 0"),
+        (args.min_lr is None or args.min_lr >= 0, "--min-lr must be >= 0"),
+        (args.warmup is None or args.warmup >= 0, "--warmup must be >= 0"),
+        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.seed >= 0, "--seed must be >= 0"),
+        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
+        (args.parallel >= 1, "--parallel must be >= 1"),
+        (args.measure_bytes == 0 or args.measure_bytes > args.seq_len, "--measure-bytes must be 0 (all) or > --seq-len"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    lr = args.lr if args.lr is not None else TRAIN_DEFAULTS["lr"]
+    min_lr = args.min_lr if args.min_lr is not None else TRAIN_DEFAULTS["min_lr"]
+    if min_lr > lr:
+        p.error(f"--min-lr {min_lr:g} is above --lr {lr:g} (the training scripts' defaults fill in the one not given)")
+    args.extra_train_args = split_flag(p, args, "extra_train_args")
 
 
 # ---- subprocesses ------------------------------------------------------------------------
@@ -321,15 +364,28 @@ class Job:
         return (self.out / "model" / self.model_file).is_file()
 
 
+def flat(settings: dict, prefix: str = "") -> dict:
+    """{"config": {"global_model": {"dim": 512}}} -> {"config.global_model.dim": 512}."""
+    out = {}
+    for k, v in settings.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def first_difference(old: dict, new: dict) -> tuple[str, object, object] | None:
+    """(dotted key, old value, new value) of the first setting that differs, in key order."""
+    old, new = flat(old), flat(new)
+    return next(((k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)), None)
+
+
 def check_plan(job: Job, write: bool) -> None:
     """Check a run's settings against its out/plan.json; record them if there is none and `write`."""
     path = job.out / "plan.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [k for k in sorted(set(old) | set(job.plan)) if old.get(k) != job.plan.get(k)]
+        diff = first_difference(json.loads(path.read_text()), job.plan)
         if diff:
-            k = diff[0]
-            raise Fail(f"{job.out} was started with other settings ({k}: {old.get(k)!r} there, {job.plan.get(k)!r} now); "
+            k, old, new = diff
+            raise Fail(f"{job.out} was started with other settings ({k}: {old!r} there, {new!r} now); "
                        f"delete {job.out} or choose another --runs")  # fmt: skip
     elif write:
         job.out.mkdir(parents=True, exist_ok=True)
@@ -375,20 +431,20 @@ def train_parallel(jobs: list[Job], args) -> None:
                 if cmd is not None:
                     log = (job.out / "train.log").open("a")
                     print(f"$ {shlex.join(cmd)}  > {job.out / 'train.log'}", flush=True)
-                    running[job.name] = (job, subprocess.Popen(cmd, env=child_env(args), stdout=log, stderr=log), log)
+                    running[job.out] = (job, subprocess.Popen(cmd, env=child_env(args), stdout=log, stderr=log), log)
             if stopping:
                 for _, proc, _ in running.values():
                     proc.send_signal(signal.SIGTERM)
-            for name, (job, proc, log) in list(running.items()):
+            for out, (job, proc, log) in list(running.items()):  # keyed by folder: names may repeat
                 if proc.poll() is not None:
                     log.close()
-                    del running[name]
+                    del running[out]
                     if proc.returncode != 0 and not stopping:
-                        raise Fail(f"{name} failed (exit code {proc.returncode}); see {job.out / 'train.log'}")
-                    print(f"{name}: {'finished' if job.finished else 'stopped'}", flush=True)
+                        raise Fail(f"{job.name} failed (exit code {proc.returncode}); see {out / 'train.log'}")
+                    print(f"{job.name}: {'finished' if job.finished else 'stopped'}", flush=True)
             if stopping and not running:
                 raise Fail("stopped by a signal; run the same command again to continue")
-            time.sleep(1.0)
+            time.sleep(0.25)
     except KeyboardInterrupt:
         print("\ninterrupted: waiting for the runs to save their checkpoints", flush=True)
         for _, proc, _ in running.values():
@@ -400,66 +456,57 @@ def train_parallel(jobs: list[Job], args) -> None:
         check_finished(job)
 
 
-def evaluate(out: Path, model_file: str, args) -> dict:
-    """blt.eval of out/model on the held-out data; kept in out/eval.json while the model is unchanged."""
-    model = out / "model"
-    key = {"data": args.valid_data, "seq_len": args.seq_len, "model_mtime_ns": (model / model_file).stat().st_mtime_ns}
-    cache = out / "eval.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["result"]
-    cmd = [sys.executable, "-m", "blt.eval", "--checkpoint", str(model), "--data", args.valid_data,
-           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    done = subprocess.run(cmd, env=child_env(args), capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    match = EVAL_LINE.match(lines[-1]) if lines else None
-    if done.returncode != 0 or match is None:
-        tail = (done.stderr.strip().splitlines() or lines or ["no output"])[-1]
-        raise Fail(f"evaluating {model} failed (exit code {done.returncode}): {tail}")
-    result = {"bpb": float(match[1]), "bytes": int(match[2]), "bytes_per_patch": float(match[3])}
-    print(f"{out.name}: held-out bpb {result['bpb']:.4f} ({result['bytes']} bytes)", flush=True)
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
-    return result
-
-
-def evaluate_bpe(out: Path, seq_len: int, args, device) -> dict:
-    """The BPE baseline's held-out bits per byte (blt.bpe.bpe_bits_per_byte, fp32, windows of its
-    seq_len tokens) over the bytes blt.eval scores; kept in out/eval.json as evaluate() keeps its."""
+def evaluate(out: Path, model_file: str, source: str, seq_len: int, args, device, cache: str = "eval.json") -> dict:
+    """Bits per byte of out/model on every document of `source`, fp32, in this process: a BLT or a
+    byte LM exactly as blt.eval computes it (windows of seq_len bytes), a BPE token LM
+    (model_file TOKEN_LM_WEIGHTS) with blt.bpe.bpe_bits_per_byte over the same bytes (windows of
+    seq_len tokens). Kept in out/<cache> while the source, windows and model are unchanged."""
     model_dir = out / "model"
-    key = {"data": args.valid_data, "seq_len": seq_len, "model_mtime_ns": (model_dir / TOKEN_LM_WEIGHTS).stat().st_mtime_ns}
-    cache = out / "eval.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
+    key = {"data": source, "seq_len": seq_len, "model_mtime_ns": (model_dir / model_file).stat().st_mtime_ns}
+    path = out / cache
+    if path.is_file():
+        saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["result"]
-    model, tokenizer = load_token_lm(model_dir, device)
-    r = bpe_bits_per_byte(model, tokenizer, list(load_documents(args.valid_data)), seq_len, args.batch_size, device)
-    result = {"bpb": r.bpb, "bytes": r.bytes, "bytes_per_patch": r.bytes / r.tokens}
-    print(f"{out.name}: held-out bpb {result['bpb']:.4f} ({result['bytes']} bytes, {r.tokens} tokens)", flush=True)
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    docs = list(load_documents(source))
+    if model_file == TOKEN_LM_WEIGHTS:
+        model, tokenizer = load_token_lm(model_dir, device)
+        r = bpe_bits_per_byte(model, tokenizer, docs, seq_len, args.batch_size, device)
+        result = {"bpb": r.bpb, "bytes": r.bytes, "bytes_per_patch": r.bytes / r.tokens}
+    else:
+        model = load_any(model_dir, device)
+        batches = iter_eval_batches(encode_documents(docs), args.batch_size, seq_len)
+        nats, targets, inputs, patches = eval_sums(model, batches, device).tolist()
+        result = {"bpb": nats / math.log(2) / targets, "bytes": int(targets), "bytes_per_patch": inputs / patches}
+    print(f"{out.name}: bpb {result['bpb']:.4f} on {source} ({result['bytes']} bytes)", flush=True)
+    path.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return result
 
 
 # ---- the entropy model -------------------------------------------------------------------
 
 
+def entropy_job(args, cfg: EntropyModelConfig, out: Path, steps: int, target: float, extra: list[str],
+                name: str = "entropy model") -> Job:  # fmt: skip
+    """blt.train_entropy of an entropy model of shape cfg into out, θ calibrated to `target` bytes/patch;
+    `name` tells it from the other jobs (train_parallel keys its runs by name)."""
+    head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(cfg.dim), "--layers", str(cfg.n_layers),
+            "--heads", str(cfg.n_heads), "--window", str(cfg.window or 0), "--target-bytes-per-patch", str(target)]  # fmt: skip
+    plan = {"model": "entropy model", "shape": dataclasses.asdict(cfg), "steps": steps, "target_bytes_per_patch": target,
+            **learning_settings(args)}  # fmt: skip
+    return Job(name, out, head, extra, steps, ENTROPY_CONFIG, plan)
+
+
 def entropy_folder(args, entropy_cfg: EntropyModelConfig | None) -> Path:
     """--entropy-model's folder, or train one into RUNS/entropy (--train-entropy) and return its model/."""
     if args.entropy_model is not None:
         return entropy_model_dir(args.entropy_model)
-    out = Path(args.runs) / "entropy"
-    head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(entropy_cfg.dim), "--layers", str(entropy_cfg.n_layers),
-            "--heads", str(entropy_cfg.n_heads), "--window", str(entropy_cfg.window or 0),
-            "--target-bytes-per-patch", str(args.entropy_target_bytes_per_patch)]  # fmt: skip
-    plan = {"model": "entropy model", "shape": dataclasses.asdict(entropy_cfg), "steps": args.train_entropy,
-            "target_bytes_per_patch": args.entropy_target_bytes_per_patch, **learning_settings(args)}  # fmt: skip
-    job = Job("entropy model", out, head, args.extra_entropy_args, args.train_entropy, ENTROPY_CONFIG, plan)
+    job = entropy_job(args, entropy_cfg, Path(args.runs) / "entropy", args.train_entropy,
+                      args.entropy_target_bytes_per_patch, args.extra_entropy_args)  # fmt: skip
     if args.dry_run and not job.finished:
         raise Fail("--dry-run needs a trained entropy model to measure patch sizes: drop --dry-run or give --entropy-model")
     train_or_skip(job, args)
-    return out / "model"
+    return job.out / "model"
 
 
 # ---- planning ----------------------------------------------------------------------------
@@ -472,7 +519,8 @@ class Contender:
     patching: str
     kind: str  # "blt" | "byte" | "bpe"
     cfg: object  # BLTConfig | EntropyModelConfig
-    bytes_per_patch: float = 1.0  # the BPE baseline: bytes per token
+    bytes_per_patch: float = 1.0  # on the held-out text (the BPE baseline: bytes per token)
+    train_bytes_per_patch: float = 1.0  # on the training sample (the BPE baseline: its held-out value)
     seq_len: int = 0  # tokens per window (bytes, but the BPE baseline's)
     bytes_per_step: float = 0.0
     vocab_size: int = 0  # the BPE baseline's
@@ -480,7 +528,10 @@ class Contender:
     inference_flops_per_byte: float = 0.0
     steps: int = 0
     params: dict = field(default_factory=dict)
-    eval: dict | None = None
+    eval: dict | None = None  # on --valid-data
+    eval_extra: dict | None = None  # on a second held-out set (bench/patch_scaling.py's --extra-valid)
+    config_arg: str | None = None  # a BLT's blt.train --config (default: --config)
+    entropy_dir: Path | None = None  # a BLT's entropy model, for entropy patching
 
 
 @torch.no_grad()
@@ -495,40 +546,102 @@ def measure_bytes_per_patch(tokens: np.ndarray, cfg: BLTConfig, entropy_model, s
     return n_bytes / n_patches
 
 
-class Measurer:
-    """Mean bytes/patch of each BLT contender's patcher on the held-out text; every result is kept
-    in RUNS/measure.json and reused while its inputs (data, windows, patcher, entropy model) are the same."""
+def training_sample(train: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:
+    """About n_tokens of the training stream (0: all of it): windows of seq_len tokens at evenly
+    spaced places, end to end, so that iter_eval_batches cuts exactly those windows back out. A
+    mixture of sources is sampled across all of them, not only in the first file."""
+    if n_tokens == 0 or n_tokens >= len(train) - seq_len:
+        return np.asarray(train)
+    starts = np.linspace(0, len(train) - seq_len, max(1, n_tokens // seq_len)).astype(np.int64)
+    return np.concatenate([np.asarray(train[s : s + seq_len]) for s in starts])
 
-    def __init__(self, args, entropy_dir: Path, valid: np.ndarray, device):
-        self.args, self.entropy_dir, self.device = args, entropy_dir, device
-        self.tokens = np.asarray(valid[: args.measure_bytes] if args.measure_bytes else valid)
+
+@dataclass
+class PatchSizes:
+    heldout: float  # mean bytes/patch on --valid-data's first --measure-bytes tokens: inference FLOPs
+    train: float  # on the training sample: the FLOPs a training byte costs
+
+
+class Measurer:
+    """Mean bytes/patch of each BLT contender's patcher on the held-out text (its inference FLOPs,
+    and what blt.eval sees) and on a training sample (training_sample: its training FLOPs), and
+    entropy thresholds calibrated on that sample; every result is kept in RUNS/measure.json and
+    reused while its inputs (data, windows, patcher, entropy model) are the same."""
+
+    def __init__(self, args, data, device):
+        self.args, self.device = args, device
+        self.valid = data.valid
+        self.heldout = np.asarray(data.valid[: args.measure_bytes] if args.measure_bytes else data.valid)
+        self.train = training_sample(data.train, args.measure_bytes, args.seq_len)
         self.path = Path(args.runs) / "measure.json"
         self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.entropy_model = None
+        self.entropy_models = {}  # folder -> loaded model
 
-    def __call__(self, name: str, cfg: BLTConfig) -> float:
-        key = {"valid_data": self.args.valid_data, "valid_tokens": len(self.tokens), "seq_len": self.args.seq_len,
-               "patcher": dataclasses.asdict(cfg.patcher)}  # fmt: skip
-        if cfg.patcher.needs_entropy:
-            key["entropy_model"] = dataclasses.asdict(cfg.entropy_model)
-            key["entropy_model_mtime_ns"] = (self.entropy_dir / "entropy_model.safetensors").stat().st_mtime_ns
+    def key(self, entropy_dir: Path | None) -> dict:
+        key = {"valid_data": self.args.valid_data, "valid_tokens": len(self.heldout), "data": self.args.data,
+               "train_tokens": len(self.train), "seq_len": self.args.seq_len}  # fmt: skip
+        if entropy_dir is not None:
+            key["entropy_model_mtime_ns"] = (entropy_dir / "entropy_model.safetensors").stat().st_mtime_ns
+        return key
+
+    def cached(self, name: str, key: dict, compute):
         entry = self.saved.get(name)
         if entry and entry["key"] == key:
-            return entry["bytes_per_patch"]
-        if cfg.patcher.needs_entropy and self.entropy_model is None:
-            try:
-                self.entropy_model = load_entropy_model(self.entropy_dir, self.device)
-            except CheckpointError as e:
-                raise Fail(str(e)) from None
+            return entry["value"]
         t0 = time.perf_counter()
-        model = self.entropy_model if cfg.patcher.needs_entropy else None
-        value = measure_bytes_per_patch(self.tokens, cfg, model, self.args.seq_len, self.device)
-        print(f"{name}: {value:.3f} bytes/patch on {len(self.tokens)} held-out tokens "
-              f"({time.perf_counter() - t0:.1f}s)", flush=True)  # fmt: skip
-        self.saved[name] = {"key": key, "bytes_per_patch": value}
+        value = compute()
+        print(f"{name}: {value} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        self.saved[name] = {"key": key, "value": value}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.saved, indent=2) + "\n")
         return value
+
+    def entropy_model(self, entropy_dir: Path):
+        if entropy_dir not in self.entropy_models:
+            try:
+                self.entropy_models[entropy_dir] = load_entropy_model(entropy_dir, self.device)
+            except CheckpointError as e:
+                raise Fail(str(e)) from None
+        return self.entropy_models[entropy_dir]
+
+    def __call__(self, name: str, cfg: BLTConfig, entropy_dir: Path | None = None) -> PatchSizes:
+        """cfg's mean bytes/patch on both texts; entropy_dir: the entropy model of an entropy-based patcher."""
+        entropy_dir = entropy_dir if cfg.patcher.needs_entropy else None
+        key = {**self.key(entropy_dir), "patcher": dataclasses.asdict(cfg.patcher)}
+
+        def compute():
+            model = self.entropy_model(entropy_dir) if entropy_dir else None
+            return [measure_bytes_per_patch(tokens, cfg, model, self.args.seq_len, self.device)
+                    for tokens in (self.heldout, self.train)]  # fmt: skip
+
+        return PatchSizes(*self.cached(f"{name} bytes/patch (held-out, training)", key, compute))
+
+    def bytes_per_token(self, tokenizer) -> float:
+        """Bytes per token of a BPE tokenizer on the held-out documents within the first
+        --measure-bytes tokens (as blt.eval counts bytes: BOS and EOS included)."""
+        key = {**self.key(None), "tokenizer": hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()}
+
+        def compute():
+            docs = list(documents(self.valid, self.args.measure_bytes or None))
+            return eval_byte_count(docs) / (len(tokenizer.encode_documents(docs)) - 1)
+
+        return self.cached("bpe-baseline bytes/token (held-out)", key, compute)
+
+    @torch.no_grad()
+    def calibrate(self, entropy_dir: Path, target: float, patcher: PatcherConfig) -> float:
+        """θ for which `patcher` (an entropy-based mode; its max_patch_length applies) gives `target`
+        mean bytes/patch on the training sample (blt.patcher.calibrate_threshold over the entropy
+        model's entropies of its windows)."""
+        key = {**self.key(entropy_dir), "target": target, "patcher": dataclasses.asdict(patcher)}
+
+        def compute():
+            rows = torch.from_numpy(self.train[: len(self.train) // self.args.seq_len * self.args.seq_len].astype(np.int64))
+            rows = rows.view(-1, self.args.seq_len)
+            model = self.entropy_model(entropy_dir)
+            entropies = torch.cat([model.entropies(r.to(self.device)).cpu() for r in rows.split(MEASURE_BATCH)])
+            return calibrate_threshold(entropies, rows, patcher, target)[0]
+
+        return self.cached(f"θ of {entropy_dir} for {target:g} bytes/patch", key, compute)
 
 
 def count_params(c: Contender) -> dict:
@@ -555,77 +668,75 @@ def blt_cfg(p, args, mode: str, entropy_dir: Path | None, patch_size: int | None
     return blt_config(p, ns)[0]
 
 
+def tokenizer_dir(args) -> Path:
+    return Path(args.bpe_tokenizer) if args.bpe_tokenizer else Path(args.runs) / "bpe-tokenizer"
+
+
 def bpe_tokenizer(args, data):
     """The BPE baseline's tokenizer: trained (blt.train_bpe's way) on the training text into
-    RUNS/bpe-tokenizer, or reused from there while its settings are the same."""
+    tokenizer_dir, or reused from there while its settings are the same."""
     record = {"vocab_size": args.bpe_vocab_size, "data": args.data, "tokenizer_bytes": TOKENIZER_BYTES}
-    return folder_tokenizer(Path(args.runs) / "bpe-tokenizer", record, data.train)
+    try:
+        return folder_tokenizer(tokenizer_dir(args), record, data.train)
+    except ConfigError as e:
+        raise Fail(str(e)) from None
 
 
-def measure_bytes_per_token(args, tokenizer, valid: np.ndarray) -> float:
-    """Bytes per token of the tokenizer on the held-out documents within the first
-    --measure-bytes tokens (as blt.eval counts bytes: BOS and EOS included); kept in
-    RUNS/measure.json while its inputs are the same."""
-    path = Path(args.runs) / "measure.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    key = {"valid_data": args.valid_data, "measure_bytes": args.measure_bytes, "tokenizer": tokenizer.tokenizer.to_str()}
-    key = {**key, "tokenizer": hashlib.sha256(key["tokenizer"].encode()).hexdigest()}
-    entry = saved.get("bpe-baseline")
-    if entry and entry["key"] == key:
-        return entry["bytes_per_token"]
-    docs = list(documents(valid, args.measure_bytes or None))
-    value = eval_byte_count(docs) / (len(tokenizer.encode_documents(docs)) - 1)
-    print(f"bpe-baseline: {value:.3f} bytes/token on {len(docs)} held-out documents", flush=True)
-    saved["bpe-baseline"] = {"key": key, "bytes_per_token": value}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(saved, indent=2) + "\n")
-    return value
-
-
-def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device) -> list[Contender]:
-    """The chosen contenders (--contenders) with their FLOPs per byte and FLOP-matched step counts."""
-    measure = Measurer(args, entropy_dir, data.valid, device)
+def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device, measure=None) -> list[Contender]:
+    """The chosen contenders (--contenders) with their FLOPs per byte and FLOP-matched step counts.
+    measure: a Measurer to use (default: one on RUNS/measure.json)."""
+    measure = measure or Measurer(args, data, device)
     ent_cfg = blt_cfg(p, args, "entropy", entropy_dir)
     space_cfg = blt_cfg(p, args, "space", None)
-    ent_bpp = measure("blt-entropy", ent_cfg)
-    k = max(1, math.floor(ent_bpp + 0.5))
+    ent = measure("blt-entropy", ent_cfg, entropy_dir)
+    k = max(1, math.floor(ent.train + 0.5))
     static_cfg = blt_cfg(p, args, "static", None, patch_size=k)
+    space, static = measure("blt-space", space_cfg), measure("blt-static", static_cfg)
     contenders = [
-        Contender("blt-entropy", "BLT", f"entropy θ={ent_cfg.patcher.threshold:.3f}", "blt", ent_cfg, ent_bpp),
-        Contender("blt-space", "BLT", "space", "blt", space_cfg, measure("blt-space", space_cfg)),
+        Contender("blt-entropy", "BLT", f"entropy θ={ent_cfg.patcher.threshold:.3f}", "blt", ent_cfg, ent.heldout,
+                  ent.train, entropy_dir=entropy_dir),
+        Contender("blt-space", "BLT", "space", "blt", space_cfg, space.heldout, space.train),
         # Measured too: the BOS patch and each window's last, shorter patch make it a little below k.
-        Contender("blt-static", "BLT", f"static, {k} bytes", "blt", static_cfg, measure("blt-static", static_cfg)),
-        Contender("byte-baseline", "byte transformer", "none (1 byte)", "byte", baseline, 1.0),
+        Contender("blt-static", "BLT", f"static, {k} bytes", "blt", static_cfg, static.heldout, static.train),
+        Contender("byte-baseline", "byte transformer", "none (1 byte)", "byte", baseline),
     ]
     if "bpe-baseline" in args.contenders:
         tokenizer = bpe_tokenizer(args, data)
-        bpt = measure_bytes_per_token(args, tokenizer, data.valid)
+        bpt = measure.bytes_per_token(tokenizer)
         seq_len = max(MIN_BPE_SEQ_LEN, round(args.seq_len / bpt))  # a window covers about --seq-len bytes
         cfg = dataclasses.replace(args.bpe_shape, window=seq_len)
         patching = f"BPE, {tokenizer.vocab_size} ids, {seq_len}-token windows"
-        contenders.append(Contender("bpe-baseline", "BPE transformer", patching, "bpe", cfg, bpt, seq_len,
+        contenders.append(Contender("bpe-baseline", "BPE transformer", patching, "bpe", cfg, bpt, bpt, seq_len,
                                     vocab_size=tokenizer.vocab_size))  # fmt: skip
     contenders = [c for c in contenders if c.name in args.contenders]
     for c in contenders:
-        c.seq_len = c.seq_len or args.seq_len
-        c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.bytes_per_patch if c.kind == "bpe" else 1)
-        if c.kind == "blt":
-            f = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len)
-            c.train_flops_per_byte, c.inference_flops_per_byte = f.train, f.forward
-        elif c.kind == "bpe":
-            c.inference_flops_per_byte = token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.bytes_per_patch)
-            c.train_flops_per_byte = 3 * c.inference_flops_per_byte
-        else:
-            c.inference_flops_per_byte = transformer_flops_per_byte(c.cfg, args.seq_len)
-            c.train_flops_per_byte = 3 * c.inference_flops_per_byte
-        step_flops = c.bytes_per_step * c.train_flops_per_byte
-        if args.flops < step_flops:
-            raise Fail(f"--flops {args.flops:.3g} is less than one training step of {c.name} ({step_flops:.3g} FLOPs = "
-                       f"{c.bytes_per_step:.6g} bytes x {c.train_flops_per_byte:.3g} FLOPs/byte); raise --flops or lower "
-                       f"--batch-size/--grad-accum/--seq-len")  # fmt: skip
-        c.steps = max(1, round(args.flops / step_flops))
-        c.params = count_params(c)
+        fit_budget(c, args)
     return contenders
+
+
+def fit_budget(c: Contender, args, charge_entropy: bool = True) -> None:
+    """Set c's bytes per step, training and inference FLOPs per byte, its share of --flops in
+    steps, and its parameter counts. charge_entropy=False leaves a BLT's entropy-model forward out
+    of its training FLOPs (FlopCount.train_blt)."""
+    c.seq_len = c.seq_len or args.seq_len
+    c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.bytes_per_patch if c.kind == "bpe" else 1)
+    if c.kind == "blt":  # a training byte costs what the training text's patches cost
+        f = blt_flops_per_byte(c.cfg, c.train_bytes_per_patch, args.seq_len)
+        c.train_flops_per_byte = f.train if charge_entropy else f.train_blt
+        c.inference_flops_per_byte = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len).forward
+    elif c.kind == "bpe":
+        c.inference_flops_per_byte = token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.bytes_per_patch)
+        c.train_flops_per_byte = 3 * c.inference_flops_per_byte
+    else:
+        c.inference_flops_per_byte = transformer_flops_per_byte(c.cfg, args.seq_len)
+        c.train_flops_per_byte = 3 * c.inference_flops_per_byte
+    step_flops = c.bytes_per_step * c.train_flops_per_byte
+    if args.flops < step_flops:
+        raise Fail(f"--flops {args.flops:.3g} is less than one training step of {c.name} ({step_flops:.3g} FLOPs = "
+                   f"{c.bytes_per_step:.6g} bytes x {c.train_flops_per_byte:.3g} FLOPs/byte); raise --flops or lower "
+                   f"--batch-size/--grad-accum/--seq-len")  # fmt: skip
+    c.steps = max(1, round(args.flops / step_flops))
+    c.params = count_params(c)
 
 
 def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
@@ -633,12 +744,12 @@ def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
     print(f"\nbudget {args.flops:.3g} training FLOPs per contender; {bytes_per_step} bytes per step "
           f"(batch {args.batch_size} x grad-accum {args.grad_accum} x seq-len {args.seq_len}); "
           f"{train_tokens} training tokens")  # fmt: skip
-    print(f"{'contender':<14} {'bytes/patch':>11} {'train FLOPs/byte':>16} {'steps':>8} {'train bytes':>12} "
-          f"{'train FLOPs':>11} {'epochs':>7}")  # fmt: skip
+    print(f"{'contender':<16} {'bytes/patch':>11} {'(training)':>10} {'train FLOPs/byte':>16} {'steps':>8} "
+          f"{'train bytes':>12} {'train FLOPs':>11} {'epochs':>7}")  # fmt: skip
     for c in contenders:
         b = c.steps * c.bytes_per_step
-        print(f"{c.name:<14} {c.bytes_per_patch:>11.3f} {c.train_flops_per_byte:>16.4g} {c.steps:>8} {b:>12.0f} "
-              f"{b * c.train_flops_per_byte:>11.4g} {b / max(train_tokens, 1):>7.3g}")  # fmt: skip
+        print(f"{c.name:<16} {c.bytes_per_patch:>11.3f} {c.train_bytes_per_patch:>10.3f} {c.train_flops_per_byte:>16.4g} "
+              f"{c.steps:>8} {b:>12.0f} {b * c.train_flops_per_byte:>11.4g} {b / max(train_tokens, 1):>7.3g}")  # fmt: skip
     warmup = args.warmup if args.warmup is not None else TRAIN_DEFAULTS["warmup"]
     short = [c.name for c in contenders if c.steps <= warmup]
     if short:
@@ -649,24 +760,24 @@ def print_plan(contenders: list[Contender], args, train_tokens: int) -> None:
     print(flush=True)
 
 
-def contender_job(c: Contender, args, entropy_dir: Path) -> Job:
+def contender_job(c: Contender, args) -> Job:
     plan = {"model": c.name, "config": dataclasses.asdict(c.cfg), "steps": c.steps, "dropout": args.dropout,
             **learning_settings(args)}  # fmt: skip
     tail = (["--dropout", str(args.dropout)] if args.dropout is not None else []) + args.extra_train_args
     if c.kind == "blt":
         # --no-doc-mask: like the byte and BPE LMs, which have no document masking, a BLT reads
         # across the documents of its window
-        head = [sys.executable, "-m", "blt.train", "--config", args.config, "--patch-mode", c.cfg.patcher.mode,
-                "--no-doc-mask"]  # fmt: skip
+        head = [sys.executable, "-m", "blt.train", "--config", c.config_arg or args.config, "--patch-mode",
+                c.cfg.patcher.mode, "--no-doc-mask"]  # fmt: skip
         if c.cfg.patcher.mode == "static":
             head += ["--patch-size", str(c.cfg.patcher.patch_size)]
         if c.cfg.patcher.needs_entropy:
-            # patched live from the entropy model, whose forward the budget charges each step
-            head += ["--entropy-model", str(entropy_dir), "--threshold", repr(c.cfg.patcher.threshold),
+            # patched live from the entropy model, as the measurement and the evaluation patch
+            head += ["--entropy-model", str(c.entropy_dir), "--threshold", repr(c.cfg.patcher.threshold),
                      "--no-precomputed-entropies"]  # fmt: skip
         return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, CONFIG, plan)
     if c.kind == "bpe":
-        tokenizer = Path(args.runs) / "bpe-tokenizer"
+        tokenizer = tokenizer_dir(args)
         plan |= {"vocab_size": c.vocab_size, "seq_len_tokens": c.seq_len, "tokenizer": str(tokenizer)}
         head = [sys.executable, "-m", "blt.train_bpe", "--tokenizer", str(tokenizer), "--dim", str(c.cfg.dim),
                 "--layers", str(c.cfg.n_layers), "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip
@@ -695,6 +806,7 @@ def rows(contenders: list[Contender], args) -> list[dict]:
             "steps": c.steps, "seq_len": c.seq_len, "bytes_per_step": bytes_per_step, "train_bytes": train_bytes,
             "train_flops_per_byte": c.train_flops_per_byte, "train_flops": train_bytes * c.train_flops_per_byte,
             "inference_flops_per_byte": c.inference_flops_per_byte, "bytes_per_patch": c.bytes_per_patch,
+            "train_bytes_per_patch": c.train_bytes_per_patch,
             "eval_bytes_per_patch": c.eval["bytes_per_patch"] if c.eval else None,
             "bpb": c.eval["bpb"] if c.eval else None, "eval_bytes": c.eval["bytes"] if c.eval else None,
         })  # fmt: skip
@@ -723,33 +835,56 @@ def markdown(table: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_of(args) -> torch.device:
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def load_data(args):
+    """The training and held-out byte shards of --data and --valid-data (blt.data's cache)."""
+    data = prepare_data(DataConfig(source=args.data, valid_source=args.valid_data, cache_dir=args.cache_dir))
+    if len(data.valid) < 2:
+        raise Fail(f"--valid-data {args.valid_data}: no held-out bytes")
+    return data
+
+
+def prepare(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device,
+            measure=None) -> tuple[list[Contender], list[Job]]:  # fmt: skip
+    """The contenders (plan, printed) and their training jobs, every job's recorded settings
+    checked against its plan.json before any compute is spent."""
+    contenders = plan(p, args, baseline, entropy_dir, data, device, measure)
+    print_plan(contenders, args, len(data.train))
+    jobs = [contender_job(c, args) for c in contenders]
+    for job in jobs:
+        check_plan(job, write=False)
+    return contenders, jobs
+
+
+def train_all(jobs: list[Job], args) -> None:
+    """Train every job that has no model folder yet (continuing interrupted ones), --parallel at a time."""
+    if args.parallel > 1:
+        train_parallel(jobs, args)
+        return
+    for job in jobs:
+        train_or_skip(job, args)
+
+
 def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     _, baseline, entropy_cfg = check_args(p, args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = device_of(args)
     runs = Path(args.runs)
     try:
-        data = prepare_data(DataConfig(source=args.data, valid_source=args.valid_data, cache_dir=args.cache_dir))
-        if len(data.valid) < 2:
-            raise Fail(f"--valid-data {args.valid_data}: no held-out bytes")
+        data = load_data(args)
         entropy_dir = entropy_folder(args, entropy_cfg)
-        contenders = plan(p, args, baseline, entropy_dir, data, device)
-        print_plan(contenders, args, len(data.train))
-        jobs = [contender_job(c, args, entropy_dir) for c in contenders]
-        for job in jobs:  # every run's settings, before any compute is spent
-            check_plan(job, write=False)
+        contenders, jobs = prepare(p, args, baseline, entropy_dir, data, device)
         if args.dry_run:
             return
-        if args.parallel > 1:
-            train_parallel(jobs, args)
+        train_all(jobs, args)
         for c, job in zip(contenders, jobs):
-            if args.parallel == 1:
-                train_or_skip(job, args)
-            bpe = c.kind == "bpe"
-            c.eval = evaluate_bpe(job.out, c.seq_len, args, device) if bpe else evaluate(job.out, job.model_file, args)
+            c.eval = evaluate(job.out, job.model_file, args.valid_data, c.seq_len, args, device)
     except (Fail, DataError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -33,15 +33,24 @@ roughly doubles it, Drop shortens it). It is not a score on the clean text given
 input. Both numbers are `blt.eval.eval_sums` over the same packing as `blt.eval`
 (BOS, bytes, EOS per document), so the clean BPB is exactly what `blt.eval` prints for
 the same documents.
+
+Models: --checkpoint is any model folder of this repository: a BLT (blt.train), a byte LM
+(blt.train_entropy: the byte-level baseline) or a BPE token LM (blt.train_bpe: the BPE
+baseline). A token LM is scored with blt.bpe.bpe_bits_per_byte, over the same bytes as
+blt.eval counts, in windows of the token count it was trained on (its heldout.json; else
+--seq-len tokens): its noised text is tokenized afresh, so noise that breaks words into
+rare pieces costs it tokens as well as bits.
 """
 
 import argparse
+import json
 import math
 import random
 import sys
 from pathlib import Path
 
-from blt.checkpoint import CheckpointError
+from blt.bpe import bpe_bits_per_byte, load_token_lm
+from blt.checkpoint import HELDOUT, TOKEN_LM_CONFIG, CheckpointError
 from blt.data import DataError, encode_documents, iter_eval_batches, load_documents
 from blt.eval import add_eval_args, eval_device, eval_sums, load_any
 
@@ -117,6 +126,42 @@ def bpb(model, docs: list[bytes], batch_size: int, seq_len: int, device) -> tupl
     return nats / math.log(2) / targets, int(targets)
 
 
+class Scorer:
+    """docs -> (bits per byte, target bytes) under one model folder: a BLT or byte LM with bpb()
+    (windows of seq_len bytes), a BPE token LM with blt.bpe.bpe_bits_per_byte (windows of the
+    token count it was trained on, else seq_len tokens). Both count the bytes blt.eval counts."""
+
+    def __init__(self, path: Path, device, batch_size: int, seq_len: int, doc_mask: bool | None = None):
+        self.device, self.batch_size, self.seq_len, self.tokenizer = device, batch_size, seq_len, None
+        if (path / TOKEN_LM_CONFIG).is_file():
+            if doc_mask is not None:
+                raise CheckpointError(f"{path} holds a BPE token LM: --doc-mask and --no-doc-mask apply to BLT folders")
+            self.model, self.tokenizer = load_token_lm(path, device)
+            if (path / HELDOUT).is_file():  # blt.train_bpe writes its --seq-len (tokens) there
+                self.seq_len = int(json.loads((path / HELDOUT).read_text()).get("seq_len", seq_len))
+        else:
+            self.model = load_any(path, device, doc_mask)
+
+    def __call__(self, docs: list[bytes]) -> tuple[float, int]:
+        if self.tokenizer is None:
+            return bpb(self.model, docs, self.batch_size, self.seq_len, self.device)
+        r = bpe_bits_per_byte(self.model, self.tokenizer, docs, self.seq_len, self.batch_size, self.device)
+        return r.bpb, r.bytes
+
+
+def noise_rows(score, docs: list[bytes], noises: list[str], seed: int, params: dict | None = None) -> list[dict]:
+    """One row per noise type: the clean and noised bits per byte (score: a Scorer) and the
+    target bytes of each. params: {noise name: keyword arguments of its function}."""
+    clean, clean_bytes = score(docs)
+    rows = []
+    for name in noises:
+        noised = [noise_document(doc, name, seed, i, **(params or {}).get(name, {})) for i, doc in enumerate(docs)]
+        noisy, noisy_bytes = score(noised)
+        rows.append({"noise": name, "bpb_clean": clean, "bpb_noised": noisy, "bytes_clean": clean_bytes,
+                     "bytes_noised": noisy_bytes})  # fmt: skip
+    return rows
+
+
 def noise_params(args, name: str) -> dict:
     return {
         "Drop": {"fraction": args.drop_fraction},
@@ -158,7 +203,7 @@ def main(argv=None):
     if args.max_bytes < 1 or args.max_repeats < 1:
         p.error("--max-bytes and --max-repeats must be >= 1")
     try:
-        model = load_any(Path(args.checkpoint), device, args.doc_mask)
+        score = Scorer(Path(args.checkpoint), device, args.batch_size, args.seq_len, args.doc_mask)
         docs = take_bytes(load_documents(args.data), args.max_bytes)
         if not docs:
             raise DataError(f"no documents in {args.data}")
@@ -166,18 +211,17 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
-    clean, clean_bytes = bpb(model, docs, args.batch_size, args.seq_len, device)
     n_bytes = sum(map(len, docs))
     print(f"model {args.checkpoint}, data {args.data}: {len(docs)} documents, {n_bytes} bytes, seed {args.seed}")
     print("bits per byte (fp32); a noised BPB is over the noised text's own bytes:")
     print("it measures how well the model predicts the noised bytes, not the clean text")
     print("bytes: predicted bytes as blt.eval counts them (each document's EOS and the next BOS included)")
     print(f"{'noise':<12}{'bpb_clean':>10}{'bpb_noised':>12}{'difference':>12}{'bytes_clean':>13}{'bytes_noised':>14}")
-    for name in args.noise:
-        params = noise_params(args, name)
-        noised = [noise_document(doc, name, args.seed, i, **params) for i, doc in enumerate(docs)]
-        noisy, noisy_bytes = bpb(model, noised, args.batch_size, args.seq_len, device)
-        print(f"{name:<12}{clean:>10.4f}{noisy:>12.4f}{noisy - clean:>+12.4f}{clean_bytes:>13}{noisy_bytes:>14}")
+    params = {name: noise_params(args, name) for name in args.noise}
+    for r in noise_rows(score, docs, args.noise, args.seed, params):
+        clean, noisy = r["bpb_clean"], r["bpb_noised"]
+        print(f"{r['noise']:<12}{clean:>10.4f}{noisy:>12.4f}{noisy - clean:>+12.4f}{r['bytes_clean']:>13}"
+              f"{r['bytes_noised']:>14}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -182,3 +182,26 @@ def test_cli_errors(tmp_path, text_file):
     assert r.returncode == 2 and "unknown noise Shout" in r.stderr and "AntSpeak" in r.stderr
     r = run_cli("--checkpoint", tmp_path, "--data", text_file, "--drop-fraction", "1.5")
     assert r.returncode == 2 and "not in [0, 1]" in r.stderr
+
+
+def test_cli_bpe_token_lm_folder(capsys, tmp_path, text_file):
+    """A BPE baseline's folder (blt.train_bpe's layout): scored by blt.bpe.bpe_bits_per_byte over the
+    bytes blt.eval counts, in windows of the token count its heldout.json records."""
+    pytest.importorskip("tokenizers")
+    from blt.bpe import BPETokenizer, TokenLM, bpe_bits_per_byte, save_token_lm
+
+    docs = list(R.load_documents(str(text_file)))
+    tokenizer = BPETokenizer.train(docs, 300)
+    torch.manual_seed(0)
+    model = TokenLM(EntropyModelConfig(dim=32, n_layers=1, n_heads=2, window=16), tokenizer.vocab_size)
+    save_token_lm(model, tokenizer, tmp_path / "bpe", extra_json={"heldout.json": {"seq_len": 16}})
+    R.main(["--checkpoint", str(tmp_path / "bpe"), "--data", str(text_file), "--device", "cpu", "--batch-size", "3"])
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == list(R.NOISES)
+    clean = bpe_bits_per_byte(model.eval(), tokenizer, docs, seq_len=16, batch_size=3)
+    clean_bytes = sum(map(len, docs)) + 2 * len(docs) - 1
+    for _, (bpb_clean, _, _, b_clean, _) in rows.items():
+        assert bpb_clean == round(clean.bpb, 4) and b_clean == clean_bytes == clean.bytes
+    assert rows["Drop"][4] < clean_bytes < rows["AntSpeak"][4]
+    # windows of the 16 tokens it records, not of --seq-len (bytes)
+    assert R.Scorer(tmp_path / "bpe", torch.device("cpu"), 3, 2048).seq_len == 16
