@@ -10,25 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from blt import data
+from blt import data, sources
 from blt.data import (
-    DOC_SEPARATOR,
-    HUB_FILES,
     Batcher,
     DataConfig,
     DataError,
     build_shard,
-    documents_from_lines,
     encode_documents,
     check_record,
     entropy_shard,
     is_heldout,
     iter_eval_batches,
-    load_documents,
     open_shard,
     prepare_data,
-    resolve_source,
 )
+from blt.sources import DOC_SEPARATOR, HUB_FILES, documents_from_lines, load_documents, resolve_source
 from blt.tokens import BOE_ID, BOS_ID, EOS_ID, OFFSET, encode
 
 STORIES = Path(__file__).parent / "fixtures" / "stories.txt"
@@ -84,7 +80,7 @@ def test_documents_from_lines():
 
 def test_line_splitting_across_read_chunks(monkeypatch):
     expected = stories()
-    monkeypatch.setattr(data, "_READ_CHUNK", 3)
+    monkeypatch.setattr(sources, "_READ_CHUNK", 3)
     assert stories() == expected
 
 
@@ -451,7 +447,7 @@ def test_interrupted_rebuild_is_never_trusted(split_config, monkeypatch, capsys)
         yield from some
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_documents", dying_documents)
+    monkeypatch.setattr(data, "read_documents", dying_documents)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(split_config)
     assert not (directory / "meta.json").exists() and not list(directory.glob("*.tmp"))
