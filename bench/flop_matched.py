@@ -490,8 +490,10 @@ def entropy_job(args, cfg: EntropyModelConfig, out: Path, steps: int, target: fl
                 name: str = "entropy model") -> Job:  # fmt: skip
     """blt.train_entropy of an entropy model of shape cfg into out, θ calibrated to `target` bytes/patch;
     `name` tells it from the other jobs (train_parallel keys its runs by name)."""
+    # --no-doc-mask: trained and calibrated across documents, as the contenders read their windows
     head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(cfg.dim), "--layers", str(cfg.n_layers),
-            "--heads", str(cfg.n_heads), "--window", str(cfg.window or 0), "--target-bytes-per-patch", str(target)]  # fmt: skip
+            "--heads", str(cfg.n_heads), "--window", str(cfg.window or 0), "--target-bytes-per-patch", str(target),
+            "--no-doc-mask"]  # fmt: skip
     plan = {"model": "entropy model", "shape": dataclasses.asdict(cfg), "steps": steps, "target_bytes_per_patch": target,
             **learning_settings(args)}  # fmt: skip
     return Job(name, out, head, extra, steps, ENTROPY_CONFIG, plan)
@@ -783,7 +785,7 @@ def contender_job(c: Contender, args) -> Job:
                 "--layers", str(c.cfg.n_layers), "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip
         return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, TOKEN_LM_WEIGHTS, plan, c.seq_len)
     head = [sys.executable, "-m", "blt.train_entropy", "--dim", str(c.cfg.dim), "--layers", str(c.cfg.n_layers),
-            "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0)]  # fmt: skip
+            "--heads", str(c.cfg.n_heads), "--window", str(c.cfg.window or 0), "--no-doc-mask"]  # fmt: skip
     return Job(c.name, Path(args.runs) / c.name, head, tail, c.steps, ENTROPY_CONFIG, plan)
 
 

@@ -1,7 +1,8 @@
 """The entropy model (paper §2.3): a small causal byte-level transformer whose next-byte
 entropy H(x_i | x_<i) decides where patches start. It is trained separately, then frozen.
 Patching for a BLT with document masking, it reads within documents (doc_mask), as the official
-entropy model's block-causal local attention does.
+entropy model's block-causal local attention does; `blt.train_entropy --doc-mask` (the default)
+trains it that way too, so that it is read as it was trained.
 """
 
 import numpy as np
@@ -32,6 +33,9 @@ class EntropyModel(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
+        # how forward reads a window when not told: within documents or across them. Training
+        # sets it (blt.train_entropy --doc-mask); a BLT's patcher passes its own config's choice.
+        self.doc_mask = False
         self.init_weights()
 
     def init_weights(self):
@@ -42,16 +46,16 @@ class EntropyModel(nn.Module):
         nn.init.ones_(self.norm.weight)
         init_linear(self.output)
 
-    def forward(self, tokens, positions=None, mask=None, caches=None, doc_mask: bool = False):
+    def forward(self, tokens, positions=None, mask=None, caches=None, doc_mask: bool | None = None):
         """tokens (B,T) -> logits (B,T,vocab_size); logits[:, t] predict token t+1 (a byte).
 
         positions/mask/caches let the generator run it incrementally; by default the
         whole window is processed with a sliding-window causal mask, within each document
-        (masks.document_ids) with doc_mask.
+        (masks.document_ids) with doc_mask (None: self.doc_mask).
         """
         B, T = tokens.shape
         if mask is None:
-            docs = document_ids(tokens) if doc_mask else None
+            docs = document_ids(tokens) if (self.doc_mask if doc_mask is None else doc_mask) else None
             mask = causal_mask(T, self.cfg.window, default_backend(tokens.device), tokens.device, docs)
         rope = self.rope.table(T) if positions is None else self.rope(positions)
         h = self.tok_embeddings(tokens)
@@ -60,9 +64,9 @@ class EntropyModel(nn.Module):
         return self.output(self.norm(h))
 
     @torch.no_grad()
-    def entropies(self, tokens: torch.Tensor, doc_mask: bool = False) -> torch.Tensor:
+    def entropies(self, tokens: torch.Tensor, doc_mask: bool | None = None) -> torch.Tensor:
         """(B,T) -> (B,T) entropy of the prediction made at each position (for the next byte);
-        doc_mask: reading within documents."""
+        doc_mask: reading within documents (None: self.doc_mask)."""
         return entropy(self(tokens, doc_mask=doc_mask))
 
     @property

@@ -183,15 +183,19 @@ def patch(tokens: torch.Tensor, cfg: PatcherConfig, entropy_model=None, doc_mask
     return patching_from_starts(*model_patch_starts(tokens, cfg, entropy_model, doc_mask))
 
 
-def mean_bytes_per_patch(entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig) -> float:
-    starts = patch_starts(tokens, cfg, entropies)[:, : tokens.shape[1]]
+def mean_bytes_per_patch(
+    entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig, doc_mask: bool = False
+) -> float:
+    starts = patch_starts(tokens, cfg, entropies, doc_mask)[:, : tokens.shape[1]]
     return tokens.numel() / starts.sum().item()
 
 
 def calibrate_threshold(
-    entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig, target: float, iters: int = 60
+    entropies: torch.Tensor, tokens: torch.Tensor, cfg: PatcherConfig, target: float, iters: int = 60,
+    doc_mask: bool = False,
 ) -> tuple[float, float]:
-    """Bisect θ so the mean patch size on (tokens, entropies) is closest to `target` bytes.
+    """Bisect θ so the mean patch size on (tokens, entropies) is closest to `target` bytes;
+    doc_mask: patched as a BLT with document masking patches (entropies read within documents).
 
     Patch size grows monotonically with θ for the entropy-based rules. Returns (θ, achieved).
     """
@@ -205,7 +209,7 @@ def calibrate_threshold(
 
     def size(theta):
         trial = PatcherConfig(**{**cfg.__dict__, "threshold": theta})
-        return mean_bytes_per_patch(H, tokens, trial)
+        return mean_bytes_per_patch(H, tokens, trial, doc_mask)
 
     best = (lo, size(lo))
     for _ in range(iters):

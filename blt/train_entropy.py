@@ -11,6 +11,13 @@ Flags and outputs are blt.train's (same loop, see there), plus the model shape (
 --layers --heads --window, over --config, a JSON file of EntropyModelConfig; default: the
 tinystories preset's entropy model) and the calibration target. out/model/ holds
 entropy_config.json, entropy_model.safetensors and patcher_threshold.json.
+
+--doc-mask (the default) trains it within documents, as the official entropy model (block-causal
+local attention), and calibrates θ on entropies read so and patched as a BLT with document
+masking patches (a document's first two bytes open patches): so θ gives the target patch size
+in the BLTs of new configs, which read it within documents. --no-doc-mask trains and calibrates
+across documents (the shipped entropy model, the byte-level baseline of the FLOP-matched
+comparison).
 """
 
 import argparse
@@ -38,6 +45,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
     g.add_argument("--calibrate-mode", choices=("entropy", "monotonic", "combined"), default="entropy")
     g.add_argument("--calibrate-on", choices=("train", "valid"), default="train",
                    help="calibrate θ on the training text (default) or on the held-out text (as before 2026-12)")  # fmt: skip
+    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="train and calibrate within documents (default), or across them")  # fmt: skip
     args = p.parse_args(argv)
     check_common_args(p, args)
     plain_lm_execution(args)
@@ -46,11 +55,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, object]:
     return args, lm_config(p, args, "entropy model")
 
 
-def build(cfg, checkpoint: Path | None) -> EntropyModel:
+def build(cfg, checkpoint: Path | None, doc_mask: bool) -> EntropyModel:
     if checkpoint is not None:
         check_same_config(cfg.__dict__, load_json(checkpoint / ENTROPY_CONFIG, "checkpoint config"), checkpoint)
-        return load_entropy_model(checkpoint)
-    return EntropyModel(cfg)
+        model = load_entropy_model(checkpoint)
+    else:
+        model = EntropyModel(cfg)
+    model.doc_mask = doc_mask  # how the training loop's forward reads its windows
+    return model
 
 
 @torch.no_grad()
@@ -62,8 +74,10 @@ def calibrate(model: EntropyModel, stream: np.ndarray, args, device) -> dict:
     T = min(args.seq_len, n)
     tokens = torch.from_numpy(stream[: n // T * T].astype(np.int64)).view(-1, T)
     model.to(device).eval()
-    entropies = torch.cat([model.entropies(rows.to(device)).cpu() for rows in tokens.split(args.batch_size)])
-    theta, achieved = calibrate_threshold(entropies, tokens, PatcherConfig(mode=args.calibrate_mode), args.target_bytes_per_patch)
+    entropies = torch.cat([model.entropies(rows.to(device), args.doc_mask).cpu()
+                           for rows in tokens.split(args.batch_size)])  # fmt: skip
+    theta, achieved = calibrate_threshold(entropies, tokens, PatcherConfig(mode=args.calibrate_mode),
+                                          args.target_bytes_per_patch, doc_mask=args.doc_mask)  # fmt: skip
     held_out = args.valid_data or f"{args.data} (held-out split, fraction {args.valid_fraction})"
     return {
         "threshold": theta,
@@ -72,6 +86,7 @@ def calibrate(model: EntropyModel, stream: np.ndarray, args, device) -> dict:
         "achieved_bytes_per_patch": achieved,
         "data": args.data if args.calibrate_on == "train" else held_out,
         "split": args.calibrate_on,
+        "doc_mask": args.doc_mask,
         "bytes": tokens.numel(),
     }
 
@@ -85,7 +100,7 @@ def export(model: EntropyModel, data, device, args) -> None:
 
 def main(argv=None) -> None:
     args, cfg = parse_args(argv)
-    run(args, build=lambda checkpoint: build(cfg, checkpoint), export=lambda model, data, device: export(model, data, device, args))
+    run(args, build=lambda checkpoint: build(cfg, checkpoint, args.doc_mask), export=lambda model, data, device: export(model, data, device, args))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,9 @@ def test_train_entropy_writes_calibrated_model(entropy_dir):
     model = load_entropy_model(model_dir)
     assert (model.cfg.dim, model.cfg.n_layers, model.cfg.n_heads, model.cfg.window) == (32, 2, 2, 64)
     cal = json.loads((model_dir / "patcher_threshold.json").read_text())
-    assert set(cal) == {"threshold", "mode", "target_bytes_per_patch", "achieved_bytes_per_patch", "data", "split", "bytes"}
+    assert set(cal) == {"threshold", "mode", "target_bytes_per_patch", "achieved_bytes_per_patch", "data", "split",
+                        "doc_mask", "bytes"}  # fmt: skip
+    assert cal["doc_mask"] is True  # trained and calibrated within documents, as new BLT configs read it
     assert cal["mode"] == "entropy" and cal["target_bytes_per_patch"] == 4.5 and cal["data"] == FIXTURE
     assert cal["split"] == "train"  # θ from training text, never from the text it is measured on
     assert abs(cal["achieved_bytes_per_patch"] - 4.5) < 0.25
@@ -113,7 +115,8 @@ def test_threshold_is_calibrated_on_the_chosen_split(tmp_path):
     train_stream = np.random.default_rng(0).integers(4, 40, 700).astype(np.uint16)  # few distinct bytes
     valid_stream = np.random.default_rng(1).integers(4, 260, 700).astype(np.uint16)
     args = Namespace(seq_len=128, batch_size=4, calibrate_mode="entropy", target_bytes_per_patch=3.0, calibrate_on="train",
-                     data="train.txt", valid_data="valid.txt", valid_fraction=0.01, out=str(tmp_path))  # fmt: skip
+                     data="train.txt", valid_data="valid.txt", valid_fraction=0.01, out=str(tmp_path),
+                     doc_mask=False)  # fmt: skip
     record = train_entropy.calibrate(model, train_stream, args, "cpu")
     rows = torch.from_numpy(train_stream[: 700 // 128 * 128].astype(np.int64)).view(-1, 128)
     want, _ = calibrate_threshold(model.entropies(rows), rows, PatcherConfig(mode="entropy"), 3.0)
@@ -124,6 +127,31 @@ def test_threshold_is_calibrated_on_the_chosen_split(tmp_path):
     args.calibrate_on = "valid"
     other = train_entropy.calibrate(model, valid_stream, args, "cpu")
     assert other["data"] == "valid.txt" and other["threshold"] != pytest.approx(record["threshold"])
+
+
+def test_doc_mask_calibration_is_the_patching_of_a_doc_masked_blt():
+    """--doc-mask: θ comes from entropies read within documents, patched as a BLT with document
+    masking patches, so that BLT gets the target bytes/patch; the record says how. Across
+    documents (--no-doc-mask) the entropies and θ differ."""
+    from blt.config import PatcherConfig, tiny
+    from blt.patcher import patch
+
+    torch.manual_seed(0)
+    model = train_entropy.build(tiny().entropy_model, None, doc_mask=True)
+    assert model.doc_mask  # the training loop's forward reads within documents
+    docs = [bytes(np.random.default_rng(i).integers(97, 123, n).astype(np.uint8)) for i, n in enumerate([30, 9, 50] * 8)]
+    stream = encode_documents(docs)
+    args = Namespace(seq_len=128, batch_size=4, calibrate_mode="entropy", target_bytes_per_patch=3.0, calibrate_on="train",
+                     data="train.txt", valid_data=None, valid_fraction=0.01, doc_mask=True)  # fmt: skip
+    record = train_entropy.calibrate(model, stream, args, "cpu")
+    assert record["doc_mask"] is True
+    rows = torch.from_numpy(stream[: len(stream) // 128 * 128].astype(np.int64)).view(-1, 128)
+    cfg = PatcherConfig(mode="entropy", threshold=record["threshold"])
+    got = patch(rows, cfg, model, doc_mask=True).mean_patch_length().item()
+    assert got == pytest.approx(record["achieved_bytes_per_patch"]) and abs(got - 3.0) < 0.3
+    assert not torch.equal(model.entropies(rows, True), model.entropies(rows, False))
+    across = train_entropy.calibrate(model, stream, Namespace(**{**vars(args), "doc_mask": False}), "cpu")
+    assert across["doc_mask"] is False and across["threshold"] != pytest.approx(record["threshold"])
 
 
 def test_train_blt_learns_and_writes_checkpoint_and_model(reference, entropy_dir):
