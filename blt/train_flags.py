@@ -7,6 +7,7 @@ folder and its calibrated threshold (`blt_config`).
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -198,7 +199,7 @@ def blt_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[BL
         p.error(f"--entropy-model {args.entropy_model}: no entropy model there (entropy_config.json missing)")
     try:
         cfg.entropy_model = entropy_config_from_dict(load_json(folder / ENTROPY_CONFIG, "entropy model config"))
-        pc.threshold = args.threshold if args.threshold is not None else calibrated_threshold(folder, pc.mode)
+        pc.threshold = args.threshold if args.threshold is not None else calibrated_threshold(folder, pc.mode, cfg.doc_mask)
     except (CheckpointError, ConfigError) as e:
         p.error(str(e))
     return cfg, folder
@@ -216,10 +217,19 @@ def resumed_doc_mask(out: Path, default: bool) -> bool:
     return default
 
 
-def calibrated_threshold(folder: Path, mode: str) -> float:
+def calibrated_threshold(folder: Path, mode: str, doc_mask: bool = False) -> float:
+    """θ of an entropy model's calibration record, for a BLT patching in `mode`; a note when the
+    record was calibrated across documents and the BLT reads within them, or the other way
+    round (a record without the key is from before: across)."""
     cal = load_json(folder / THRESHOLD, "patcher threshold (pass --threshold instead)")
     if cal.get("mode") != mode:
         raise ConfigError(f"{folder / THRESHOLD} was calibrated for mode {cal.get('mode')!r}, not {mode!r}: pass --threshold")
+    calibrated = bool(cal.get("doc_mask", False))
+    if calibrated != doc_mask:
+        how = {True: "within documents", False: "across documents"}
+        print(f"note: θ of {folder} was calibrated {how[calibrated]}, this BLT patches {how[doc_mask]}: its mean "
+              f"patch size will differ from {cal.get('target_bytes_per_patch')} (recalibrate with blt.train_entropy "
+              f"--{'' if doc_mask else 'no-'}doc-mask, or pass --threshold)", file=sys.stderr)  # fmt: skip
     return float(cal["threshold"])
 
 

@@ -129,6 +129,19 @@ def test_threshold_is_calibrated_on_the_chosen_split(tmp_path):
     assert other["data"] == "valid.txt" and other["threshold"] != pytest.approx(record["threshold"])
 
 
+def test_a_threshold_calibrated_the_other_way_is_noted(tmp_path, capsys):
+    """A BLT reading within documents given θ calibrated across them (a record from before the
+    key: across), or the other way round, is told in one line; a matching one says nothing."""
+    from blt.train_flags import calibrated_threshold
+
+    (tmp_path / "patcher_threshold.json").write_text(json.dumps({"threshold": 1.5, "mode": "entropy",
+                                                                 "target_bytes_per_patch": 4.5}))  # fmt: skip
+    assert calibrated_threshold(tmp_path, "entropy", doc_mask=False) == 1.5 and capsys.readouterr().err == ""
+    assert calibrated_threshold(tmp_path, "entropy", doc_mask=True) == 1.5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "calibrated across documents" in err and "--doc-mask" in err
+
+
 def test_doc_mask_calibration_is_the_patching_of_a_doc_masked_blt():
     """--doc-mask: θ comes from entropies read within documents, patched as a BLT with document
     masking patches, so that BLT gets the target bytes/patch; the record says how. Across
