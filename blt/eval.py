@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from blt.checkpoint import CONFIG, ENTROPY_CONFIG, CheckpointError, load_entropy_model, load_model
 from blt.data import DataError, encode_documents, iter_eval_batches, load_documents
+from blt.masks import default_backend
 from blt.model import BLT, BLTOutput
 from blt.tokens import BOE_ID
 
@@ -126,6 +127,8 @@ def main(argv=None):
     )  # fmt: skip
     # fp32 throughout: the number is a measurement, not a training signal.
     nats, targets, inputs, patches = eval_sums(model, batches, device).tolist()
+    attention = {"flex": "FlexAttention (compiled kernels)", "dense": "SDPA, dense masks"}[default_backend(device)]
+    print(f"execution: eager, float32; attention {attention}")
     masking = f", document masking {'on' if model.cfg.doc_mask else 'off'}" if isinstance(model, BLT) else ""
     print(f"model {args.checkpoint}{masking}, data {args.data}: {len(tokens)} tokens in {n_windows} windows "
           f"of {args.seq_len}")  # fmt: skip
