@@ -40,6 +40,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -68,6 +69,7 @@ from blt.checkpoint import (
 )
 from blt.config import ADDED_LATER, BLTConfig, ConfigError, load_json
 from blt.data import Batcher, DataError, iter_eval_batches
+from blt.ema import WeightAverage
 from blt.distributed import (
     agreed_signal,
     all_reduce,
@@ -363,11 +365,14 @@ def train(args, build, export, prepare_data=prepare) -> int:
     batcher = Batcher(data.train, args.batch_size, args.seq_len, args.seed, rank, world, entropies)
     model = parallelize(raw, args, device)
     optimizer = make_optimizer(raw, args, device)
+    ema = WeightAverage(raw, args.ema) if getattr(args, "ema", 0.0) else None
     step, elapsed = 0, 0.0
     torch.manual_seed(args.seed + rank)  # dropout: different masks on different ranks
     if state is not None:
         set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         batcher.load_state_dict(state["batcher"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         step, elapsed = state["step"], state["elapsed"]
         if len(state["rng"]) == world:  # else (new world size) keep the fresh per-rank seeds
             set_rng_state(state["rng"][rank], device)
@@ -387,7 +392,18 @@ def train(args, build, export, prepare_data=prepare) -> int:
               f"{bytes_per_step} bytes per step; train {len(data.train)} / held-out {len(data.valid)} tokens")  # fmt: skip
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_dir, raw, optimizer, step, batcher, args, elapsed, rank, world, device)
+        save_checkpoint(ckpt_dir, raw, optimizer, step, batcher, args, elapsed, rank, world, device, ema)
+
+    def held_out() -> dict:
+        """Held-out bits per byte of the trained weights, and of their average (--ema)."""
+        def run():
+            return evaluate(model, data.valid, args, rank, world, device, amp_dtype, byte_counts)
+
+        bpb = {"eval_bpb": execution.retry(run)}
+        if ema is not None:
+            with ema.applied():
+                bpb["eval_bpb_ema"] = execution.retry(run)
+        return bpb
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     # The host reads the GPU's numbers only at "sync points" (metrics rows, evaluations,
@@ -415,6 +431,8 @@ def train(args, build, export, prepare_data=prepare) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, bpp, norm = train_step(model, raw, optimizer, batches, args, device, amp_dtype, execution)
+            if ema is not None:
+                ema.update()
             step += 1
             run_steps += 1
             window += torch.stack((loss.double(), bpp))
@@ -452,9 +470,10 @@ def train(args, build, export, prepare_data=prepare) -> int:
             if step == args.steps or stop:
                 break
             if eval_now:
-                eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype, byte_counts))
-                metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
-                bar.write(f"step {step}: held-out bpb {eval_bpb:.4f}")
+                bpb = held_out()
+                metrics.write(step=step, **bpb, bytes=step * bytes_per_step, elapsed=elapsed)
+                bar.write(f"step {step}: held-out bpb {bpb['eval_bpb']:.4f}"
+                          + (f", of the average {bpb['eval_bpb_ema']:.4f}" if ema is not None else ""))  # fmt: skip
             if save_now:
                 checkpoint()
             if eval_now or save_now:
@@ -467,13 +486,17 @@ def train(args, build, export, prepare_data=prepare) -> int:
         if master:
             print(f"stopped by a signal ({signal.Signals(stop).name}) after step {step}; checkpoint in {ckpt_dir}; continue with --resume")
     else:
-        eval_bpb = execution.retry(lambda: evaluate(model, data.valid, args, rank, world, device, amp_dtype, byte_counts))
-        plain = full_copy(raw, rank)
+        bpb = held_out()
+        with ema.applied() if ema is not None else nullcontext():  # --ema: the average is the model
+            plain = full_copy(raw, rank)
+            if master:
+                export(plain, data, device)
         if master:
-            export(plain, data, device)
-            print(f"done: {step} steps, {step * bytes_per_step} training bytes, held-out bpb {eval_bpb:.4f}; model in {out / 'model'}")
+            averaged = f", of the average (exported) {bpb['eval_bpb_ema']:.4f}" if ema is not None else ""
+            print(f"done: {step} steps, {step * bytes_per_step} training bytes, held-out bpb {bpb['eval_bpb']:.4f}"
+                  f"{averaged}; model in {out / 'model'}")  # fmt: skip
         # after the export: a run that failed to export and is resumed logs its final row once
-        metrics.write(step=step, eval_bpb=eval_bpb, bytes=step * bytes_per_step, elapsed=elapsed)
+        metrics.write(step=step, **bpb, bytes=step * bytes_per_step, elapsed=elapsed)
     metrics.close()
     mean_bpp = all_reduce(run_bpp.clone(), world).item() / (world * run_steps) if run_steps else 1.0  # collective
     if master:

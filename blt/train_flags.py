@@ -52,6 +52,9 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"))
     g.add_argument("--eps", type=float, default=1e-8)
     g.add_argument("--dropout", type=float, help="dropout of the trained model (default: its config's)")
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights (e.g. 0.999), evaluated beside "
+                        "them and exported as the model (blt.ema; 0: off)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="model init and data order")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -83,6 +86,8 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         (args.weight_decay >= 0 and args.clip >= 0 and args.eps > 0, "--weight-decay and --clip must be >= 0, --eps > 0"),
         (all(0 <= b < 1 for b in args.betas), "--betas must be in [0, 1)"),
         (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (0 <= args.ema < 1, "--ema must be in [0, 1) (0: off)"),
+        (not (args.ema and args.dist == "fsdp"), "--ema needs whole parameters on every process: --dist ddp or none"),
         (0 <= args.seed < 2**63, "--seed must be >= 0 and < 2**63"),  # torch seeds are 64-bit
         (0 < args.valid_fraction < 1, "--valid-fraction must be in (0, 1)"),
         (args.log_every >= 1, "--log-every must be >= 1"),

@@ -77,10 +77,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(path: Path, raw, optimizer, step, batcher, args, elapsed, rank, world, device) -> None:
+def save_checkpoint(path: Path, raw, optimizer, step, batcher, args, elapsed, rank, world, device, ema=None) -> None:
     """Model folder + train_state.pt, written together atomically; the checkpoint they replace
     becomes checkpoint.prev, the one before it is deleted. Collective (FSDP state dicts, every
-    rank's RNG state); rank 0 writes."""
+    rank's RNG state); rank 0 writes. ema: the run's blt.ema.WeightAverage, if any."""
     optim_state = get_optimizer_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rngs = [rng_state(device)]
     if world > 1:
@@ -91,6 +91,8 @@ def save_checkpoint(path: Path, raw, optimizer, step, batcher, args, elapsed, ra
         # the flags through JSON: plain values only, as weights_only loading requires
         state = {"step": step, "optimizer": optim_state, "batcher": batcher.state_dict(), "rng": rngs,
                  "args": json.loads(json.dumps(vars(args))), "elapsed": elapsed, "world_size": world}  # fmt: skip
+        if ema is not None:
+            state["ema"] = ema.state_dict()
 
         def write(tmp: Path) -> None:
             write_weights(plain, tmp)
@@ -134,6 +136,8 @@ def find_checkpoint(out: Path) -> tuple[Path, dict]:
 def check_resumable(state: dict, args, world: int) -> None:
     """Refuse to continue a checkpoint with flags that change which bytes each step sees."""
     saved = state["args"]
+    if saved.get("ema", 0.0) != getattr(args, "ema", 0.0):  # checkpoints from before --ema: off
+        raise CheckpointError(f"cannot resume: checkpoint has --ema {saved.get('ema', 0.0)}, this run has {args.ema}")
     for key in RESUME_FIXED:
         if saved[key] != getattr(args, key):
             flag = "--" + key.replace("_", "-")

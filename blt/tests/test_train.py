@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,58 @@ def test_resume_repeats_the_uninterrupted_losses(work, entropy_dir, reference):
     assert losses(out) == losses(reference)  # exact, CPU fp32
     a, b = load_file(out / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weight_average_is_the_ema_of_the_steps():
+    """blt.ema: avg = w at the start, then avg <- avg + (1 - decay)(w - avg) after each step;
+    applied() lends the average to the model and gives the weights back exactly; a saved
+    average continues only with its own decay and parameters."""
+    from blt.ema import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].bias.requires_grad_(False)  # frozen: not averaged
+    ema = WeightAverage(model, 0.8)
+    want = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        want = {n: 0.8 * want[n] + 0.2 * p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert ema.names == ["0.weight", "0.bias", "1.weight"]
+    assert all(torch.allclose(a, want[n], atol=1e-6) for n, a in zip(ema.names, ema.avg))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.applied():
+        assert torch.equal(model[0].weight, ema.avg[0]) and torch.equal(model[1].bias, trained["1.bias"])
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    other = WeightAverage(model, 0.8)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.avg, ema.avg))
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(model, 0.9).load_state_dict(ema.state_dict())
+
+
+def test_ema_run_exports_the_average_and_resumes_it(work, entropy_dir):
+    """--ema: metrics give the average's held-out bpb beside the weights'; the exported model is
+    the average (the checkpoint's weights are the trained ones); a resumed run continues the
+    same average (bit for bit on the CPU); resuming with another --ema is refused."""
+    argv = partial(blt_argv, work, entropy_dir)
+    whole, cut = work / "ema", work / "ema-resumed"
+    train.main(argv(whole, STEPS, 4, "--ema", "0.5"))
+    train.main(argv(cut, 5, 4, "--ema", "0.5"))
+    with pytest.raises(SystemExit):
+        train.main(argv(cut, STEPS, 4, "--resume", "--ema", "0.9"))
+    train.main(argv(cut, STEPS, 4, "--resume", "--ema", "0.5"))
+    (final,) = [r for r in rows(whole) if "eval_bpb" in r]
+    assert set(final) >= {"eval_bpb", "eval_bpb_ema"} and final["eval_bpb"] != final["eval_bpb_ema"]
+    state = torch.load(whole / "checkpoint" / "train_state.pt", weights_only=True)
+    exported, trained = load_file(whole / "model" / "model.safetensors"), load_file(whole / "checkpoint" / "model.safetensors")
+    averaged = [k for k in exported if not k.startswith("entropy_model.")]
+    assert averaged and all(torch.equal(exported[k], state["ema"]["avg"][k]) for k in averaged)
+    assert not all(torch.equal(exported[k], trained[k]) for k in averaged)
+    resumed = load_file(cut / "model" / "model.safetensors")
+    assert losses(cut) == losses(whole) and all(torch.equal(resumed[k], exported[k]) for k in exported)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(work, entropy_dir, reference):
