@@ -92,6 +92,7 @@ from blt.train_data import Lookahead, precomputed_entropies, prepare, to_device
 from blt.train_flags import blt_config, blt_parser, check_common_args
 from blt.train_state import (
     CHECKPOINT,
+    Metrics,
     StopOnSignal,
     check_resumable,
     find_checkpoint,
@@ -179,59 +180,6 @@ def lr_at(step: int, args) -> float:
 
 
 # ---- metrics -----------------------------------------------------------------------------
-
-
-class Metrics:
-    """metrics.jsonl, written by rank 0. On resume, rows after the checkpoint's step (logged by
-    the interrupted run after its last save) are dropped, so every step appears once; so is a
-    row cut off by a crash, with a warning."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.file = path, None
-        if not enabled:
-            return
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and path.exists():
-                kept = [line for line, row in self._rows(path) if row["step"] <= resume_step]
-                tmp.write_text("".join(line + "\n" for line in kept))
-                tmp.replace(path)  # a crash meanwhile leaves the old file whole
-            elif resume_step is None:
-                path.write_text("")
-            self.file = path.open("a")
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise WriteError(path, e) from None
-
-    @staticmethod
-    def _rows(path: Path) -> list[tuple[str, dict]]:
-        """(line, row) of every complete row; a line cut off (or not a row) is dropped with a warning."""
-        rows = []
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict) and "step" in row:
-                rows.append((line, row))
-            else:
-                print(f"warning: {path} line {number} is cut off or not a metrics row: dropped", file=sys.stderr)
-        return rows
-
-    def write(self, **row) -> None:
-        if self.file is not None:
-            try:
-                self.file.write(json.dumps(row) + "\n")
-                self.file.flush()
-            except OSError as e:
-                raise WriteError(self.path, e) from None
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
 
 
 # ---- the shared loop ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ In --out:
                     then swapped in, so two are on disk and three while one is written
     run.lock        "PID host" of the run writing the folder, while it runs: a second run on
                     the same --out is refused; a dead run's lock is taken over
+    metrics.jsonl   one JSON row per logged step and evaluation (Metrics)
 
 Resuming: the batch at step k is a pure function of (--seed, k) (blt.data.Batcher) and the
 checkpoint holds everything else that changes, so a resumed CPU fp32 run repeats the losses
@@ -33,12 +34,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+)
 
 from blt.checkpoint import (
     CHECKPOINT_FILES,
     TRAIN_STATE,
     CheckpointError,
+    WriteError,
     atomic_dir_write,
     pid_alive,
     read_train_state,
@@ -147,6 +152,62 @@ def check_resumable(state: dict, args, world: int) -> None:
             f"cannot resume: checkpoint's global batch is {saved['batch_size']} x {state['world_size']} processes, "
             f"this run's is {args.batch_size} x {world} (keep --batch-size x processes the same)"
         )
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+class Metrics:
+    """metrics.jsonl, written by rank 0. On resume, rows after the checkpoint's step (logged by
+    the interrupted run after its last save) are dropped, so every step appears once; so is a
+    row cut off by a crash, with a warning."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.path, self.file = path, None
+        if not enabled:
+            return
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and path.exists():
+                kept = [line for line, row in self._rows(path) if row["step"] <= resume_step]
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)  # a crash meanwhile leaves the old file whole
+            elif resume_step is None:
+                path.write_text("")
+            self.file = path.open("a")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise WriteError(path, e) from None
+
+    @staticmethod
+    def _rows(path: Path) -> list[tuple[str, dict]]:
+        """(line, row) of every complete row; a line cut off (or not a row) is dropped with a warning."""
+        rows = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and "step" in row:
+                rows.append((line, row))
+            else:
+                print(f"warning: {path} line {number} is cut off or not a metrics row: dropped", file=sys.stderr)
+        return rows
+
+    def write(self, **row) -> None:
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise WriteError(self.path, e) from None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 # ---- the run lock and signals ------------------------------------------------------------

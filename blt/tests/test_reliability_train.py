@@ -465,7 +465,7 @@ def test_a_cut_off_metrics_row_is_dropped_on_resume(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
     path.write_text("\n".join(good) + '\n{"step": 4, "lo')
-    metrics = train.Metrics(path, resume_step=3, enabled=True)
+    metrics = train_state.Metrics(path, resume_step=3, enabled=True)
     metrics.write(step=4, loss=0.25)
     metrics.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
