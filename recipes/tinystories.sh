@@ -8,7 +8,9 @@
 #   DATA=data/tinystories/train.txt.xz VALID=data/tinystories/valid.txt.xz \
 #     PRETRAIN=data/mix bash recipes/tinystories.sh                # local files, as shipped
 #
-# PRETRAIN (optional): a file, folder or glob of general text. The BLT first trains on it for
+# DATA, VALID and PRETRAIN take a file, folder or glob (quoted, so that blt.data expands it), e.g.
+# DATA='data/tinystories/train*.txt.xz' for the training file and its extra stories together.
+# PRETRAIN (optional): general text. The BLT first trains on it for
 # PRE_STEPS steps (default 3000), then fine-tunes on DATA from those weights (--init-from) for
 # BLT_STEPS steps (default 2600). The shipped model used a folder holding the general English
 # mix and a copy of the TinyStories training file. Also: RUNS (runs), OUT (checkpoints),
