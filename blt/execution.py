@@ -40,10 +40,11 @@ class ExecutionChoices:
     precomputed_entropies: bool = False
     attention: str = "triton"
 
-    def describe(self) -> str:
-        """One line: what runs, and the flags that turn the defaults off."""
+    def describe(self, cuda: bool = True) -> str:
+        """One line: what runs. The attention backend is FlexAttention's (or FlashAttention-4's)
+        on CUDA; a CPU runs dense SDPA masks whatever the backend's setting."""
         on = [f.name.replace("_", " ") for f in fields(self) if getattr(self, f.name) is True]
-        return f"execution: {', '.join(on) or 'eager'}; attention {self.attention}"
+        return f"execution: {', '.join(on) or 'eager'}; attention {self.attention if cuda else 'SDPA (dense masks)'}"
 
 
 def choose(machine: Machine, one_graph=None, compile=None, fused_products=None, bf16_residual=None,

@@ -539,7 +539,7 @@ def main(argv=None) -> None:
         choices = replace(choices, precomputed_entropies=False)
         args.precomputed_entropies = False
     if int(os.environ.get("RANK", 0)) == 0:
-        print(choices.describe(), flush=True)
+        print(choices.describe(cuda=args.device == "cuda"), flush=True)
 
     def build(checkpoint):
         model = build_blt(cfg, entropy_dir, checkpoint, args.init_from)

@@ -15,7 +15,7 @@ def test_cuda_one_process_takes_the_whole_fast_path():
 
 def test_cpu_runs_eager():
     assert choose(Machine(cuda=False, entropy_patching=True)) == ExecutionChoices()
-    assert choose(Machine(cuda=False)).describe() == "execution: eager; attention triton"
+    assert choose(Machine(cuda=False)).describe(cuda=False) == "execution: eager; attention SDPA (dense masks)"
 
 
 def test_several_processes_compile_each_block():

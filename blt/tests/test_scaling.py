@@ -23,7 +23,7 @@ def test_scaling_table_and_rerun(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     results = json.loads((tmp_path / "table.json").read_text())
     assert [(r["mode"], r["processes"]) for r in results] == [("ddp", 1), ("ddp", 2)]
-    assert all(r["bytes_per_s"] > 0 and r["rows"] == 2 and r["execution"] == "eager; attention triton" for r in results)
+    assert all(r["bytes_per_s"] > 0 and r["rows"] == 2 and r["execution"] == "eager; attention SDPA (dense masks)" for r in results)
     lines = (tmp_path / "table.md").read_text().splitlines()
     one, two = results[0]["bytes_per_s"], results[1]["bytes_per_s"]
     assert lines[2].split("|")[7].strip() == "100.0%"
