@@ -313,14 +313,17 @@ def train(args, build, export, prepare_data=prepare) -> int:
     batcher = Batcher(data.train, args.batch_size, args.seq_len, args.seed, rank, world, entropies)
     model = parallelize(raw, args, device)
     optimizer = make_optimizer(raw, args, device)
-    ema = WeightAverage(raw, args.ema) if getattr(args, "ema", 0.0) else None
+    ema = WeightAverage(raw, args.ema) if args.ema else None
     step, elapsed = 0, 0.0
     torch.manual_seed(args.seed + rank)  # dropout: different masks on different ranks
     if state is not None:
         set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         batcher.load_state_dict(state["batcher"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            try:
+                ema.load_state_dict(state["ema"])
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"cannot resume: {resume_dir}'s average of the weights (--ema): {e}") from None
         step, elapsed = state["step"], state["elapsed"]
         if len(state["rng"]) == world:  # else (new world size) keep the fresh per-rank seeds
             set_rng_state(state["rng"][rank], device)

@@ -141,7 +141,7 @@ def find_checkpoint(out: Path) -> tuple[Path, dict]:
 def check_resumable(state: dict, args, world: int) -> None:
     """Refuse to continue a checkpoint with flags that change which bytes each step sees."""
     saved = state["args"]
-    if saved.get("ema", 0.0) != getattr(args, "ema", 0.0):  # checkpoints from before --ema: off
+    if saved.get("ema", 0.0) != args.ema:  # checkpoints from before --ema: off
         raise CheckpointError(f"cannot resume: checkpoint has --ema {saved.get('ema', 0.0)}, this run has {args.ema}")
     for key in RESUME_FIXED:
         if saved[key] != getattr(args, key):
