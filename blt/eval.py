@@ -127,7 +127,7 @@ def main(argv=None):
     )  # fmt: skip
     # fp32 throughout: the number is a measurement, not a training signal.
     nats, targets, inputs, patches = eval_sums(model, batches, device).tolist()
-    attention = {"flex": "FlexAttention (compiled kernels)", "dense": "SDPA, dense masks"}[default_backend(device)]
+    attention = {"flex": "FlexAttention (compiled kernels)", "dense": "SDPA (dense masks)"}[default_backend(device)]
     print(f"execution: eager, float32; attention {attention}")
     masking = f", document masking {'on' if model.cfg.doc_mask else 'off'}" if isinstance(model, BLT) else ""
     print(f"model {args.checkpoint}{masking}, data {args.data}: {len(tokens)} tokens in {n_windows} windows "
