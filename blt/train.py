@@ -34,6 +34,7 @@ loop (`run`, `train`, `train_step`, `evaluate`). What they call on the way:
 """
 
 import errno
+import gc
 import json
 import math
 import os
@@ -210,8 +211,11 @@ def run(args, build, export, data=prepare) -> None:
         if lock is not None:
             release_lock(lock)
         # Only after train() returned: DDP's reducer must be freed while its process group lives
-        # (the other order can hang at exit).
+        # (the other order can hang at exit). The model, optimizer and FSDP state sit in
+        # reference cycles (thousands of objects) that only the collector frees: collected here,
+        # not during interpreter exit, where a rank can abort in the group's teardown.
         if dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
     if code:
         sys.exit(code)
