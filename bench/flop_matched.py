@@ -33,12 +33,13 @@ sample of the training text instead (--measure-bytes tokens in --seq-len windows
 over the training stream: the text the FLOPs are spent on, which differs from the held-out text
 when the training data is a mixture). The measurements are kept in RUNS/measure.json and reused
 while their inputs are unchanged; so is the BPE tokenizer's bytes per token on the held-out
-documents within the first --measure-bytes tokens (BOS and EOS counted as blt.eval counts them;
+documents within the first --measure-bytes tokens (BOS and EOS counted as blt.eval counts them)
+and on the training sample (the bytes a training token stands for, as blt.train_bpe counts them;
 its training FLOPs do not depend on it: a token costs the same whatever it holds). Each contender
 then trains
 
     steps = round(budget / (bytes_per_step x train_FLOPs_per_byte)),
-    bytes_per_step = batch_size x grad_accum x seq_len (the BPE baseline: x bytes per token),
+    bytes_per_step = batch_size x grad_accum x seq_len (the BPE baseline: x training bytes per token),
 
 so every contender spends the budget to within half a step, and sees a different number of bytes.
 Training the entropy model itself is not charged to the budget (as in the paper).
@@ -103,7 +104,7 @@ from blt.eval import eval_sums, load_any, real_patches  # noqa: E402
 from blt.flops import blt_flops_per_byte, token_lm_flops_per_byte, transformer_flops_per_byte  # noqa: E402
 from blt.model import BLT  # noqa: E402
 from blt.patcher import calibrate_threshold, patch  # noqa: E402
-from blt.tokens import BOE_ID  # noqa: E402
+from blt.tokens import BOE_ID, OFFSET  # noqa: E402
 from blt.train_bpe import TOKENIZER_BYTES, documents, folder_tokenizer  # noqa: E402
 from blt.train_flags import blt_config, blt_parser, entropy_model_dir  # noqa: E402
 
@@ -522,7 +523,7 @@ class Contender:
     kind: str  # "blt" | "byte" | "bpe"
     cfg: object  # BLTConfig | EntropyModelConfig
     bytes_per_patch: float = 1.0  # on the held-out text (the BPE baseline: bytes per token)
-    train_bytes_per_patch: float = 1.0  # on the training sample (the BPE baseline: its held-out value)
+    train_bytes_per_patch: float = 1.0  # on the training sample (the BPE baseline: bytes per token)
     seq_len: int = 0  # tokens per window (bytes, but the BPE baseline's)
     bytes_per_step: float = 0.0
     vocab_size: int = 0  # the BPE baseline's
@@ -546,6 +547,12 @@ def measure_bytes_per_patch(tokens: np.ndarray, cfg: BLTConfig, entropy_model, s
         n_bytes += int((inputs != BOE_ID).sum())
         n_patches += int(real_patches(patching, inputs))
     return n_bytes / n_patches
+
+
+def byte_run(ids: np.ndarray) -> bytes:
+    """The raw bytes of a stretch of byte ids (specials dropped)."""
+    ids = np.asarray(ids)
+    return (ids[ids >= OFFSET] - OFFSET).astype(np.uint8).tobytes()
 
 
 def training_sample(train: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:
@@ -618,16 +625,21 @@ class Measurer:
 
         return PatchSizes(*self.cached(f"{name} bytes/patch (held-out, training)", key, compute))
 
-    def bytes_per_token(self, tokenizer) -> float:
-        """Bytes per token of a BPE tokenizer on the held-out documents within the first
-        --measure-bytes tokens (as blt.eval counts bytes: BOS and EOS included)."""
+    def bytes_per_token(self, tokenizer) -> PatchSizes:
+        """Bytes per token of a BPE tokenizer (as blt.eval counts bytes: BOS and EOS included) on
+        the held-out documents within the first --measure-bytes tokens, and on the training sample,
+        whose windows cut documents: each run of bytes between specials is tokenized alone."""
         key = {**self.key(None), "tokenizer": hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()}
 
         def compute():
             docs = list(documents(self.valid, self.args.measure_bytes or None))
-            return eval_byte_count(docs) / (len(tokenizer.encode_documents(docs)) - 1)
+            heldout = eval_byte_count(docs) / (len(tokenizer.encode_documents(docs)) - 1)
+            specials = np.flatnonzero(self.train < OFFSET)
+            runs = np.split(self.train, specials)  # each run but the first starts with its special
+            tokens = len(specials) + sum(len(tokenizer.encode(byte_run(r))) for r in runs)
+            return [heldout, (len(self.train) - 1) / (tokens - 1)]  # as blt.train_bpe counts its stream
 
-        return self.cached("bpe-baseline bytes/token (held-out)", key, compute)
+        return PatchSizes(*self.cached("bpe-baseline bytes/token (held-out, training)", key, compute))
 
     @torch.no_grad()
     def calibrate(self, entropy_dir: Path, target: float, patcher: PatcherConfig) -> float:
@@ -705,10 +717,10 @@ def plan(p, args, baseline: EntropyModelConfig, entropy_dir: Path, data, device,
     if "bpe-baseline" in args.contenders:
         tokenizer = bpe_tokenizer(args, data)
         bpt = measure.bytes_per_token(tokenizer)
-        seq_len = max(MIN_BPE_SEQ_LEN, round(args.seq_len / bpt))  # a window covers about --seq-len bytes
+        seq_len = max(MIN_BPE_SEQ_LEN, round(args.seq_len / bpt.heldout))  # a window covers about --seq-len bytes
         cfg = dataclasses.replace(args.bpe_shape, window=seq_len)
         patching = f"BPE, {tokenizer.vocab_size} ids, {seq_len}-token windows"
-        contenders.append(Contender("bpe-baseline", "BPE transformer", patching, "bpe", cfg, bpt, bpt, seq_len,
+        contenders.append(Contender("bpe-baseline", "BPE transformer", patching, "bpe", cfg, bpt.heldout, bpt.train, seq_len,
                                     vocab_size=tokenizer.vocab_size))  # fmt: skip
     contenders = [c for c in contenders if c.name in args.contenders]
     for c in contenders:
@@ -721,14 +733,15 @@ def fit_budget(c: Contender, args, charge_entropy: bool = True) -> None:
     steps, and its parameter counts. charge_entropy=False leaves a BLT's entropy-model forward out
     of its training FLOPs (FlopCount.train_blt)."""
     c.seq_len = c.seq_len or args.seq_len
-    c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.bytes_per_patch if c.kind == "bpe" else 1)
+    # a training step's tokens cover the training text's bytes (a BPE token: its bytes there)
+    c.bytes_per_step = args.batch_size * args.grad_accum * c.seq_len * (c.train_bytes_per_patch if c.kind == "bpe" else 1)
     if c.kind == "blt":  # a training byte costs what the training text's patches cost
         f = blt_flops_per_byte(c.cfg, c.train_bytes_per_patch, args.seq_len)
         c.train_flops_per_byte = f.train if charge_entropy else f.train_blt
         c.inference_flops_per_byte = blt_flops_per_byte(c.cfg, c.bytes_per_patch, args.seq_len).forward
     elif c.kind == "bpe":
         c.inference_flops_per_byte = token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.bytes_per_patch)
-        c.train_flops_per_byte = 3 * c.inference_flops_per_byte
+        c.train_flops_per_byte = 3 * token_lm_flops_per_byte(c.cfg, c.vocab_size, c.seq_len, c.train_bytes_per_patch)
     else:
         c.inference_flops_per_byte = transformer_flops_per_byte(c.cfg, args.seq_len)
         c.train_flops_per_byte = 3 * c.inference_flops_per_byte

@@ -448,7 +448,7 @@ def train(args, build, export, prepare_data=prepare) -> int:
                 export(plain, data, device)
         if master:
             averaged = f", of the average (exported) {bpb['eval_bpb_ema']:.4f}" if ema is not None else ""
-            print(f"done: {step} steps, {step * bytes_per_step} training bytes, held-out bpb {bpb['eval_bpb']:.4f}"
+            print(f"done: {step} steps, {round(step * bytes_per_step)} training bytes, held-out bpb {bpb['eval_bpb']:.4f}"
                   f"{averaged}; model in {out / 'model'}")  # fmt: skip
         # after the export: a run that failed to export and is resumed logs its final row once
         metrics.write(step=step, **bpb, bytes=step * bytes_per_step, elapsed=elapsed)

@@ -69,7 +69,7 @@ def test_table_and_flop_matching(first):
         assert r["steps"] >= 2
         # the BPE baseline's windows are tokens: as many as cover ~--seq-len bytes
         tokens_per_step = 2 * r["seq_len"]
-        assert r["bytes_per_step"] == pytest.approx(tokens_per_step * r["bytes_per_patch"] if r["name"] == "bpe-baseline" else 2 * 128)
+        assert r["bytes_per_step"] == pytest.approx(tokens_per_step * r["train_bytes_per_patch"] if r["name"] == "bpe-baseline" else 2 * 128)
         assert r["train_bytes"] == r["steps"] * r["bytes_per_step"]
         step_flops = r["bytes_per_step"] * r["train_flops_per_byte"]
         assert abs(r["train_flops"] - BUDGET) <= 0.5 * step_flops + 1e-6 * BUDGET, r  # within half a step
@@ -85,6 +85,10 @@ def test_table_and_flop_matching(first):
     assert bpe["seq_len"] == max(16, round(128 / bpe["bytes_per_patch"]))
     assert bpe["eval_bytes"] == rows["byte-baseline"]["eval_bytes"]  # the same held-out bytes
     assert bpe["eval_bytes_per_patch"] == pytest.approx(bpe["bytes_per_patch"])  # measured on the same text
+    # its training bytes are the training text's (the sample is all of it here): what its run counted
+    metrics = (work / "runs" / "bpe-baseline" / "metrics.jsonl").read_text().splitlines()
+    (last,) = [r for r in map(json.loads, metrics) if "bytes" in r][-1:]
+    assert last["bytes"] == pytest.approx(last["step"] * bpe["bytes_per_step"], rel=1e-9)
     assert rows["blt-entropy"]["entropy_model_params"] > 0 and rows["blt-space"]["entropy_model_params"] == 0
     # the measured patch sizes are what blt.eval sees on the same held-out windows
     for name in NAMES[:3]:
