@@ -1,10 +1,16 @@
 """Plot the learning curves of one or more training runs (blt.train's metrics.jsonl).
 
     python -m blt.plot_metrics runs/blt runs/baseline/metrics.jsonl --out curves.png --labels BLT "byte LM"
+    python -m blt.plot_metrics runs/push/* --table        # a Markdown table of the runs instead
 
 Two panels, one colour per run: bits per byte against training bytes, and against training
 seconds (the rows' `elapsed`: wall-clock seconds spent in training steps, evaluations excluded).
-Held-out BPB (evaluation rows) is drawn solid with markers, training BPB (log rows) lighter.
+Held-out BPB (evaluation rows) is drawn solid with markers, training BPB (log rows) lighter, and
+the held-out BPB of a run's weight average (`--ema`: eval_bpb_ema) dashed.
+
+--table prints one row a run: its steps and training bytes at the last row, its last and best
+held-out BPB (the step of the best), the last held-out BPB of its weight average, and its
+training seconds; with --out it draws the plot too.
 """
 
 import argparse
@@ -64,6 +70,10 @@ def plot(runs: list[Run], out: str | Path) -> None:
             if run.evals:
                 ax.plot([r[x] for r in run.evals], [r["eval_bpb"] for r in run.evals],
                         "o-", color=f"C{i}", ms=3, lw=1.6, label=f"{run.label} (held-out)")  # fmt: skip
+            averaged = [r for r in run.evals if "eval_bpb_ema" in r]
+            if averaged:
+                ax.plot([r[x] for r in averaged], [r["eval_bpb_ema"] for r in averaged],
+                        "s--", color=f"C{i}", ms=3, lw=1.2, label=f"{run.label} (held-out, average)")  # fmt: skip
     held_out = [r["eval_bpb"] for run in runs for r in run.evals]
     if held_out:  # early training BPB is far above the range that matters
         axes[0].set_ylim(top=1.15 * max(held_out))
@@ -76,11 +86,32 @@ def plot(runs: list[Run], out: str | Path) -> None:
     fig.savefig(out, dpi=150)
 
 
+def table(runs: list[Run]) -> str:
+    """One Markdown row a run (module docstring)."""
+
+    def bpb(x) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    lines = ["| run | steps | training bytes | held-out BPB (last) | best (step) | weight average (last) | training s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for run in runs:
+        last = max(run.train + run.evals, key=lambda r: (r["bytes"], "eval_bpb" in r))
+        best = min(run.evals, key=lambda r: r["eval_bpb"]) if run.evals else None
+        averaged = [r["eval_bpb_ema"] for r in run.evals if "eval_bpb_ema" in r]
+        cells = [run.label, str(last.get("step", "-")), f"{last['bytes']:,.0f}",
+                 bpb(run.evals[-1]["eval_bpb"] if run.evals else None),
+                 f"{bpb(best['eval_bpb'])} ({best.get('step', '-')})" if best else "-",
+                 bpb(averaged[-1] if averaged else None), f"{last['elapsed']:,.0f}"]  # fmt: skip
+        lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m blt.plot_metrics", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run folders (blt.train --out) or metrics.jsonl files")
-    ap.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
+    ap.add_argument("--out", help="PNG to write (default curves.png; with --table, none unless given)")
     ap.add_argument("--labels", nargs="+", help="one legend label per run (default: the run folders' names)")
+    ap.add_argument("--table", action="store_true", help="print a Markdown table of the runs (module docstring)")
     args = ap.parse_args(argv)
     try:
         if args.labels and len(args.labels) != len(args.runs):
@@ -89,8 +120,12 @@ def main(argv=None) -> int:
     except MetricsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    plot(runs, args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    if args.table:
+        print(table(runs))
+    out = args.out or (None if args.table else "curves.png")
+    if out:
+        plot(runs, out)
+        print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

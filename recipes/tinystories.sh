@@ -15,6 +15,11 @@
 # BLT_STEPS steps (default 2600). The shipped model used a folder holding the general English
 # mix and a copy of the TinyStories training file. Also: RUNS (runs), OUT (checkpoints),
 # BATCH (16), ACCUM (2), ENT_STEPS (1500), LOG_EVERY (a metrics row every 10 steps).
+# Variants of the model: CONFIG (the BLT's shape: a preset or a config JSON; default tinystories),
+# ENT_FLAGS (more blt.train_entropy flags, e.g. ENT_FLAGS="--dim 256 --layers 4 --heads 4" for a
+# larger entropy model), ENTROPY (an entropy model already trained, e.g. another run's
+# RUNS/entropy, used instead of training one: variants that share it differ only in the BLT).
+# python -m blt.plot_metrics RUNS/blt OTHER_RUNS/blt --table compares the runs.
 # Execution: blt.train's defaults (blt.execution; on one GPU the whole step as one graph, fused
 # products, a bf16 residual stream, entropies computed once), which BLT_FLAGS can change (e.g.
 # BLT_FLAGS=--compile: each block compiled instead). Peak GPU memory of the BLT at BATCH=16
@@ -26,6 +31,9 @@ set -euo pipefail
 DATA=${DATA:-train}
 VALID=${VALID:-valid}
 PRETRAIN=${PRETRAIN:-}
+CONFIG=${CONFIG:-tinystories}
+ENT_FLAGS=${ENT_FLAGS:-}
+ENTROPY=${ENTROPY:-}
 RUNS=${RUNS:-runs}
 OUT=${OUT:-checkpoints}
 BATCH=${BATCH:-16}
@@ -52,16 +60,21 @@ stage() {
   "$@"
 }
 
-stage "$RUNS/entropy" python -m blt.train_entropy --data "$DATA" --valid-data "$VALID" \
-  --dim 128 --layers 2 --heads 2 --window 512 \
-  --steps "${ENT_STEPS:-1500}" --batch-size 32 --seq-len 512 --grad-accum 1 \
-  --lr 2e-3 --min-lr 1e-4 --warmup 100 --eval-every 500 --save-every 500 \
-  --target-bytes-per-patch 4.5 --out "$RUNS/entropy"
+if [ -n "$ENTROPY" ]; then
+  echo "recipe: using the entropy model in $ENTROPY"
+else
+  ENTROPY=$RUNS/entropy
+  stage "$ENTROPY" python -m blt.train_entropy --data "$DATA" --valid-data "$VALID" \
+    --dim 128 --layers 2 --heads 2 --window 512 \
+    --steps "${ENT_STEPS:-1500}" --batch-size 32 --seq-len 512 --grad-accum 1 \
+    --lr 2e-3 --min-lr 1e-4 --warmup 100 --eval-every 500 --save-every 500 \
+    --target-bytes-per-patch 4.5 $ENT_FLAGS --out "$ENTROPY"
+fi
 
 blt() {  # blt OUT FLAGS...
   local out=$1
   shift
-  stage "$out" "${TRAIN_BLT[@]}" --valid-data "$VALID" --config tinystories --entropy-model "$RUNS/entropy" \
+  stage "$out" "${TRAIN_BLT[@]}" --valid-data "$VALID" --config "$CONFIG" --entropy-model "$ENTROPY" \
     --batch-size "$BATCH" --grad-accum "$ACCUM" --seq-len 2048 --min-lr 1e-4 \
     --eval-every 250 --eval-batches 0 --save-every 500 --log-every "${LOG_EVERY:-10}" $BLT_FLAGS "$@" --out "$out"
 }

@@ -58,3 +58,13 @@ def test_recipe_on_several_gpus_trains_the_blt_under_torchrun(tmp_path):
     assert rc == 0 and modules == ["blt.train_entropy", "torch.distributed.run", "blt.export", "blt.eval"]
     blt = calls.splitlines()[1]
     assert "--nproc_per_node 2 -m blt.train --dist ddp" in blt and "--grad-accum 1" in blt
+
+
+def test_recipe_variants_change_the_shape_and_share_an_entropy_model(tmp_path):
+    rc, modules, calls = run_recipe(tmp_path, CONFIG="wide.json", ENT_FLAGS="--dim 256 --layers 4")
+    entropy, blt = calls.splitlines()[:2]
+    assert rc == 0 and modules[0] == "blt.train_entropy" and entropy.endswith(f"--dim 256 --layers 4 --out {tmp_path}/runs/entropy")
+    assert "--config wide.json" in blt and f"--entropy-model {tmp_path}/runs/entropy " in blt
+    rc, modules, calls = run_recipe(tmp_path, RUNS=str(tmp_path / "other"), ENTROPY=str(tmp_path / "runs" / "entropy"))
+    assert rc == 0 and modules == ["blt.train", "blt.export", "blt.eval"]  # no second entropy model
+    assert f"--entropy-model {tmp_path}/runs/entropy " in calls and "--config tinystories" in calls

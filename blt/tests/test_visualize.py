@@ -181,6 +181,25 @@ def test_plot_metrics(tmp_path):
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
 
 
+def test_plot_metrics_table(tmp_path, capsys):
+    write_metrics(tmp_path / "blt" / "metrics.jsonl")
+    rows = (tmp_path / "blt" / "metrics.jsonl").read_text().splitlines()
+    rows = [r.replace('"eval_bpb"', '"eval_bpb_ema": 1.25, "eval_bpb"') if '"step": 40, "eval_bpb"' in r else r
+            for r in rows]  # the step-40 evaluation of the average  # fmt: skip
+    rows.append(json.dumps({"step": 60, "eval_bpb": 9.0, "bytes": 60 * 4096, "elapsed": 30.0}))  # worse, last
+    (tmp_path / "ema" / "metrics.jsonl").parent.mkdir()
+    (tmp_path / "ema" / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    assert plot_metrics.main([str(tmp_path / "blt"), str(tmp_path / "ema"), "--table"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and not (tmp_path / "curves.png").exists()  # a table alone: no plot
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert cells[0] == ["blt", "50", "204,800", f"{4.5 / 40**0.3:.4f}", f"{4.5 / 40**0.3:.4f} (40)", "-", "25"]
+    assert cells[1] == ["ema", "60", "245,760", "9.0000", f"{4.5 / 40**0.3:.4f} (40)", "1.2500", "30"]
+    out = tmp_path / "both.png"
+    assert plot_metrics.main([str(tmp_path / "ema"), "--table", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_plot_metrics_errors(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"step": 1, "bpb": 2.0, "bytes": 1, "elapsed": 1}\n{oops\n')
