@@ -53,7 +53,7 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--eps", type=float, default=1e-8)
     g.add_argument("--dropout", type=float, help="dropout of the trained model (default: its config's)")
     g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="also keep an exponential moving average of the weights (e.g. 0.999), evaluated beside "
+                   help="also keep an exponential moving average of the weights (e.g. 0.995: ~200 steps), evaluated beside "
                         "them and exported as the model (blt.ema; 0: off)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="model init and data order")
     g = p.add_argument_group("system")
