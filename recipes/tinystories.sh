@@ -20,6 +20,9 @@
 # larger entropy model), ENTROPY (an entropy model already trained, e.g. another run's
 # RUNS/entropy, used instead of training one: variants that share it differ only in the BLT).
 # python -m blt.plot_metrics RUNS/blt OTHER_RUNS/blt --table compares the runs.
+# More flags: BLT_FLAGS go to every BLT training, PRE_FLAGS to the pretraining only, FT_FLAGS to
+# the training on DATA only; they come after the recipe's own, so they win (e.g.
+# FT_FLAGS="--dropout 0.3", BLT_FLAGS="--ema 0.995").
 # Execution: blt.train's defaults (blt.execution; on one GPU the whole step as one graph, fused
 # products, a bf16 residual stream, entropies computed once), which BLT_FLAGS can change (e.g.
 # BLT_FLAGS=--compile: each block compiled instead). Peak GPU memory of the BLT at BATCH=16
@@ -39,6 +42,8 @@ OUT=${OUT:-checkpoints}
 BATCH=${BATCH:-16}
 ACCUM=${ACCUM:-2}
 BLT_FLAGS=${BLT_FLAGS:-}
+PRE_FLAGS=${PRE_FLAGS:-}
+FT_FLAGS=${FT_FLAGS:-}
 GPUS=${GPUS:-1}
 if [ "$GPUS" -gt 1 ]; then
   TRAIN_BLT=(python -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m blt.train --dist ddp)
@@ -71,19 +76,21 @@ else
     --target-bytes-per-patch 4.5 $ENT_FLAGS --out "$ENTROPY"
 fi
 
-blt() {  # blt OUT FLAGS...
-  local out=$1
-  shift
+blt() {  # blt OUT STAGE_FLAGS FLAGS...: the recipe's FLAGS, then BLT_FLAGS, then the stage's own
+  local out=$1 stage_flags=$2
+  shift 2
   stage "$out" "${TRAIN_BLT[@]}" --valid-data "$VALID" --config "$CONFIG" --entropy-model "$ENTROPY" \
     --batch-size "$BATCH" --grad-accum "$ACCUM" --seq-len 2048 --min-lr 1e-4 \
-    --eval-every 250 --eval-batches 0 --save-every 500 --log-every "${LOG_EVERY:-10}" $BLT_FLAGS "$@" --out "$out"
+    --eval-every 250 --eval-batches 0 --save-every 500 --log-every "${LOG_EVERY:-10}" "$@" $BLT_FLAGS $stage_flags \
+    --out "$out"
 }
 if [ -n "$PRETRAIN" ]; then
-  blt "$RUNS/pretrain" --data "$PRETRAIN" --steps "${PRE_STEPS:-3000}" --lr 1.5e-3 --warmup 200 --dropout 0.1
-  blt "$RUNS/blt" --data "$DATA" --init-from "$RUNS/pretrain/model" --steps "${BLT_STEPS:-2600}" --lr 1e-3 \
-    --warmup 100 --dropout 0.2 --seed 1
+  blt "$RUNS/pretrain" "$PRE_FLAGS" --data "$PRETRAIN" --steps "${PRE_STEPS:-3000}" --lr 1.5e-3 --warmup 200 \
+    --dropout 0.1
+  blt "$RUNS/blt" "$FT_FLAGS" --data "$DATA" --init-from "$RUNS/pretrain/model" --steps "${BLT_STEPS:-2600}" \
+    --lr 1e-3 --warmup 100 --dropout 0.2 --seed 1
 else
-  blt "$RUNS/blt" --data "$DATA" --steps "${BLT_STEPS:-2200}" --lr 1.5e-3 --warmup 200 --dropout 0.1
+  blt "$RUNS/blt" "$FT_FLAGS" --data "$DATA" --steps "${BLT_STEPS:-2200}" --lr 1.5e-3 --warmup 200 --dropout 0.1
 fi
 
 python -m blt.export --checkpoint "$RUNS/blt/model" --out "$OUT" --dtype bf16

@@ -68,3 +68,16 @@ def test_recipe_variants_change_the_shape_and_share_an_entropy_model(tmp_path):
     rc, modules, calls = run_recipe(tmp_path, RUNS=str(tmp_path / "other"), ENTROPY=str(tmp_path / "runs" / "entropy"))
     assert rc == 0 and modules == ["blt.train", "blt.export", "blt.eval"]  # no second entropy model
     assert f"--entropy-model {tmp_path}/runs/entropy " in calls and "--config tinystories" in calls
+
+
+def test_recipe_user_flags_come_after_the_recipes_own_and_reach_their_stage(tmp_path):
+    rc, _, calls = run_recipe(tmp_path, PRETRAIN="mix", BLT_FLAGS="--ema 0.995 --dropout 0.15", FT_FLAGS="--dropout 0.3",
+                              PRE_FLAGS="--lr 2e-3")  # fmt: skip
+    pretrain, finetune = (line.split() for line in calls.splitlines()[1:3])
+
+    def last(args, flag):  # argparse keeps a repeated flag's last value
+        return args[len(args) - 1 - args[::-1].index(flag) + 1]
+
+    assert rc == 0 and "--ema" in pretrain and "--ema" in finetune
+    assert last(pretrain, "--dropout") == "0.15" and last(pretrain, "--lr") == "2e-3"
+    assert last(finetune, "--dropout") == "0.3" and last(finetune, "--lr") == "1e-3"
